@@ -1,0 +1,26 @@
+"""The project's error classes.
+
+A user mistake (bad config value, missing data, bad bundle, bad image, bad CLI argument)
+raises one of these with a message that says what was wrong and what to do. CLIs print the
+message without a traceback and exit with status 2 (see `exit_on_user_error`).
+"""
+
+
+class VitvqError(Exception):
+    """Base class of every error caused by user input."""
+
+
+class ConfigError(VitvqError, ValueError):
+    """A configuration value is missing, unknown or out of range."""
+
+
+class InputError(VitvqError, ValueError):
+    """An array given to a model or function has the wrong shape, dtype or values."""
+
+
+class DataError(VitvqError):
+    """A dataset or data file is missing or unreadable."""
+
+
+class BundleError(VitvqError):
+    """An exported bundle is missing, corrupt or of an unsupported version."""

@@ -1,0 +1,184 @@
+"""The ViT-VQGAN tokenizer: ViT encoder -> factorized l2-normalized codes -> ViT decoder.
+
+Output parametrization (`output`):
+- "sigmoid" (the paper): the decoder predicts a per-pixel location `mu` in logit space for
+  the logit-Laplace loss; the image is the distribution's mean mapped back to pixels,
+  (sigmoid(mu) - eps) / (1 - 2 eps). The unclipped value is returned for the L2 loss (so its
+  gradient never dies at the borders); `decode` clips to [0, 1].
+- "raw" (Parti): the decoder output is the image itself; use it without the logit-Laplace
+  loss.
+"""
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vitvq.errors import ConfigError, InputError
+from vitvq.models import axes
+from vitvq.models.layers import dense
+from vitvq.models.quantizer import VectorQuantizer
+from vitvq.models.vit import POSEMB_KINDS, TransformerSpec, ViTDecoder, ViTEncoder
+
+Dtype = Any
+
+OUTPUT_KINDS = ("sigmoid", "raw")
+
+# PAPER.md table 2. Parameter counts there are per transformer stack and rounded by the
+# authors; `tests/test_vitvqgan_shapes.py` prints ours next to them.
+TRANSFORMER_PRESETS = {
+    "S": TransformerSpec(width=512, depth=8, num_heads=8, mlp_dim=2048),
+    "B": TransformerSpec(width=768, depth=12, num_heads=12, mlp_dim=3072),
+    "L": TransformerSpec(width=1280, depth=32, num_heads=16, mlp_dim=5120),
+}
+# Encoder + decoder pairs: SS (stage-2 default), BB (ablation default), SL (best).
+VITVQGAN_PRESETS = {"SS": ("S", "S"), "BB": ("B", "B"), "SL": ("S", "L")}
+
+
+class ViTVQGAN(nn.Module):
+    """Images [B, H, W, 3] in [0, 1] <-> int32 codes [B, H/p, W/p]."""
+
+    image_size: int = 256
+    patch_size: int = 8
+    encoder: TransformerSpec = TRANSFORMER_PRESETS["S"]
+    decoder: TransformerSpec = TRANSFORMER_PRESETS["S"]
+    codebook_size: int = 8192
+    code_dim: int = 32  # lookup dimension of the factorized codes
+    beta: float = 0.25  # commitment weight of the VQ loss
+    output: str = "sigmoid"  # "sigmoid" (logit-Laplace mean, paper) or "raw" (Parti)
+    logit_laplace_eps: float = 0.1  # pixel squashing of the logit-Laplace loss
+    posemb: str = "sincos"  # "sincos" (fixed) or "learn"
+    search_chunk_size: int = 1024  # codes compared at once in the nearest-code search
+    usage_decay: float = 0.99  # EMA decay of code usage (dead-code restart)
+    dtype: Dtype = jnp.float32  # compute dtype
+    param_dtype: Dtype = jnp.float32
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    def setup(self):
+        validate_model(self)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.enc = ViTEncoder(self.encoder, self.image_size, self.patch_size, self.posemb, **kw)
+        self.quantizer = VectorQuantizer(
+            self.codebook_size,
+            self.code_dim,
+            self.beta,
+            self.search_chunk_size,
+            self.usage_decay,
+            **kw,
+        )
+        self.project_up = dense(self.decoder.width, axes.CODE_DIM, axes.EMBED, name="project_up", **kw)
+        self.dec = ViTDecoder(
+            self.decoder, self.image_size, self.patch_size, 3, self.posemb, **kw
+        )
+
+    def _quantize(self, images: jax.Array, train: bool) -> tuple[jax.Array, dict]:
+        features = self.enc(images, deterministic=not train)
+        quantized, aux = self.quantizer(features)
+        b = images.shape[0]
+        aux["indices"] = aux["indices"].reshape(b, self.grid_size, self.grid_size)
+        return quantized, aux
+
+    def _decode_codes(self, codes: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
+        """Normalized codes [B, T, code_dim] -> (image mean, unclipped; decoder logits)."""
+        logits = self.dec(self.project_up(codes), deterministic=not train)  # float32
+        if self.output == "sigmoid":
+            eps = self.logit_laplace_eps
+            return (jax.nn.sigmoid(logits) - eps) / (1.0 - 2.0 * eps), logits
+        return logits, logits
+
+    def encode(self, images: jax.Array, train: bool = False) -> tuple[jax.Array, dict]:
+        """Images [B, H, W, 3] in [0, 1] -> (int32 codes [B, H/p, W/p], aux)."""
+        _, aux = self._quantize(images, train)
+        return aux["indices"], aux
+
+    def decode(self, indices: jax.Array) -> jax.Array:
+        """int32 codes [B, h, w] -> images [B, H, W, 3] float32 clipped to [0, 1]."""
+        check_indices(indices, self.grid_size, self.codebook_size)
+        b = indices.shape[0]
+        codes = self.quantizer.lookup(indices.reshape(b, -1))
+        images, _ = self._decode_codes(codes, train=False)
+        return jnp.clip(images, 0.0, 1.0)
+
+    def __call__(self, images: jax.Array, train: bool = False) -> tuple[jax.Array, dict]:
+        """Reconstructs images. Returns (reconstruction [B, H, W, 3] float32, aux).
+
+        The reconstruction is unclipped (see the module docstring). aux holds the VQ losses,
+        `indices`, `latents`, code usage statistics and `decoder_logits` (the logit-Laplace
+        location when output == "sigmoid").
+        """
+        quantized, aux = self._quantize(images, train)
+        recon, logits = self._decode_codes(quantized, train)
+        aux["decoder_logits"] = logits
+        return recon, aux
+
+
+def validate_model(model: ViTVQGAN) -> None:
+    """Raises ConfigError on inconsistent hyperparameters, naming the value."""
+    if model.patch_size <= 0 or model.image_size % model.patch_size:
+        raise ConfigError(
+            f"image_size {model.image_size} must be divisible by patch_size {model.patch_size}"
+        )
+    if model.output not in OUTPUT_KINDS:
+        raise ConfigError(f"unknown decoder output {model.output!r}; expected one of {OUTPUT_KINDS}")
+    if model.posemb not in POSEMB_KINDS:
+        raise ConfigError(f"unknown posemb {model.posemb!r}; expected one of {POSEMB_KINDS}")
+    for name in ("encoder", "decoder"):
+        spec = getattr(model, name)
+        if spec.width % spec.num_heads:
+            raise ConfigError(
+                f"{name} width {spec.width} is not divisible by its {spec.num_heads} heads"
+            )
+    if model.codebook_size < 1 or model.code_dim < 1:
+        raise ConfigError(
+            f"codebook_size ({model.codebook_size}) and code_dim ({model.code_dim}) must be >= 1"
+        )
+    if not 0.0 <= model.logit_laplace_eps < 0.5:
+        raise ConfigError(f"logit_laplace_eps must be in [0, 0.5), got {model.logit_laplace_eps}")
+
+
+def check_indices(indices: jax.Array, grid_size: int, codebook_size: int) -> None:
+    """Raises InputError on a bad code grid; checks values when they are concrete."""
+    shape = tuple(indices.shape)
+    if len(shape) != 3 or shape[1:] != (grid_size, grid_size):
+        raise InputError(
+            f"codes must be [batch, {grid_size}, {grid_size}] for this model, got shape {shape}"
+        )
+    if not jnp.issubdtype(indices.dtype, jnp.integer):
+        raise InputError(f"codes must be integers, got dtype {indices.dtype}")
+    if not isinstance(indices, jax.core.Tracer) and indices.size:
+        values = np.asarray(indices)
+        low, high = int(values.min()), int(values.max())
+        if low < 0 or high >= codebook_size:
+            raise InputError(
+                f"code indices must be in [0, {codebook_size - 1}], got values in [{low}, {high}]"
+            )
+
+
+def transformer_preset(name: str) -> TransformerSpec:
+    """The paper's S, B or L transformer size."""
+    if name not in TRANSFORMER_PRESETS:
+        raise ConfigError(
+            f"unknown transformer preset {name!r}; expected one of {sorted(TRANSFORMER_PRESETS)}"
+        )
+    return TRANSFORMER_PRESETS[name]
+
+
+def vitvqgan_from_preset(name: str, **overrides) -> ViTVQGAN:
+    """A ViTVQGAN with the paper's SS, BB or SL encoder/decoder sizes; fields overridable."""
+    if name not in VITVQGAN_PRESETS:
+        raise ConfigError(
+            f"unknown ViT-VQGAN preset {name!r}; expected one of {sorted(VITVQGAN_PRESETS)}"
+        )
+    enc, dec = VITVQGAN_PRESETS[name]
+    fields = {"encoder": transformer_preset(enc), "decoder": transformer_preset(dec)}
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(ViTVQGAN)}
+    if unknown:
+        raise ConfigError(f"unknown ViTVQGAN fields {sorted(unknown)}")
+    fields.update(overrides)
+    return ViTVQGAN(**fields)
