@@ -1,0 +1,193 @@
+"""Tests for vitvq.losses: formulas against independent NumPy code and hand-computed values."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vitvq import losses
+from vitvq.errors import ConfigError
+
+
+def _numpy_logit_laplace(targets, mu, log_scale, eps):
+    """The DALL-E formula written out independently, in float64."""
+    x = (1 - 2 * eps) * np.asarray(targets, np.float64) + eps
+    b = np.exp(np.asarray(log_scale, np.float64))
+    mu = np.asarray(mu, np.float64)
+    nll = np.log(2 * b) + np.log(x * (1 - x)) + np.abs(np.log(x / (1 - x)) - mu) / b
+    return np.mean(nll)
+
+
+def _random_inputs(shape=(2, 8, 8, 3), seed=0):
+    rng = np.random.default_rng(seed)
+    targets = rng.uniform(0.0, 1.0, shape).astype(np.float32)
+    targets[0, 0, 0] = [0.0, 1.0, 0.5]  # the edges of [0, 1] must stay finite
+    mu = rng.normal(0.0, 2.0, shape).astype(np.float32)
+    return targets, mu
+
+
+def test_l1_l2_values():
+    x = jnp.array([0.0, 1.0, 3.0])
+    y = jnp.array([1.0, 1.0, 1.0])
+    assert float(losses.l2_loss(x, y)) == pytest.approx(5.0 / 3.0)
+    assert float(losses.l1_loss(x, y)) == pytest.approx(1.0)
+    assert losses.l2_loss(x.astype(jnp.bfloat16), y).dtype == jnp.float32
+
+
+def test_squash_roundtrip():
+    x = jnp.linspace(0.0, 1.0, 101)
+    np.testing.assert_allclose(losses.unsquash(losses.squash(x, 0.1), 0.1), x, atol=1e-6)
+    assert float(losses.squash(0.0)) == pytest.approx(0.1)
+    assert float(losses.squash(1.0)) == pytest.approx(0.9)
+    with pytest.raises(ConfigError, match="0.7"):
+        losses.squash(x, 0.7)
+
+
+@pytest.mark.parametrize("eps", [0.1, 0.05])
+def test_logit_laplace_matches_numpy_fixed_scale(eps):
+    targets, mu = _random_inputs()
+    for log_scale in (0.0, -0.7, 1.3):
+        got = losses.logit_laplace_nll(targets, mu, log_scale, eps)
+        want = _numpy_logit_laplace(targets, mu, log_scale, eps)
+        assert got.dtype == jnp.float32
+        np.testing.assert_allclose(float(got), want, rtol=2e-6)
+
+
+def test_logit_laplace_matches_numpy_array_scale():
+    targets, mu = _random_inputs(seed=1)
+    log_scale = np.random.default_rng(2).normal(0.0, 0.5, targets.shape).astype(np.float32)
+    got = losses.logit_laplace_nll(targets, mu, log_scale)
+    np.testing.assert_allclose(
+        float(got), _numpy_logit_laplace(targets, mu, log_scale, 0.1), rtol=2e-6
+    )
+    # A per-channel scale broadcasts.
+    per_channel = np.array([-0.5, 0.0, 0.5], np.float32)
+    got = losses.logit_laplace_nll(targets, mu, per_channel)
+    np.testing.assert_allclose(
+        float(got), _numpy_logit_laplace(targets, mu, per_channel, 0.1), rtol=2e-6
+    )
+
+
+def test_logit_laplace_minimized_at_logit_of_squashed_target():
+    targets, _ = _random_inputs(seed=3)
+    # logit(x') computed with the same float32 ops as the loss, so |logit(x') - mu| is exactly 0.
+    x = losses.squash(targets)
+    best = jnp.log(x) - jnp.log1p(-x)
+    np.testing.assert_allclose(best, np.log(x / (1 - x)), rtol=1e-5, atol=1e-6)
+    loss = lambda mu: losses.logit_laplace_nll(targets, mu)
+    at_best = float(loss(best))
+    # |.| has a kink at the minimum (jax.grad picks the subgradient +1 there), so check that 0 is
+    # the symmetric derivative: the gradients just either side cancel, and each points back at
+    # `best` with magnitude 1 / N per value (b = 1).
+    grad = jax.grad(loss)
+    above, below = np.asarray(grad(best + 1e-3)), np.asarray(grad(best - 1e-3))
+    np.testing.assert_allclose(above + below, 0.0, atol=1e-9)
+    np.testing.assert_allclose(above, 1.0 / best.size, rtol=1e-6)
+    direction = jax.random.normal(jax.random.key(1), best.shape)
+    central = (float(loss(best + 1e-2 * direction)) - float(loss(best - 1e-2 * direction))) / 2e-2
+    assert abs(central) < 1e-3
+    for delta in (0.3, -0.3, 1.0, -2.0):
+        moved = float(loss(best + delta))
+        # With b = 1 the loss grows exactly by |delta|.
+        assert moved > at_best
+        np.testing.assert_allclose(moved - at_best, abs(delta), rtol=1e-4)
+    # Random locations are worse.
+    noise = jax.random.normal(jax.random.key(0), best.shape) * 0.1
+    assert float(loss(best + noise)) > at_best
+
+
+def test_logit_laplace_is_not_l1():
+    targets, mu = _random_inputs(seed=4)
+    nll = float(losses.logit_laplace_nll(targets, mu))
+    l1_raw = float(losses.l1_loss(targets, mu))
+    l1_pixels = float(losses.l1_loss(targets, losses.logit_laplace_mean(mu)))
+    assert abs(nll - l1_raw) > 0.1
+    assert abs(nll - l1_pixels) > 0.1
+    # Nor the same up to a constant: the gradients in mu differ from those of L1 in pixels.
+    g_nll = jax.grad(lambda m: losses.logit_laplace_nll(targets, m))(jnp.asarray(mu))
+    g_l1 = jax.grad(lambda m: losses.l1_loss(targets, losses.logit_laplace_mean(m)))(
+        jnp.asarray(mu)
+    )
+    assert not np.allclose(g_nll, g_l1, rtol=0.1, atol=1e-6)
+
+
+def test_logit_laplace_mean():
+    mu = jnp.array([-50.0, 0.0, 50.0, math.log(0.1 / 0.9), math.log(0.9 / 0.1)])
+    np.testing.assert_allclose(losses.logit_laplace_mean(mu), [0.0, 0.5, 1.0, 0.0, 1.0], atol=1e-6)
+    # The mean of the logit of a squashed target recovers the target.
+    x = jnp.linspace(0.0, 1.0, 11)
+    s = losses.squash(x)
+    np.testing.assert_allclose(losses.logit_laplace_mean(jnp.log(s / (1 - s))), x, atol=1e-6)
+
+
+def test_adversarial_losses_hand_computed():
+    real = jnp.array([1.0, -1.0])
+    fake = jnp.array([0.5, -2.0])
+    sp = lambda v: math.log1p(math.exp(v))  # softplus
+    want_d = (sp(-1.0) + sp(1.0)) / 2 + (sp(0.5) + sp(-2.0)) / 2
+    got = losses.discriminator_loss(real, fake, "non_saturating")
+    assert float(got) == pytest.approx(want_d, rel=1e-6)
+    # hinge: relu(1 - real) = [0, 2] -> 1; relu(1 + fake) = [1.5, 0] -> 0.75.
+    assert float(losses.discriminator_loss(real, fake, "hinge")) == pytest.approx(1.75)
+    want_g = (sp(-0.5) + sp(2.0)) / 2
+    got = losses.generator_adversarial_loss(fake, "non_saturating")
+    assert float(got) == pytest.approx(want_g, rel=1e-6)
+    assert float(losses.generator_adversarial_loss(fake, "hinge")) == pytest.approx(0.75)
+    assert losses.discriminator_loss(real.astype(jnp.bfloat16), fake).dtype == jnp.float32
+
+
+@pytest.mark.parametrize("call", ["disc", "gen"])
+def test_unknown_gan_kind_raises(call):
+    with pytest.raises(ConfigError, match="wasserstein.*non_saturating.*hinge"):
+        if call == "disc":
+            losses.discriminator_loss(jnp.zeros(2), jnp.zeros(2), "wasserstein")
+        else:
+            losses.generator_adversarial_loss(jnp.zeros(2), "wasserstein")
+
+
+def test_r1_penalty_analytic():
+    x = jax.random.normal(jax.random.key(0), (3, 4, 4, 3))
+    w = jax.random.normal(jax.random.key(1), (4, 4, 3))
+    # Linear D: the gradient is w for every image.
+    linear = lambda imgs: jnp.sum(imgs * w, axis=(1, 2, 3))
+    np.testing.assert_allclose(losses.r1_penalty(linear, x), jnp.sum(w**2), rtol=1e-5)
+    # Quadratic D: the gradient is 2x, so the penalty is the batch mean of 4 ||x_i||^2.
+    quad = lambda imgs: jnp.sum(imgs**2, axis=(1, 2, 3))
+    want = jnp.mean(4 * jnp.sum(x**2, axis=(1, 2, 3)))
+    np.testing.assert_allclose(losses.r1_penalty(quad, x), want, rtol=1e-5)
+
+
+def test_lecam_hand_computed():
+    real = jnp.array([2.0, 0.0])
+    fake = jnp.array([-1.0, 1.0])
+    # relu(real - 0.5) = [1.5, 0] -> mean sq 1.125; relu(1 - fake) = [2, 0] -> mean sq 2.
+    got = losses.lecam_penalty(real, fake, ema_real=1.0, ema_fake=0.5)
+    assert float(got) == pytest.approx(3.125)
+    # The anchors carry no gradient; the logits do.
+    g_ema = jax.grad(lambda e: losses.lecam_penalty(real, fake, e, 0.5))(1.0)
+    assert float(g_ema) == 0.0
+    g_real = jax.grad(lambda r: losses.lecam_penalty(r, fake, 1.0, 0.5))(real)
+    np.testing.assert_allclose(g_real, [1.5, 0.0])  # d/dr mean(relu(r - 0.5)^2) = (r - 0.5)
+
+
+def test_update_lecam_ema():
+    assert float(losses.update_lecam_ema(1.0, jnp.array([2.0, 4.0]), decay=0.9)) == pytest.approx(
+        1.2
+    )
+    assert float(losses.update_lecam_ema(0.0, 5.0)) == pytest.approx(0.05)
+
+
+def test_adaptive_generator_weight():
+    nll = {"kernel": jnp.array([3.0, 0.0]), "bias": jnp.array([4.0])}  # norm 5
+    gan = jnp.array([[0.0, 0.0], [0.0, 2.0]])  # norm 2
+    got = losses.adaptive_generator_weight(nll, gan)
+    assert float(got) == pytest.approx(5.0 / (2.0 + 1e-4), rel=1e-6)
+    # A vanishing adversarial gradient is clipped at max_weight.
+    assert float(losses.adaptive_generator_weight(nll, jnp.zeros(3))) == pytest.approx(1e4)
+    assert float(losses.adaptive_generator_weight(nll, jnp.zeros(3), max_weight=7.0)) == 7.0
+    assert float(losses.adaptive_generator_weight(jnp.zeros(2), gan)) == 0.0
+    # No gradient flows through the weight.
+    g = jax.grad(lambda a: losses.adaptive_generator_weight(a * nll["kernel"], a * gan))(2.0)
+    assert float(g) == 0.0

@@ -1,0 +1,209 @@
+"""Stage-1 losses: pixel, logit-Laplace, adversarial and discriminator penalties.
+
+Pure functions of arrays (no Flax modules). Every loss upcasts its inputs to at least float32
+before doing any math, so a bfloat16 model still gets float32 losses; float64 inputs (used by
+the tests under `jax.enable_x64`) stay float64. Each loss returns a scalar.
+"""
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from vitvq.errors import ConfigError
+
+GAN_LOSS_KINDS = ("non_saturating", "hinge")
+
+
+def _float(x) -> jax.Array:
+    """`x` as an array of at least float32 precision."""
+    x = jnp.asarray(x)
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def l2_loss(x: jax.Array, y: jax.Array) -> jax.Array:
+    """Mean squared error over all values."""
+    return jnp.mean(jnp.square(_float(x) - _float(y)))
+
+
+def l1_loss(x: jax.Array, y: jax.Array) -> jax.Array:
+    """Mean absolute error over all values."""
+    return jnp.mean(jnp.abs(_float(x) - _float(y)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Logit-Laplace (DALL-E, Ramesh et al. 2021).
+
+
+def _check_eps(eps) -> None:
+    # Only a Python number can be checked here; a traced eps is the caller's business.
+    if isinstance(eps, int | float) and not 0.0 <= eps < 0.5:
+        raise ConfigError(f"logit-laplace eps must be in [0, 0.5), got {eps}")
+
+
+def squash(x: jax.Array, eps: float = 0.1) -> jax.Array:
+    """Maps [0, 1] into [eps, 1 - eps]: (1 - 2 eps) x + eps, so that logit(x) is finite."""
+    _check_eps(eps)
+    return (1.0 - 2.0 * eps) * _float(x) + eps
+
+
+def unsquash(y: jax.Array, eps: float = 0.1) -> jax.Array:
+    """The inverse of `squash`: (y - eps) / (1 - 2 eps)."""
+    _check_eps(eps)
+    return (_float(y) - eps) / (1.0 - 2.0 * eps)
+
+
+def logit_laplace_nll(
+    targets: jax.Array,
+    mu: jax.Array,
+    log_scale: jax.Array | float = 0.0,
+    eps: float = 0.1,
+) -> jax.Array:
+    """Logit-Laplace negative log-likelihood of `targets` (DALL-E), mean over all values.
+
+    Targets x in [0, 1] are squashed to x' = (1 - 2 eps) x + eps; `mu` is the decoder's
+    location in logit space and b = exp(log_scale) the scale. Per value:
+
+        nll = log(2 b) + log(x' (1 - x')) + |logit(x') - mu| / b
+
+    (the Laplace density of logit(x') plus the log-Jacobian of the logit transform, so this is
+    an exact likelihood of x' on (0, 1)).
+
+    Scale: ViT-VQGAN does not say whether b is predicted (DALL-E predicts ln b per pixel
+    channel). We fix it by default (log_scale = 0, b = 1): the loss is then an L1 loss in logit
+    space plus a constant, which keeps the decoder a single output head. A model that predicts
+    the scale passes its prediction as an array broadcastable to `mu`.
+
+    Args:
+      targets: pixel values in [0, 1], any shape.
+      mu: predicted locations in logit space, same shape as `targets`.
+      log_scale: ln b, a scalar or an array broadcastable to `mu`.
+      eps: squashing margin (0.1 in DALL-E and ViT-VQGAN).
+    """
+    x = squash(targets, eps)
+    mu = _float(mu)
+    log_scale = _float(log_scale)
+    # log(x') and log1p(-x') rather than log(x' / (1 - x')) to stay accurate near the edges.
+    log_x, log_1mx = jnp.log(x), jnp.log1p(-x)
+    nll = (
+        jnp.log(2.0)
+        + log_scale
+        + log_x
+        + log_1mx
+        + jnp.abs(log_x - log_1mx - mu) * jnp.exp(-log_scale)
+    )
+    return jnp.mean(nll)
+
+
+def logit_laplace_mean(mu: jax.Array, eps: float = 0.1) -> jax.Array:
+    """The image shown to people for locations `mu`: clip((sigmoid(mu) - eps) / (1 - 2 eps))."""
+    return jnp.clip(unsquash(jax.nn.sigmoid(_float(mu)), eps), 0.0, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Adversarial losses.
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in GAN_LOSS_KINDS:
+        raise ConfigError(
+            f"unknown GAN loss kind {kind!r}; expected one of {', '.join(GAN_LOSS_KINDS)}"
+        )
+
+
+def discriminator_loss(
+    real_logits: jax.Array, fake_logits: jax.Array, kind: str = "non_saturating"
+) -> jax.Array:
+    """The discriminator's loss on real and generated logits.
+
+    non_saturating: mean(softplus(-real)) + mean(softplus(fake)), i.e. the logistic loss.
+    hinge: mean(relu(1 - real)) + mean(relu(1 + fake)).
+    """
+    _check_kind(kind)
+    real, fake = _float(real_logits), _float(fake_logits)
+    if kind == "hinge":
+        return jnp.mean(jax.nn.relu(1.0 - real)) + jnp.mean(jax.nn.relu(1.0 + fake))
+    return jnp.mean(jax.nn.softplus(-real)) + jnp.mean(jax.nn.softplus(fake))
+
+
+def generator_adversarial_loss(fake_logits: jax.Array, kind: str = "non_saturating") -> jax.Array:
+    """The generator's adversarial loss on the discriminator's logits of its outputs.
+
+    non_saturating: mean(softplus(-fake)) = -mean(log sigmoid(fake)).
+    hinge: -mean(fake) (the usual hinge-GAN generator loss).
+    """
+    _check_kind(kind)
+    fake = _float(fake_logits)
+    if kind == "hinge":
+        return -jnp.mean(fake)
+    return jnp.mean(jax.nn.softplus(-fake))
+
+
+# ---------------------------------------------------------------------------------------------
+# Discriminator regularizers.
+
+
+def r1_penalty(
+    disc_apply_fn: Callable[[jax.Array], jax.Array], real_images: jax.Array
+) -> jax.Array:
+    """R1 gradient penalty (Mescheder et al. 2018): mean over the batch of ||dD(x)/dx||^2.
+
+    The gradient is that of the sum of the logits with respect to the images, as in
+    StyleGAN2; with a minibatch-stddev layer it therefore includes the (small) influence of
+    each image on the other logits of its group. The squared norm is summed over the pixels
+    of each image. The caller scales it by gamma / 2 (and by the interval when it is applied
+    lazily every N steps). Differentiable with respect to the discriminator's parameters
+    when `disc_apply_fn` closes over them.
+
+    Args:
+      disc_apply_fn: images [batch, ...] -> logits [batch].
+      real_images: [batch, height, width, channels].
+    """
+    images = _float(real_images)
+    grads = jax.grad(lambda x: jnp.sum(_float(disc_apply_fn(x))))(images)
+    grads = _float(grads)
+    per_image = jnp.sum(jnp.square(grads).reshape(grads.shape[0], -1), axis=1)
+    return jnp.mean(per_image)
+
+
+def lecam_penalty(
+    real_logits: jax.Array, fake_logits: jax.Array, ema_real: jax.Array, ema_fake: jax.Array
+) -> jax.Array:
+    """LeCam regularizer (Tseng et al. 2021) for the discriminator.
+
+    mean(relu(real - ema_fake)^2) + mean(relu(ema_real - fake)^2), where ema_real / ema_fake
+    are running means of the discriminator's real / fake logits (`update_lecam_ema`). It pulls
+    real logits down towards the fake anchor and fake logits up towards the real one, which
+    keeps the discriminator from becoming over-confident on small data. The anchors carry no
+    gradient.
+    """
+    real, fake = _float(real_logits), _float(fake_logits)
+    ema_real = jax.lax.stop_gradient(_float(ema_real))
+    ema_fake = jax.lax.stop_gradient(_float(ema_fake))
+    return jnp.mean(jnp.square(jax.nn.relu(real - ema_fake))) + jnp.mean(
+        jnp.square(jax.nn.relu(ema_real - fake))
+    )
+
+
+def update_lecam_ema(ema: jax.Array, value: jax.Array, decay: float = 0.99) -> jax.Array:
+    """decay * ema + (1 - decay) * mean(value); `value` may be a batch of logits."""
+    value = jax.lax.stop_gradient(jnp.mean(_float(value)))
+    return decay * _float(ema) + (1.0 - decay) * value
+
+
+def _global_norm(tree) -> jax.Array:
+    leaves = jax.tree_util.tree_leaves(tree)
+    return jnp.sqrt(sum(jnp.sum(jnp.square(_float(leaf))) for leaf in leaves))
+
+
+def adaptive_generator_weight(nll_grads, gan_grads, max_weight: float = 1e4, eps: float = 1e-4):
+    """The VQGAN adaptive weight of the adversarial loss (Esser et al. 2021, taming-transformers).
+
+    ||grad of the reconstruction loss|| / (||grad of the generator's adversarial loss|| + eps),
+    both gradients taken with respect to the last layer of the decoder (arrays or pytrees of
+    arrays; the norm is the global l2 norm over all leaves). It balances the two losses at the
+    decoder's output; it is clipped to [0, max_weight] and carries no gradient. The caller
+    multiplies the adversarial loss by it times the configured adversarial weight.
+    """
+    weight = _global_norm(nll_grads) / (_global_norm(gan_grads) + eps)
+    return jax.lax.stop_gradient(jnp.clip(weight, 0.0, max_weight))
