@@ -23,7 +23,9 @@ def test_paper_presets_256_to_32x32_codes_and_back(preset):
     model = vitvqgan_from_preset(preset)
     images = jax.ShapeDtypeStruct((2, 256, 256, 3), jnp.float32)
     variables = jax.eval_shape(model.init, jax.random.key(0), images)
-    codes, _ = jax.eval_shape(lambda v, x: model.apply(v, x, method=model.encode), variables, images)
+    codes, _ = jax.eval_shape(
+        lambda v, x: model.apply(v, x, method=model.encode), variables, images
+    )
     assert codes.shape == (2, 32, 32) and codes.dtype == jnp.int32
     decoded = jax.eval_shape(lambda v, c: model.apply(v, c, method=model.decode), variables, codes)
     assert decoded.shape == (2, 256, 256, 3) and decoded.dtype == jnp.float32
@@ -33,8 +35,10 @@ def test_paper_presets_256_to_32x32_codes_and_back(preset):
     params = nn.meta.unbox(variables["params"])
     enc_name, dec_name = preset
     enc, dec = _count(params["enc"]) / 1e6, _count(params["dec"]) / 1e6
-    print(f"{preset}: encoder {enc:.1f}M (paper {PAPER_PARAMS[enc_name]}M), "
-          f"decoder {dec:.1f}M (paper {PAPER_PARAMS[dec_name]}M), total {_count(params)/1e6:.1f}M")
+    print(
+        f"{preset}: encoder {enc:.1f}M (paper {PAPER_PARAMS[enc_name]}M), "
+        f"decoder {dec:.1f}M (paper {PAPER_PARAMS[dec_name]}M), total {_count(params) / 1e6:.1f}M"
+    )
     # Our count per stack: blocks (4 w^2 + 2 w mlp) + the tanh head (2 w mlp) + patch
     # embedding. That is 27.4M / 89.9M / 637M for S / B / L. The paper's B agrees within 2%;
     # its S (32M) is larger and its L (599M) smaller than depth x block size allows for the
@@ -55,21 +59,31 @@ def test_parameters_carry_logical_axis_names():
     assert tuple(specs["quantizer"]["codebook"]) == ("codebook", "code_dim")
     block = specs["enc"]["transformer"]["block_0"]
     assert tuple(block["mlp"]["fc1"]["kernel"]) == ("embed", "mlp")
-    assert tuple(block["attn"]["query"]["kernel"]) == ("embed", "heads", "kv")
+    assert tuple(block["attn"]["query_kernel"]) == ("embed", "heads", "kv")
 
 
 def test_patchify_roundtrip_and_raster_order():
     x = jnp.arange(2 * 16 * 16 * 3, dtype=jnp.float32).reshape(2, 16, 16, 3)
     tokens = patchify(x, 8)
     assert tokens.shape == (2, 4, 192)
-    np.testing.assert_array_equal(np.asarray(tokens[:, 1]), np.asarray(x[:, :8, 8:16].reshape(2, -1)))
+    np.testing.assert_array_equal(
+        np.asarray(tokens[:, 1]), np.asarray(x[:, :8, 8:16].reshape(2, -1))
+    )
     np.testing.assert_array_equal(np.asarray(unpatchify(tokens, 2, 8, 3)), np.asarray(x))
 
 
 def test_other_patch_and_image_sizes():
     spec = TransformerSpec(32, 1, 2, 64)
-    model = ViTVQGAN(image_size=48, patch_size=16, encoder=spec, decoder=spec,
-                     codebook_size=8, code_dim=4, output="raw", posemb="learn")
+    model = ViTVQGAN(
+        image_size=48,
+        patch_size=16,
+        encoder=spec,
+        decoder=spec,
+        codebook_size=8,
+        code_dim=4,
+        output="raw",
+        posemb="learn",
+    )
     x = jnp.zeros((1, 48, 48, 3))
     variables = model.init(jax.random.key(0), x)
     codes, _ = model.apply(variables, x, method=model.encode)
@@ -86,10 +100,12 @@ def tiny():
 
 @pytest.mark.parametrize(
     "shape, words",
-    [((16, 16, 3), "got shape (16, 16, 3)"),
-     ((1, 16, 16, 1), "got shape (1, 16, 16, 1)"),
-     ((1, 16, 16, 4), "NHWC"),
-     ((1, 24, 24, 3), "24x24 but the model was built for 16x16")],
+    [
+        ((16, 16, 3), "got shape (16, 16, 3)"),
+        ((1, 16, 16, 1), "got shape (1, 16, 16, 1)"),
+        ((1, 16, 16, 4), "NHWC"),
+        ((1, 24, 24, 3), "24x24 but the model was built for 16x16"),
+    ],
 )
 def test_bad_images_name_the_shape(tiny, shape, words):
     model, variables = tiny
@@ -113,10 +129,12 @@ def test_bad_configuration_is_named():
     spec = TransformerSpec(32, 1, 2, 64)
     with pytest.raises(ConfigError, match="image_size 20 must be divisible by patch_size 8"):
         ViTVQGAN(image_size=20, encoder=spec, decoder=spec).init(
-            jax.random.key(0), jnp.zeros((1, 20, 20, 3)))
+            jax.random.key(0), jnp.zeros((1, 20, 20, 3))
+        )
     with pytest.raises(ConfigError, match="'tanh'"):
         ViTVQGAN(image_size=16, encoder=spec, decoder=spec, output="tanh").init(
-            jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+            jax.random.key(0), jnp.zeros((1, 16, 16, 3))
+        )
     with pytest.raises(ConfigError, match="unknown ViT-VQGAN preset 'XL'.*'BB', 'SL', 'SS'"):
         vitvqgan_from_preset("XL")
     with pytest.raises(ConfigError, match="unknown transformer preset 'M'"):

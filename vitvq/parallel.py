@@ -193,7 +193,7 @@ def logical_shardings(abstract_tree: Any, mesh: Mesh, rules: Any = None) -> Any:
     )
 
 
-def _unbox_plain(tree: Any) -> Any:
+def unbox(tree: Any) -> Any:
     """Strips metadata boxes without adding sharding constraints (out_shardings set them)."""
 
     def one(x):
@@ -217,7 +217,7 @@ def create_sharded(init_fn: Callable[..., Any], mesh: Mesh, rules: Any, *args) -
     with use_mesh(mesh, rules):
         abstract = jax.eval_shape(init_fn, *args)
         shardings = logical_shardings(abstract, mesh, rules)
-        state = jax.jit(lambda *a: _unbox_plain(init_fn(*a)), out_shardings=shardings)(*args)
+        state = jax.jit(lambda *a: unbox(init_fn(*a)), out_shardings=shardings)(*args)
     return state, shardings
 
 

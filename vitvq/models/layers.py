@@ -96,27 +96,38 @@ class Attention(nn.Module):
             raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
         head_dim = width // self.num_heads
 
-        def proj(name):
-            return nn.DenseGeneral(
-                (self.num_heads, head_dim),
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                kernel_init=partitioned(default_kernel_init, (axes.EMBED, axes.HEADS, axes.KV)),
-                bias_init=partitioned(nn.initializers.zeros, (axes.HEADS, axes.KV)),
-                name=name,
-            )(x)
+        def param(name, shape, names):
+            # Created at its final rank (not flattened and reshaped as DenseGeneral does), so
+            # the logical names apply to the real dimensions under a mesh.
+            init = partitioned(default_kernel_init, names)
+            return self.param(name, init, shape, self.param_dtype)
 
-        q, k, v = proj("query"), proj("key"), proj("value")  # [batch, length, heads, kv]
+        def bias(name, shape, names):
+            return self.param(
+                name, partitioned(nn.initializers.zeros, names), shape, self.param_dtype
+            )
+
+        x = x.astype(self.dtype)
+        qkv_names = (axes.EMBED, axes.HEADS, axes.KV)
+        q, k, v = (
+            jnp.einsum(
+                "bld,dhk->blhk",
+                x,
+                param(f"{n}_kernel", (width, self.num_heads, head_dim), qkv_names).astype(
+                    self.dtype
+                ),
+            )
+            + bias(f"{n}_bias", (self.num_heads, head_dim), (axes.HEADS, axes.KV)).astype(
+                self.dtype
+            )
+            for n in ("query", "key", "value")
+        )  # [batch, length, heads, kv]
         out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)
-        out = nn.DenseGeneral(
-            width,
-            axis=(-2, -1),
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            kernel_init=partitioned(default_kernel_init, (axes.HEADS, axes.KV, axes.EMBED)),
-            bias_init=partitioned(nn.initializers.zeros, (axes.EMBED,)),
-            name="out",
-        )(out)
+        kernel = param(
+            "out_kernel", (self.num_heads, head_dim, width), (axes.HEADS, axes.KV, axes.EMBED)
+        )
+        out = jnp.einsum("blhk,hkd->bld", out, kernel.astype(self.dtype))
+        out = out + bias("out_bias", (width,), (axes.EMBED,)).astype(self.dtype)
         return nn.Dropout(self.dropout)(out, deterministic=deterministic)
 
 

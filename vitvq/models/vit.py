@@ -14,8 +14,15 @@ import jax.numpy as jnp
 
 from vitvq.errors import InputError
 from vitvq.models import axes
-from vitvq.models.layers import TanhHead, TransformerBlock, constrain, dense, layer_norm
-from vitvq.models.layers import partitioned, sincos_2d
+from vitvq.models.layers import (
+    TanhHead,
+    TransformerBlock,
+    constrain,
+    dense,
+    layer_norm,
+    partitioned,
+    sincos_2d,
+)
 
 Dtype = Any
 

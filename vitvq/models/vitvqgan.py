@@ -10,6 +10,7 @@ Output parametrization (`output`):
 """
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -72,10 +73,10 @@ class ViTVQGAN(nn.Module):
             self.usage_decay,
             **kw,
         )
-        self.project_up = dense(self.decoder.width, axes.CODE_DIM, axes.EMBED, name="project_up", **kw)
-        self.dec = ViTDecoder(
-            self.decoder, self.image_size, self.patch_size, 3, self.posemb, **kw
+        self.project_up = dense(
+            self.decoder.width, axes.CODE_DIM, axes.EMBED, name="project_up", **kw
         )
+        self.dec = ViTDecoder(self.decoder, self.image_size, self.patch_size, 3, self.posemb, **kw)
 
     def _quantize(self, images: jax.Array, train: bool) -> tuple[jax.Array, dict]:
         features = self.enc(images, deterministic=not train)
@@ -125,7 +126,9 @@ def validate_model(model: ViTVQGAN) -> None:
             f"image_size {model.image_size} must be divisible by patch_size {model.patch_size}"
         )
     if model.output not in OUTPUT_KINDS:
-        raise ConfigError(f"unknown decoder output {model.output!r}; expected one of {OUTPUT_KINDS}")
+        raise ConfigError(
+            f"unknown decoder output {model.output!r}; expected one of {OUTPUT_KINDS}"
+        )
     if model.posemb not in POSEMB_KINDS:
         raise ConfigError(f"unknown posemb {model.posemb!r}; expected one of {POSEMB_KINDS}")
     for name in ("encoder", "decoder"):
@@ -182,3 +185,29 @@ def vitvqgan_from_preset(name: str, **overrides) -> ViTVQGAN:
         raise ConfigError(f"unknown ViTVQGAN fields {sorted(unknown)}")
     fields.update(overrides)
     return ViTVQGAN(**fields)
+
+
+def transformer_spec(d: Mapping[str, Any], what: str) -> TransformerSpec:
+    """A TransformerSpec from a dict (config block or bundle JSON); names unknown keys."""
+    known = {f.name for f in dataclasses.fields(TransformerSpec)}
+    unknown = set(d) - known
+    if unknown:
+        raise ConfigError(f"{what} has unknown keys {sorted(unknown)}; expected {sorted(known)}")
+    missing = {"width", "depth", "num_heads", "mlp_dim"} - set(d)
+    if missing:
+        raise ConfigError(f"{what} is missing {sorted(missing)}")
+    return TransformerSpec(**dict(d))
+
+
+def build_vitvqgan(model_cfg: Mapping[str, Any], image_size: int, dtype: Dtype = jnp.float32):
+    """A ViTVQGAN from a `model` config block (or the same dict read from a bundle)."""
+    fields = dict(model_cfg)
+    fields["encoder"] = transformer_spec(fields.get("encoder", {}), "model.encoder")
+    fields["decoder"] = transformer_spec(fields.get("decoder", {}), "model.decoder")
+    known = {f.name for f in dataclasses.fields(ViTVQGAN)} - {"parent", "name"}
+    unknown = set(fields) - known
+    if unknown:
+        raise ConfigError(f"model config has unknown keys {sorted(unknown)}")
+    model = ViTVQGAN(image_size=image_size, dtype=dtype, **fields)
+    validate_model(model)
+    return model
