@@ -1,0 +1,169 @@
+"""Helpers shared by the config files: the keys every training config has, and model sizes.
+
+Config files import this module as `from configs import common` after putting the repository
+root on `sys.path` (two lines at the top of each file), so they work from any directory.
+"""
+
+import ml_collections
+
+# PAPER.md table 2: width, depth (blocks), heads, MLP width.
+TRANSFORMER_SIZES = {
+    "S": dict(width=512, depth=8, num_heads=8, mlp_dim=2048),
+    "B": dict(width=768, depth=12, num_heads=12, mlp_dim=3072),
+    "L": dict(width=1280, depth=32, num_heads=16, mlp_dim=5120),
+}
+
+DEFAULT_AXIS_RULES = [
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("vocab", "tensor"),
+    ("kv", None),
+    ("length", None),
+    ("codebook", None),
+    ("code_dim", None),
+    ("patch", None),
+    ("classes", None),
+    ("conv_in", None),
+    ("conv_out", None),
+]
+
+
+def transformer(size: str, dropout: float = 0.0, **overrides) -> ml_collections.ConfigDict:
+    """A transformer stack of the paper's size S, B or L, with overrides."""
+    return ml_collections.ConfigDict({**TRANSFORMER_SIZES[size], "dropout": dropout, **overrides})
+
+
+def dataset(name: str = "tfds", **overrides) -> ml_collections.ConfigDict:
+    """The `dataset` block read by `vitvq.data`."""
+    d = ml_collections.ConfigDict(
+        dict(
+            name=name,  # digits | photos | folder | tfds | synthetic
+            tfds_name="imagenet2012",  # any TFDS image dataset, when name == "tfds"
+            data_dir=ml_collections.FieldReference(None, field_type=str),  # TFDS data dir
+            path=ml_collections.FieldReference(None, field_type=str),  # root, name == "folder"
+            train_split="train",
+            eval_split="validation",
+            num_classes=0,  # 0 = unconditional
+            shuffle_buffer=10_000,
+        )
+    )
+    d.update(overrides)
+    return d
+
+
+def base(**overrides) -> ml_collections.ConfigDict:
+    """Keys every training config has (DESIGN.md section 1)."""
+    c = ml_collections.ConfigDict()
+    c.trainer = "vitvqgan"
+    c.seed = 0
+    c.total_steps = 500_000
+    c.batch_size = 256  # global, all hosts
+    c.image_size = 256
+    c.checkpoint_every_steps = 5_000
+    c.keep_checkpoints = 3
+    c.log_every_steps = 100
+    c.eval_every_steps = 10_000
+    c.eval_num_examples = 10_000  # held-out examples per evaluation (0 = the whole split)
+    c.eval_batch_size = 256
+    c.image_every_steps = 10_000  # reconstruction grids written to workdir/images
+    c.dataset = dataset()
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1 = the rest
+    c.axis_rules = DEFAULT_AXIS_RULES
+    c.dtype = "bfloat16"  # compute dtype; parameters and optimizer states stay float32
+    c.init_from = ml_collections.FieldReference(None, field_type=str)  # bundle or checkpoint
+    c.max_consecutive_nonfinite = 10  # skipped steps in a row before the run stops
+    c.update(overrides)
+    return c
+
+
+def stage1(encoder: str = "S", decoder: str = "S", **overrides) -> ml_collections.ConfigDict:
+    """A ViT-VQGAN (stage 1) config with the paper's hyperparameters (PAPER.md)."""
+    c = base(trainer="vitvqgan")
+    c.model = ml_collections.ConfigDict(
+        dict(
+            encoder=transformer(encoder),
+            decoder=transformer(decoder),
+            patch_size=8,
+            codebook_size=8192,
+            code_dim=32,  # lookup dimension of the factorized codes
+            beta=0.25,  # commitment weight
+            output="sigmoid",  # "sigmoid" (logit-Laplace mean, paper) or "raw" (Parti)
+            logit_laplace_eps=0.1,
+            posemb="sincos",  # "sincos" or "learn"
+            search_chunk_size=1024,  # codes compared at once in the nearest-code search
+            usage_decay=0.99,  # EMA of per-code usage, read by the dead-code restart
+        )
+    )
+    c.discriminator = ml_collections.ConfigDict(dict(base_channels=64, max_channels=512))
+    # PAPER.md: L = L_VQ + 0.1 L_adv + 0.1 L_perceptual + 0.1 L_logit-laplace + 1.0 L_2.
+    c.loss = ml_collections.ConfigDict(
+        dict(
+            l2=1.0,
+            logit_laplace=0.1,
+            perceptual=0.1,
+            adversarial=0.1,
+            vq=1.0,
+            perceptual_start_step=0,  # LPIPS term switched on at this step
+            disc_start_step=0,  # discriminator trained and used from this step
+            gan_loss="non_saturating",  # or "hinge"
+            r1_gamma=10.0,  # R1 penalty weight (0 = off)
+            r1_every=16,  # lazy R1: applied every N steps, scaled by N
+            lecam=0.0,  # LeCam regularizer weight (0 = off)
+            lecam_decay=0.99,
+        )
+    )
+    # Adam b1 0.9 b2 0.99, warmup to 1e-4 over 50k steps, cosine to 5e-5, decoupled wd 1e-4.
+    c.optimizer = optimizer(lr=1e-4, end_lr=5e-5, warmup_steps=50_000, b2=0.99)
+    c.disc_optimizer = optimizer(lr=1e-4, end_lr=5e-5, warmup_steps=50_000, b2=0.99)
+    c.ema_decay = 0.0  # EMA of generator params (0 = off); exported when on
+    c.codebook_restart = ml_collections.ConfigDict(
+        dict(every_steps=0, threshold=0.03, start_step=0, stop_step=-1)  # 0 = off, -1 = never
+    )
+    c.update(overrides)
+    return c
+
+
+def optimizer(**overrides) -> ml_collections.ConfigDict:
+    """Adam with decoupled weight decay and a warmup + cosine schedule."""
+    o = ml_collections.ConfigDict(
+        dict(
+            lr=1e-4,  # peak learning rate, reached after warmup_steps
+            end_lr=5e-5,  # cosine decay ends here at total_steps
+            warmup_steps=1000,
+            b1=0.9,
+            b2=0.99,
+            weight_decay=1e-4,  # decoupled (AdamW)
+            grad_clip_norm=0.0,  # 0 = off
+            codebook_lr_multiplier=1.0,  # the codebook's learning rate relative to lr
+        )
+    )
+    o.update(overrides)
+    return o
+
+
+def runlocal_stage1(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Shrinks a stage-1 config to run in seconds on a CPU on the bundled digits."""
+    c.dataset = dataset("digits", num_classes=10)
+    c.image_size = 32
+    c.batch_size = 8
+    c.eval_batch_size = 8
+    c.eval_num_examples = 16
+    c.total_steps = 4
+    c.log_every_steps = 2
+    c.eval_every_steps = 4
+    c.image_every_steps = 4
+    c.checkpoint_every_steps = 2
+    c.dtype = "float32"
+    c.model.encoder = transformer("S", width=32, depth=1, num_heads=2, mlp_dim=64)
+    c.model.decoder = transformer("S", width=32, depth=1, num_heads=2, mlp_dim=64)
+    c.model.codebook_size = 64
+    c.model.code_dim = 8
+    c.discriminator.base_channels = 8
+    c.discriminator.max_channels = 16
+    for opt in (c.optimizer, c.disc_optimizer):
+        opt.warmup_steps = 1
+        opt.lr = 1e-3
+        opt.end_lr = 1e-4
+    return c

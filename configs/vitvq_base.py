@@ -1,0 +1,26 @@
+"""python -m vitvq.main --config=configs/vitvq_base.py --workdir=DIR
+
+ViT-VQGAN BB (Base encoder + Base decoder; the paper's ablation default)
+on ImageNet 256x256 with the paper's hyperparameters.
+
+    python -m vitvq.main --config=configs/vitvq_base.py:runlocal --workdir=DIR   # seconds, CPU
+
+ImageNet must be prepared for TFDS first (see the README). `runlocal` is the same config
+shrunk to a tiny model on the bundled digits.
+"""
+
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from configs import common  # noqa: E402
+
+
+def get_config(arg=None):
+    c = common.stage1(encoder="B", decoder="B")
+    c.dataset = common.dataset("tfds", tfds_name="imagenet2012", num_classes=1000)
+    if arg == "runlocal":
+        c = common.runlocal_stage1(c)
+    elif arg:
+        raise ValueError(f"unknown config variant {arg!r}; expected 'runlocal' or nothing")
+    return c

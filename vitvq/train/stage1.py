@@ -1,0 +1,319 @@
+"""Stage-1 trainer: builds the ViT-VQGAN, its discriminator and optimizers from the config,
+creates the state sharded on the mesh, and hands it to the shared loop.
+
+Restore order (also in the README): the workdir's latest checkpoint, else a fresh init.
+"""
+
+import functools
+import json
+import logging
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vitvq import data as data_lib
+from vitvq import parallel
+from vitvq.checkpoint import Checkpointer
+from vitvq.data.globalize import to_global
+from vitvq.errors import ConfigError
+from vitvq.evaluation.reconstruction import ReconstructionAccumulator
+from vitvq.models.discriminator import Discriminator
+from vitvq.models.perceptual import lpips_fn
+from vitvq.models.vitvqgan import build_vitvqgan
+from vitvq.train import loop, writers
+from vitvq.train.optim import make_optimizer
+from vitvq.train.stage1_step import Stage1Settings, Stage1State, eval_step, train_step
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def compute_dtype(config) -> Any:
+    if config.dtype not in DTYPES:
+        raise ConfigError(f"unknown dtype {config.dtype!r}; expected one of {sorted(DTYPES)}")
+    return DTYPES[config.dtype]
+
+
+def settings_from_config(config) -> Stage1Settings:
+    loss, restart = config.loss, config.codebook_restart
+    if restart.every_steps > 0 and restart.threshold <= 0:
+        raise ConfigError(f"codebook_restart.threshold must be > 0, got {restart.threshold}")
+    if loss.r1_gamma > 0 and loss.r1_every < 1:
+        raise ConfigError(f"loss.r1_every must be >= 1, got {loss.r1_every}")
+    if not 0.0 <= config.ema_decay < 1.0:
+        raise ConfigError(f"ema_decay must be in [0, 1), got {config.ema_decay}")
+    return Stage1Settings(
+        l2=loss.l2,
+        logit_laplace=loss.logit_laplace,
+        perceptual=loss.perceptual,
+        adversarial=loss.adversarial,
+        vq=loss.vq,
+        perceptual_start_step=loss.perceptual_start_step,
+        disc_start_step=loss.disc_start_step,
+        gan_loss=loss.gan_loss,
+        r1_gamma=loss.r1_gamma,
+        r1_every=loss.r1_every,
+        lecam=loss.lecam,
+        lecam_decay=loss.lecam_decay,
+        ema_decay=config.ema_decay,
+        restart_every=restart.every_steps,
+        restart_threshold=restart.threshold,
+        restart_start=restart.start_step,
+        restart_stop=restart.stop_step,
+    )
+
+
+class Stage1:
+    """The models, optimizers and jitted functions of one stage-1 run."""
+
+    def __init__(self, config, mesh):
+        self.config = config
+        self.mesh = mesh
+        self.rules = parallel.normalize_rules(config.axis_rules, mesh)
+        dtype = compute_dtype(config)
+        self.model = build_vitvqgan(config.model.to_dict(), config.image_size, dtype)
+        self.settings = settings_from_config(config)
+        from vitvq import losses  # the GAN loss kind is checked before anything compiles
+
+        if self.settings.gan_loss not in losses.GAN_LOSS_KINDS:
+            raise ConfigError(
+                f"unknown loss.gan_loss {self.settings.gan_loss!r}; "
+                f"expected one of {losses.GAN_LOSS_KINDS}"
+            )
+        self.use_gan = config.loss.adversarial > 0
+        self.disc = (
+            Discriminator(
+                image_size=config.image_size,
+                base_channels=config.discriminator.base_channels,
+                max_channels=config.discriminator.max_channels,
+                dtype=dtype,
+            )
+            if self.use_gan
+            else None
+        )
+        self.tx, self.schedule = make_optimizer(config.optimizer, config.total_steps)
+        self.disc_tx = (
+            make_optimizer(config.disc_optimizer, config.total_steps)[0] if self.use_gan else None
+        )
+        # LPIPS weights are frozen inputs of the jitted functions, never part of the state.
+        needs_lpips = config.loss.perceptual > 0 or config.get("eval_lpips", True)
+        self.perceptual = (
+            jax.device_put(lpips_fn(dtype), parallel.replicated(mesh)) if needs_lpips else None
+        )
+        self.train_perceptual = self.perceptual if config.loss.perceptual > 0 else None
+
+    # --- state ---------------------------------------------------------------------------
+
+    def init_state(self, rng: jax.Array) -> Stage1State:
+        """A fresh state with logically annotated (boxed) parameters."""
+        size = self.config.image_size
+        dummy = jnp.zeros((parallel.batch_ways(self.mesh), size, size, 3), jnp.float32)
+        k_model, k_disc, k_step = jax.random.split(rng, 3)
+        variables = self.model.init({"params": k_model}, dummy)
+        params = variables["params"]
+        disc_params = self.disc.init(k_disc, dummy)["params"] if self.use_gan else {}
+        zero = jnp.zeros((), jnp.float32)
+        return Stage1State(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=self.tx.init(params),
+            vq_stats=variables["vq_stats"],
+            disc_params=disc_params,
+            disc_opt_state=self.disc_tx.init(disc_params) if self.use_gan else {},
+            ema_params=params if self.settings.ema_decay > 0 else {},
+            lecam_ema={"real": zero, "fake": zero},
+            nonfinite=jnp.zeros((), jnp.int32),
+            rng=jax.random.key_data(k_step),
+        )
+
+    def abstract_state(self):
+        """(abstract state with shardings, shardings) without allocating anything."""
+        boxed = jax.eval_shape(self.init_state, jax.random.key(0))
+        shardings = parallel.logical_shardings(boxed, self.mesh, self.rules)
+        unboxed = parallel.unbox(boxed)
+        abstract = jax.tree_util.tree_map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), unboxed, shardings
+        )
+        return abstract, shardings
+
+    def create_state(self, seed: int):
+        with parallel.use_mesh(self.mesh, self.rules):
+            return parallel.create_sharded(
+                self.init_state, self.mesh, self.rules, jax.random.key(seed)
+            )
+
+    # --- jitted functions ----------------------------------------------------------------
+
+    def jit_train_step(self, shardings):
+        step_fn = functools.partial(
+            train_step,
+            model=self.model,
+            disc=self.disc,
+            tx=self.tx,
+            disc_tx=self.disc_tx,
+            settings=self.settings,
+            lr_schedule=self.schedule,
+        )
+        batch_sharding = parallel.batch_sharding(self.mesh)
+        jitted = jax.jit(
+            step_fn,
+            in_shardings=(shardings, batch_sharding, parallel.replicated(self.mesh)),
+            out_shardings=(shardings, parallel.replicated(self.mesh)),
+            donate_argnums=(0,),
+        )
+
+        def run(state, batch):
+            with parallel.use_mesh(self.mesh, self.rules):
+                return jitted(state, batch, self.train_perceptual)
+
+        return run
+
+    def jit_eval_step(self):
+        jitted = jax.jit(
+            functools.partial(eval_step, model=self.model),
+            out_shardings=parallel.replicated(self.mesh),
+        )
+
+        def run(state, batch):
+            params = state.ema_params if self.settings.ema_decay > 0 else state.params
+            with parallel.use_mesh(self.mesh, self.rules):
+                return jitted(params, state.vq_stats, batch, self.perceptual)
+
+        return run
+
+
+def _eval_iter(config, image_size: int):
+    return data_lib.eval_batches(
+        config.dataset,
+        image_size=image_size,
+        global_batch_size=config.eval_batch_size,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        num_examples=config.eval_num_examples or None,
+    )
+
+
+def make_evaluator(trainer: Stage1, config):
+    eval_fn = trainer.jit_eval_step()
+
+    def evaluate(state) -> dict[str, float]:
+        acc = ReconstructionAccumulator(trainer.model.codebook_size)
+        for host_batch in _eval_iter(config, config.image_size):
+            out = eval_fn(state, to_global(host_batch, trainer.mesh))
+            out = jax.device_get({k: v for k, v in out.items() if k != "reconstruction"})
+            mask = np.asarray(jax.device_get(to_global(host_batch, trainer.mesh)["mask"]))
+            acc.update(out["per_example"], mask, out["code_counts"], out["batch_codes_used"])
+        result = acc.result()
+        logger.info("eval: %s", ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.items())))
+        return result
+
+    return evaluate, eval_fn
+
+
+def make_image_writer(trainer: Stage1, config, workdir: str, writer, eval_fn):
+    def write_images(state, step: int) -> None:
+        host_batch = next(iter(_eval_iter(config, config.image_size)))
+        batch = to_global(host_batch, trainer.mesh)
+        recon = np.asarray(jax.device_get(eval_fn(state, batch)["reconstruction"]))
+        images = np.asarray(jax.device_get(batch["image"]))
+        grid = writers.image_grid([images, recon])
+        if jax.process_index() == 0:
+            writers.save_png(
+                os.path.join(workdir, "images", f"reconstructions_{step:07d}.png"), grid
+            )
+        writer.write_images(step, {"reconstructions": grid[None]})
+
+    return write_images
+
+
+def check_config(config, mesh) -> None:
+    """Validates what can be checked before building anything (ConfigError on a problem)."""
+    parallel.validate_batch(config.batch_size, mesh, jax.process_count())
+    parallel.validate_batch(config.eval_batch_size, mesh, jax.process_count())
+    if config.total_steps < 0:
+        raise ConfigError(f"total_steps must be >= 0, got {config.total_steps}")
+    for key in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps"):
+        if config[key] <= 0:
+            raise ConfigError(f"{key} must be positive, got {config[key]}")
+    info = data_lib.dataset_info(config.dataset)  # unknown or missing datasets fail here
+    logger.info("dataset: %s", info)
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, float]:
+    """Trains a ViT-VQGAN as configured; returns the final evaluation metrics."""
+    mesh = parallel.make_mesh(config.mesh)
+    check_config(config, mesh)
+    trainer = Stage1(config, mesh)
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+
+    abstract, shardings = trainer.abstract_state()
+    checkpointer = Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        max_to_keep=config.keep_checkpoints,
+        save_every_steps=config.checkpoint_every_steps,
+    )
+    restored = checkpointer.restore_latest(abstract)
+    if restored is not None:
+        state, step = restored
+        logger.info("Resumed from the checkpoint of step %d in %s.", step, workdir)
+    else:
+        state, _ = trainer.create_state(config.seed)
+        logger.info("Started from a fresh init (seed %d).", config.seed)
+
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state.params))
+    logger.info("generator parameters: %.2fM; mesh %s", n_params / 1e6, dict(mesh.shape))
+    writer = writers.create_writer(workdir)
+    writer.write_hparams(_flat_hparams(config))
+
+    evaluate, eval_fn = make_evaluator(trainer, config)
+
+    def batches(start_step: int):
+        return data_lib.train_batches(
+            config.dataset,
+            image_size=config.image_size,
+            global_batch_size=config.batch_size,
+            seed=config.seed,
+            start_step=start_step,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+
+    task = loop.Task(
+        state=state,
+        train_step=trainer.jit_train_step(shardings),
+        train_batches=batches,
+        mesh=mesh,
+        evaluate=evaluate,
+        write_images=make_image_writer(trainer, config, workdir, writer, eval_fn),
+    )
+    try:
+        result = loop.run(task, loop.LoopSettings.from_config(config), checkpointer, writer)
+    finally:
+        checkpointer.close()
+        writer.close()
+    if result:
+        print(json.dumps({"final_eval": result}, sort_keys=True))
+    return result
+
+
+def _flat_hparams(config) -> dict[str, Any]:
+    out = {}
+
+    def visit(prefix, value):
+        if hasattr(value, "items"):
+            for k, v in value.items():
+                visit(f"{prefix}{k}.", v)
+        elif isinstance(value, bool | int | float | str):
+            out[prefix[:-1]] = value
+        else:
+            out[prefix[:-1]] = str(value)
+
+    visit("", config.to_dict())
+    return out

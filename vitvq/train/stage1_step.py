@@ -1,0 +1,267 @@
+"""The stage-1 (ViT-VQGAN) train and eval steps: pure functions, jitted by the trainer.
+
+One step updates the generator (encoder, quantizer, decoder) and the discriminator:
+
+  generator:     l2 * L2 + logit_laplace * NLL + perceptual * LPIPS + adversarial * L_G + vq * L_VQ
+  discriminator: L_D (+ LeCam) (+ lazy R1 every `r1_every` steps, scaled by r1_every * gamma/2)
+
+The LPIPS and GAN terms are switched on at configured steps. A step whose losses or gradients
+are not finite changes nothing but the step counter and the count of consecutive non-finite
+steps (the loop stops the run when that count reaches its limit).
+"""
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from vitvq import losses
+from vitvq.evaluation import metrics as eval_metrics
+from vitvq.evaluation.reconstruction import masked_code_counts
+from vitvq.models.quantizer import restart_dead_codes, usage_statistics
+
+
+@struct.dataclass
+class Stage1State:
+    """Everything a stage-1 run checkpoints. Keys are stored as raw uint32 key data."""
+
+    step: jax.Array  # int32 []
+    params: Any  # generator (ViTVQGAN) parameters
+    opt_state: Any
+    vq_stats: Any  # quantizer usage EMA ({"quantizer": {"usage": [K]}})
+    disc_params: Any  # discriminator parameters ({} when there is no discriminator)
+    disc_opt_state: Any
+    ema_params: Any  # EMA of `params` ({} when EMA is off)
+    lecam_ema: Any  # {"real": [], "fake": []} EMAs of the discriminator's logits
+    nonfinite: jax.Array  # int32 [], consecutive skipped (non-finite) steps
+    rng: jax.Array  # uint32 [2] raw key data; the step folds the step number into it
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage1Settings:
+    """Static settings of the step (hashable; from the config's loss/restart/ema blocks)."""
+
+    l2: float = 1.0
+    logit_laplace: float = 0.1
+    perceptual: float = 0.1
+    adversarial: float = 0.1
+    vq: float = 1.0
+    perceptual_start_step: int = 0
+    disc_start_step: int = 0
+    gan_loss: str = "non_saturating"
+    r1_gamma: float = 10.0
+    r1_every: int = 16
+    lecam: float = 0.0
+    lecam_decay: float = 0.99
+    ema_decay: float = 0.0
+    restart_every: int = 0
+    restart_threshold: float = 0.03
+    restart_start: int = 0
+    restart_stop: int = -1
+
+
+def _global_norm(tree) -> jax.Array:
+    return optax.global_norm(tree) if jax.tree_util.tree_leaves(tree) else jnp.zeros(())
+
+
+def _all_finite(tree) -> jax.Array:
+    leaves = jax.tree_util.tree_leaves(tree)
+    if not leaves:
+        return jnp.array(True)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def _select(pred, new, old):
+    return jax.tree_util.tree_map(lambda a, b: jnp.where(pred, a, b), new, old)
+
+
+def _on(step, start) -> jax.Array:
+    return (step >= start).astype(jnp.float32)
+
+
+def train_step(
+    state: Stage1State,
+    batch: dict[str, jax.Array],
+    perceptual: Any,
+    *,
+    model: nn.Module,
+    disc: nn.Module | None,
+    tx: optax.GradientTransformation,
+    disc_tx: optax.GradientTransformation | None,
+    settings: Stage1Settings,
+    lr_schedule: Any,
+) -> tuple[Stage1State, dict[str, jax.Array]]:
+    """One generator + discriminator update. `perceptual` is a PerceptualLoss or None."""
+    s = settings
+    images = batch["image"].astype(jnp.float32)
+    step = state.step
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), step)
+    dropout_rng, restart_rng = jax.random.split(rng)
+    use_gan = disc is not None
+    gan_on = _on(step, s.disc_start_step)
+
+    def generator_loss(params):
+        (recon, aux), mutated = model.apply(
+            {"params": params, "vq_stats": state.vq_stats},
+            images,
+            train=True,
+            rngs={"dropout": dropout_rng},
+            mutable=["vq_stats"],
+        )
+        terms = {"l2": losses.l2_loss(recon, images), "vq": aux["vq_loss"]}
+        weights = {"l2": s.l2, "vq": s.vq}
+        if s.logit_laplace > 0 and model.output == "sigmoid":
+            terms["logit_laplace"] = losses.logit_laplace_nll(
+                images, aux["decoder_logits"], eps=model.logit_laplace_eps
+            )
+            weights["logit_laplace"] = s.logit_laplace
+        if s.perceptual > 0 and perceptual is not None:
+            terms["perceptual"] = jnp.mean(perceptual(recon, images))
+            weights["perceptual"] = s.perceptual * _on(step, s.perceptual_start_step)
+        if use_gan and s.adversarial > 0:
+            fake_logits = disc.apply({"params": state.disc_params}, recon)
+            terms["adversarial"] = losses.generator_adversarial_loss(fake_logits, s.gan_loss)
+            weights["adversarial"] = s.adversarial * gan_on
+        total = sum(weights[k] * terms[k] for k in terms)
+        return total, (terms, aux, mutated["vq_stats"], recon)
+
+    (g_total, (terms, aux, vq_stats, recon)), grads = jax.value_and_grad(
+        generator_loss, has_aux=True
+    )(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(g_total) & _all_finite(grads)
+
+    metrics = {f"loss/{k}": v for k, v in terms.items()}
+    metrics["loss/total"] = g_total
+    metrics["grad_norm"] = _global_norm(grads)
+    metrics["update_norm"] = _global_norm(updates)
+    metrics["param_norm"] = _global_norm(params)
+    metrics["lr"] = lr_schedule(step)
+    for k in ("codes_used", "codebook_usage", "perplexity"):
+        metrics[f"vq/{k}"] = aux[k]
+
+    disc_params, disc_opt_state, lecam_ema = (
+        state.disc_params,
+        state.disc_opt_state,
+        state.lecam_ema,
+    )
+    if use_gan:
+        fake = jax.lax.stop_gradient(recon)
+
+        def disc_loss(dparams):
+            apply = lambda x: disc.apply({"params": dparams}, x)  # noqa: E731
+            real_logits, fake_logits = apply(images), apply(fake)
+            loss = losses.discriminator_loss(real_logits, fake_logits, s.gan_loss)
+            out = {"real_logits": jnp.mean(real_logits), "fake_logits": jnp.mean(fake_logits)}
+            out["gan"] = loss
+            if s.lecam > 0:
+                lecam = losses.lecam_penalty(
+                    real_logits, fake_logits, state.lecam_ema["real"], state.lecam_ema["fake"]
+                )
+                loss = loss + s.lecam * lecam
+                out["lecam"] = lecam
+            if s.r1_gamma > 0:
+                r1 = jax.lax.cond(
+                    step % s.r1_every == 0,
+                    lambda: losses.r1_penalty(apply, images),
+                    lambda: jnp.zeros((), jnp.float32),
+                )
+                loss = loss + 0.5 * s.r1_gamma * s.r1_every * r1
+                out["r1"] = r1
+            return loss, out
+
+        (d_total, d_out), d_grads = jax.value_and_grad(disc_loss, has_aux=True)(disc_params)
+        d_updates, new_d_opt = disc_tx.update(d_grads, disc_opt_state, disc_params)
+        new_d_params = optax.apply_updates(disc_params, d_updates)
+        train_disc = (gan_on > 0) & jnp.isfinite(d_total) & _all_finite(d_grads)
+        finite = finite & jnp.isfinite(d_total) & _all_finite(d_grads)
+        disc_params = _select(train_disc, new_d_params, disc_params)
+        disc_opt_state = _select(train_disc, new_d_opt, disc_opt_state)
+        if s.lecam > 0:
+            lecam_ema = {
+                "real": losses.update_lecam_ema(
+                    lecam_ema["real"], d_out["real_logits"], s.lecam_decay
+                ),
+                "fake": losses.update_lecam_ema(
+                    lecam_ema["fake"], d_out["fake_logits"], s.lecam_decay
+                ),
+            }
+        metrics["disc/loss"] = d_total
+        metrics["disc/grad_norm"] = _global_norm(d_grads)
+        metrics.update({f"disc/{k}": v for k, v in d_out.items()})
+
+    if s.restart_every > 0:
+        stop_ok = True if s.restart_stop < 0 else step < s.restart_stop
+        do_restart = (step % s.restart_every == 0) & (step >= s.restart_start) & stop_ok
+
+        def restart(p, stats):
+            codebook, usage, n = restart_dead_codes(
+                p["quantizer"]["codebook"],
+                stats["quantizer"]["usage"],
+                jax.lax.stop_gradient(aux["latents"]),
+                restart_rng,
+                s.restart_threshold,
+            )
+            p = {**p, "quantizer": {**p["quantizer"], "codebook": codebook}}
+            return p, {**stats, "quantizer": {**stats["quantizer"], "usage": usage}}, n
+
+        def keep(p, stats):
+            return p, stats, jnp.zeros((), jnp.int32)
+
+        params, vq_stats, restarted = jax.lax.cond(do_restart, restart, keep, params, vq_stats)
+        metrics["vq/restarted_codes"] = restarted
+
+    ema_params = state.ema_params
+    if s.ema_decay > 0:
+        ema_params = jax.tree_util.tree_map(
+            lambda e, p: s.ema_decay * e + (1.0 - s.ema_decay) * p, ema_params, params
+        )
+
+    new_state = state.replace(
+        step=step + 1,
+        params=_select(finite, params, state.params),
+        opt_state=_select(finite, opt_state, state.opt_state),
+        vq_stats=_select(finite, vq_stats, state.vq_stats),
+        disc_params=_select(finite, disc_params, state.disc_params),
+        disc_opt_state=_select(finite, disc_opt_state, state.disc_opt_state),
+        ema_params=_select(finite, ema_params, state.ema_params),
+        lecam_ema=_select(finite, lecam_ema, state.lecam_ema),
+        nonfinite=jnp.where(finite, 0, state.nonfinite + 1).astype(jnp.int32),
+    )
+    metrics["nonfinite_steps"] = new_state.nonfinite
+    return new_state, metrics
+
+
+def eval_step(
+    params: Any,
+    vq_stats: Any,
+    batch: dict[str, jax.Array],
+    perceptual: Any,
+    *,
+    model: nn.Module,
+) -> dict[str, jax.Array]:
+    """Per-example reconstruction metrics and masked code counts for one eval batch."""
+    images = batch["image"].astype(jnp.float32)
+    mask = batch["mask"].astype(jnp.float32)
+    recon, aux = model.apply({"params": params, "vq_stats": vq_stats}, images)
+    recon = jnp.clip(recon, 0.0, 1.0)
+    out = {
+        "psnr": eval_metrics.psnr(recon, images),
+        "ssim": eval_metrics.ssim(recon, images),
+        "l1": eval_metrics.l1_error(recon, images),
+        "l2": eval_metrics.l2_error(recon, images),
+    }
+    if perceptual is not None:
+        out["lpips"] = perceptual(recon, images)
+    counts = masked_code_counts(aux["indices"], mask, model.codebook_size)
+    return {
+        "per_example": out,
+        "code_counts": counts,
+        "batch_codes_used": usage_statistics(counts)["codes_used"],
+        "reconstruction": recon,
+    }
