@@ -1,0 +1,321 @@
+"""Checkpoints of the train state: a thin wrapper around an orbax `CheckpointManager`.
+
+Both stages' training loops use one `Checkpointer` on `workdir/checkpoints`:
+
+    every = config.checkpoint_every_steps
+    with Checkpointer(workdir / "checkpoints", save_every_steps=every) as ckpt:
+        resumed = ckpt.restore_latest(abstract_state)   # abstract: eval_shape + shardings
+        ...
+        for step in ...:
+            state, metrics = train_step(state, batch)
+            ckpt.save(step, state)                       # only every `save_every_steps`
+            if ckpt.reached_preemption(step):
+                ckpt.save(step, state, force=True)
+                break
+        ckpt.save(final_step, state, force=True)
+    # leaving the block waits for the last asynchronous write
+
+Restore order (DESIGN.md section 7; the trainer implements it): the latest checkpoint in the
+workdir (`restore_latest`), else `config.init_from`, else a fresh init.
+
+What a state may hold: a pytree (e.g. a `flax.struct.dataclass`) of `jax.Array`s of any
+dtype (float32, bfloat16, int32, uint32, ...), scalars, nested dicts/tuples, and `None` or
+`{}` for absent parts (e.g. `ema_params` when EMA is off); those round-trip as long as the
+abstract state has them in the same places. PRNG keys are stored as raw key data
+(`jax.random.key_data`, uint32 [2]) by our trainers, so checkpoints stay plain arrays; typed
+keys also work with this orbax version. No pickle is involved: orbax writes array data with
+TensorStore (OCDBT/zarr) and the tree structure as JSON.
+
+Durability: orbax writes each step to `<step>.orbax-checkpoint-tmp` and renames it to
+`<step>` only once every file is written (the rename is the commit), and deletes old steps
+only after the new one is committed. A crash or `kill -9` mid-write therefore leaves the
+previous checkpoint intact; the unfinished directory is never listed as a step and is removed
+when the next `Checkpointer` opens the directory.
+
+Asynchronous saves: `save` returns once the arrays are copied off the devices (so the
+caller may donate or delete the state right after), and the files are written by background
+threads. `wait()` or `close()` (also on leaving a `with` block) blocks until they are done.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
+from vitvq.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
+
+ITEM = "state"  # the name of the one item each checkpoint step holds
+_MAX_LISTED = 10  # mismatching paths shown in an error message
+
+
+class Checkpointer:
+    """Saves and restores train states under one directory, keeping the last few steps.
+
+    Args:
+        directory: where step directories go (the trainer passes `workdir/checkpoints`);
+            created if missing.
+        max_to_keep: how many of the newest checkpoints to keep; None keeps all.
+        save_every_steps: `save(step, ...)` writes only when `step` is a multiple of this
+            (or at a preemption, or when forced).
+        async_save: write in background threads (`save` returns after the device-to-host
+            copy); False blocks until the checkpoint is committed.
+
+    All processes of a multi-host run must make the same calls in the same order (orbax
+    synchronizes them); only the primary process writes shared files.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        max_to_keep: int | None = 3,
+        save_every_steps: int,
+        async_save: bool = True,
+    ):
+        if isinstance(save_every_steps, bool) or not isinstance(save_every_steps, int):
+            raise ConfigError(
+                f"config.checkpoint_every_steps must be an integer, got {save_every_steps!r}."
+            )
+        if save_every_steps <= 0:
+            raise ConfigError(
+                f"config.checkpoint_every_steps must be positive, got {save_every_steps}."
+            )
+        if max_to_keep is not None and (
+            isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int) or max_to_keep < 1
+        ):
+            raise ConfigError(
+                f"max_to_keep must be a positive integer or None (keep all), got {max_to_keep!r}."
+            )
+        self.directory = os.fspath(directory)
+        self.save_every_steps = save_every_steps
+        options = ocp.CheckpointManagerOptions(
+            # Save on the interval and at preemption only: orbax's default policy would also
+            # save the first step it sees, whatever the interval.
+            save_decision_policy=policies.AnySavePolicy(
+                [
+                    policies.FixedIntervalPolicy(save_every_steps),
+                    policies.PreemptionCheckpointingPolicy(),
+                ]
+            ),
+            preservation_policy=policies.LatestN(n=max_to_keep),
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,  # remove what a crashed write left behind
+            create=True,
+        )
+        # Registering the item's handler up front lets a fresh manager read metadata of
+        # existing steps before it has saved or restored anything.
+        registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+        registry.add(ITEM, ocp.args.StandardSave)
+        registry.add(ITEM, ocp.args.StandardRestore)
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options, handler_registry=registry
+        )
+
+    # --- queries -------------------------------------------------------------------------
+
+    def all_steps(self) -> list[int]:
+        """The saved steps, oldest first (an asynchronous save counts once it has started)."""
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        """The newest saved step, or None when there is no checkpoint.
+
+        Unfinished writes of earlier runs are never counted; this run's asynchronous save
+        counts as soon as `save` returns (`restore` waits for it to commit).
+        """
+        return self._manager.latest_step()
+
+    def reached_preemption(self, step: int) -> bool:
+        """True once every process has seen the preemption notice (multi-host safe).
+
+        Call it every step with the same `step` on all processes; when it returns True,
+        save with `force=True`, `wait()` and exit.
+        """
+        return self._manager.reached_preemption(step)
+
+    # --- saving --------------------------------------------------------------------------
+
+    def save(self, step: int, state: Any, *, force: bool = False) -> bool:
+        """Saves `state` as checkpoint `step` if it is due; returns whether it started a save.
+
+        A save is due when `step` is a multiple of `save_every_steps`, at a preemption, or
+        always with `force=True` (e.g. the final step). A step that is already saved is
+        skipped (returns False). With `async_save` the write finishes in the background;
+        `state` may be donated or deleted as soon as this returns.
+        """
+        step = int(step)
+        if step in self._manager.all_steps():
+            return False
+        return self._manager.save(
+            step, args=ocp.args.Composite(**{ITEM: ocp.args.StandardSave(state)}), force=force
+        )
+
+    def wait(self) -> None:
+        """Blocks until every started save is committed (re-raises a background failure)."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Waits for pending saves and releases orbax's threads."""
+        self._manager.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    # --- restoring -----------------------------------------------------------------------
+
+    def restore_latest(self, abstract_state: Any) -> tuple[Any, int] | None:
+        """`(state, step)` from the newest checkpoint, or None when there is none (auto-resume)."""
+        self.wait()
+        step = self.latest_step()
+        if step is None:
+            return None
+        return self.restore(abstract_state, step), step
+
+    def restore(self, abstract_state: Any, step: int | None = None) -> Any:
+        """Restores checkpoint `step` (default: the newest) into `abstract_state`'s layout.
+
+        `abstract_state` has the train state's structure with `jax.ShapeDtypeStruct` leaves
+        whose `.sharding` says where each array goes (e.g. `jax.eval_shape` of the init
+        function plus `vitvq.parallel.logical_shardings`), or real arrays whose shardings are
+        used. The mesh may differ from the one that saved the checkpoint (other device
+        count or shape). Raises DataError when the step does not exist or the checkpoint's
+        structure or shapes differ from `abstract_state`.
+        """
+        self.wait()  # a step still being written in the background is not readable yet
+        steps = self.all_steps()
+        if step is None:
+            if not steps:
+                raise DataError(f"There is no checkpoint to restore in {self.directory}.")
+            step = steps[-1]
+        step = int(step)
+        if step not in steps:
+            raise DataError(
+                f"There is no checkpoint for step {step} in {self.directory}; the available "
+                f"steps are {steps or 'none'}."
+            )
+        target = _restore_target(abstract_state)
+        self._check_matches(step, target)
+        try:
+            restored = self._manager.restore(
+                step, args=ocp.args.Composite(**{ITEM: ocp.args.StandardRestore(target)})
+            )
+        except Exception as err:  # orbax/TensorStore errors: name the checkpoint instead
+            raise DataError(
+                f"Could not read checkpoint step {step} in {self.directory}: {err}"
+            ) from err
+        return restored[ITEM]
+
+    def _check_matches(self, step: int, target: Any) -> None:
+        """Raises DataError naming every path whose presence or shape differs on disk."""
+        try:
+            items = self._manager.item_metadata(step)
+            metadata = items[ITEM] if items is not None and ITEM in items else None
+        except Exception as err:
+            raise DataError(
+                f"Checkpoint step {step} in {self.directory} is unreadable (no valid metadata): "
+                f"{err}"
+            ) from err
+        if metadata is None:
+            raise DataError(
+                f"Checkpoint step {step} in {self.directory} has no '{ITEM}' item; it was not "
+                "written by vitvq.checkpoint."
+            )
+        saved = _saved_shapes_and_dtypes(getattr(metadata, "tree", metadata))
+        wanted = {path: (_stored_shape(leaf), leaf.dtype) for path, leaf in _flat(target)}
+        problems, casts = [], []
+        for path in sorted(saved.keys() | wanted.keys()):
+            if path not in saved:
+                problems.append(f"{path}: missing from the checkpoint (state {wanted[path][0]})")
+            elif path not in wanted:
+                problems.append(f"{path}: in the checkpoint {saved[path][0]} but not in the state")
+            elif saved[path][0] != wanted[path][0]:
+                problems.append(
+                    f"{path}: checkpoint shape {saved[path][0]} != state shape {wanted[path][0]}"
+                )
+            elif saved[path][1] is not None and not _is_key(wanted[path][1]):
+                if saved[path][1] != wanted[path][1]:
+                    casts.append(f"{path} {saved[path][1]} -> {wanted[path][1]}")
+        if casts:  # e.g. a changed param_dtype: orbax casts on load, which may be intended
+            logger.warning(
+                "Restoring step %d casts %d arrays: %s", step, len(casts), ", ".join(casts[:5])
+            )
+        if problems:
+            shown = "\n  ".join(problems[:_MAX_LISTED])
+            more = len(problems) - _MAX_LISTED
+            shown += f"\n  ... and {more} more" if more > 0 else ""
+            raise DataError(
+                f"Checkpoint step {step} in {self.directory} does not match the train state "
+                f"({len(problems)} differences):\n  {shown}\nThe model or optimizer settings "
+                "differ from the run that wrote it: use its config or a fresh workdir."
+            )
+
+
+# --- pytree helpers ----------------------------------------------------------------------
+
+
+def _key_name(entry: Any) -> str:
+    """One key-path entry as text: dict keys, attribute names and indices alike."""
+    for attr in ("key", "name", "idx"):
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    return str(entry)
+
+
+def _path_text(path: Iterable[Any]) -> str:
+    # Orbax's metadata turns dataclass fields and named tuples into dicts and lists, so
+    # paths are compared by their names, e.g. "opt_state/0/mu/dense/kernel".
+    return "/".join(_key_name(entry) for entry in path) or "<root>"
+
+
+def _flat(tree: Any) -> list[tuple[str, Any]]:
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return [(_path_text(path), leaf) for path, leaf in leaves]
+
+
+def _saved_shapes_and_dtypes(metadata_tree: Any) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """Path -> (stored shape, dtype) of each saved leaf; dtype None for Python scalars."""
+    out = {}
+    for path, leaf in _flat(metadata_tree):
+        shape = tuple(getattr(leaf, "shape", None) or ())
+        scalar = isinstance(leaf, ocp.metadata.ScalarMetadata) or not hasattr(leaf, "dtype")
+        out[path] = (shape, None if scalar else np.dtype(leaf.dtype))
+    return out
+
+
+def _is_key(dtype: Any) -> bool:
+    return jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def _stored_shape(leaf: jax.ShapeDtypeStruct) -> tuple[int, ...]:
+    """The shape orbax stores for a leaf (typed keys are stored as their raw key data)."""
+    if _is_key(leaf.dtype):
+        return tuple(jax.eval_shape(jax.random.key_data, leaf).shape)
+    return tuple(leaf.shape)
+
+
+def _restore_target(abstract_state: Any) -> Any:
+    """`abstract_state` with every leaf a `ShapeDtypeStruct` that carries a sharding."""
+
+    def one(path, leaf):
+        sharding = getattr(leaf, "sharding", None)
+        if sharding is None or not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
+            raise ValueError(
+                f"abstract_state leaf {_path_text(path)} ({type(leaf).__name__}) has no "
+                "sharding; give every leaf one (jax.ShapeDtypeStruct(..., sharding=...)) so "
+                "arrays are restored onto devices."
+            )
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+
+    return jax.tree_util.tree_map_with_path(one, abstract_state)
