@@ -167,3 +167,14 @@ def runlocal_stage1(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         opt.lr = 1e-3
         opt.end_lr = 1e-4
     return c
+
+
+def imagenet_stage1(encoder: str, decoder: str, arg=None) -> ml_collections.ConfigDict:
+    """The paper's stage-1 setup on ImageNet 256x256; `arg="runlocal"` shrinks it."""
+    c = stage1(encoder=encoder, decoder=decoder)
+    c.dataset = dataset("tfds", tfds_name="imagenet2012", num_classes=1000)
+    if arg == "runlocal":
+        return runlocal_stage1(c)
+    if arg:
+        raise ValueError(f"unknown config variant {arg!r}; expected 'runlocal' or nothing")
+    return c

@@ -17,10 +17,4 @@ from configs import common  # noqa: E402
 
 
 def get_config(arg=None):
-    c = common.stage1(encoder="S", decoder="L")
-    c.dataset = common.dataset("tfds", tfds_name="imagenet2012", num_classes=1000)
-    if arg == "runlocal":
-        c = common.runlocal_stage1(c)
-    elif arg:
-        raise ValueError(f"unknown config variant {arg!r}; expected 'runlocal' or nothing")
-    return c
+    return common.imagenet_stage1("S", "L", arg)

@@ -41,17 +41,44 @@ def _quiet_libraries(record: logging.LogRecord) -> bool:
     return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
 
 
+def _one_line(error: BaseException) -> str:
+    """An error message on one line; one that embeds a traceback keeps its first and last line.
+
+    ml_collections reports an exception raised in a config file's `get_config` (e.g. an
+    unknown variant) and a config file it cannot load as several lines with a traceback.
+    """
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if len(lines) > 1:
+        return f"{lines[0]} {lines[-1]}"
+    return lines[0] if lines else type(error).__name__
+
+
+def _exit_with(message: str):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _unknown_key(error: LookupError | AttributeError, argv) -> str:
+    """ml_collections raises KeyError/AttributeError("'key'") for an override of a missing key."""
+    key = str(error.args[0] if error.args else error).strip("'\"")
+    overrides = [arg.split("=")[0] for arg in argv[1:] if arg.startswith("--config.")]
+    named = [arg for arg in overrides if key in arg[len("--config.") :].split(".")]
+    if not named:  # not an override's key (e.g. raised inside a config file)
+        return f"bad config or override: {_one_line(error)}"
+    return f"unknown config key {key!r} in {', '.join(named)}: the config file has no such field"
+
+
 def _parse_flags(argv):
     """absl flag parsing whose errors are one line and exit status 2."""
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except (VitvqError, KeyError, AttributeError, TypeError, ValueError) as e:
-        # ml_collections raises these for unknown override keys and bad values.
-        print(f"error: bad config or override: {e}", file=sys.stderr)
-        sys.exit(2)
+        _exit_with(_one_line(e))
+    except (KeyError, AttributeError) as e:
+        _exit_with(_unknown_key(e, argv))
+    except (VitvqError, TypeError, ValueError, OSError) as e:
+        # ml_collections raises these for bad override values and unreadable config files.
+        _exit_with(f"bad config or override: {_one_line(e)}")
 
 
 def main(argv):
@@ -60,8 +87,12 @@ def main(argv):
         sys.exit(2)
     config = _CONFIG.value
     if config is None:
-        print("error: --config is required, e.g. --config=configs/demo.py", file=sys.stderr)
-        sys.exit(2)
+        _exit_with("--config is required, e.g. --config=configs/demo.py")
+    try:
+        config.get("trainer")
+    except OSError as e:  # ml_collections defers "cannot load the config file" to first use
+        reason = str(e).strip().splitlines()[-1].strip()  # e.g. "[Errno 2] No such file ..."
+        _exit_with(f"cannot load --config={flags.FLAGS['config'].config_filename}: {reason}")
     workdir = _WORKDIR.value or default_workdir(flags.FLAGS["config"].config_filename)
     logging.getLogger().setLevel(logging.INFO)
     for handler in logging.getLogger().handlers:

@@ -32,7 +32,9 @@ class Task:
     """What a stage hands the loop."""
 
     state: Any  # sharded train state; `state.step` is where training starts
-    train_step: Callable[[Any, dict], tuple[Any, dict]]  # jitted, donates the state
+    # (state, batch, step) -> (state, metrics); jitted, donates the state; `step` is the
+    # Python int of state.step, so the stage can pick a step compiled for that phase.
+    train_step: Callable[[Any, dict, int], tuple[Any, dict]]
     train_batches: Callable[[int], Iterator[dict]]  # start step -> host batches (numpy)
     mesh: jax.sharding.Mesh
     evaluate: Callable[[Any], dict[str, float]] | None = None  # state -> eval metrics
@@ -108,7 +110,7 @@ def run(task: Task, settings: LoopSettings, checkpointer, writer) -> dict[str, f
 
     while step < total:
         batch = to_global(next(batches), task.mesh)
-        state, metrics = task.train_step(state, batch)
+        state, metrics = task.train_step(state, batch, step)
         step += 1
         if first_step_time is None:
             first_step_time = time.time()

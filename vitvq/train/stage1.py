@@ -25,7 +25,13 @@ from vitvq.models.perceptual import lpips_fn
 from vitvq.models.vitvqgan import build_vitvqgan
 from vitvq.train import loop, writers
 from vitvq.train.optim import make_optimizer
-from vitvq.train.stage1_step import Stage1Settings, Stage1State, eval_step, train_step
+from vitvq.train.stage1_step import (
+    Stage1Settings,
+    Stage1State,
+    eval_step,
+    phase_settings,
+    train_step,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -149,24 +155,38 @@ class Stage1:
     # --- jitted functions ----------------------------------------------------------------
 
     def jit_train_step(self, shardings):
-        step_fn = functools.partial(
-            train_step,
-            model=self.model,
-            disc=self.disc,
-            tx=self.tx,
-            disc_tx=self.disc_tx,
-            settings=self.settings,
-            lr_schedule=self.schedule,
-        )
-        batch_sharding = parallel.batch_sharding(self.mesh)
-        jitted = jax.jit(
-            step_fn,
-            in_shardings=(shardings, batch_sharding, parallel.replicated(self.mesh)),
-            out_shardings=(shardings, parallel.replicated(self.mesh)),
-            donate_argnums=(0,),
-        )
+        """`run(state, batch, step=None)`: the step compiled for `step`'s phase of training.
 
-        def run(state, batch):
+        Phases (LPIPS on or off, GAN on or off, lazy-R1 step or not) are compiled once each,
+        when first needed. `step` is the Python int of `state.step` (read from the device
+        when not given).
+        """
+        batch_sharding = parallel.batch_sharding(self.mesh)
+        compiled = {}
+
+        def jitted_for(settings):
+            if settings not in compiled:
+                step_fn = functools.partial(
+                    train_step,
+                    model=self.model,
+                    disc=self.disc,
+                    tx=self.tx,
+                    disc_tx=self.disc_tx,
+                    settings=settings,
+                    lr_schedule=self.schedule,
+                )
+                compiled[settings] = jax.jit(
+                    step_fn,
+                    in_shardings=(shardings, batch_sharding, parallel.replicated(self.mesh)),
+                    out_shardings=(shardings, parallel.replicated(self.mesh)),
+                    donate_argnums=(0,),
+                )
+            return compiled[settings]
+
+        def run(state, batch, step: int | None = None):
+            if step is None:
+                step = int(jax.device_get(state.step))
+            jitted = jitted_for(phase_settings(self.settings, step))
             with parallel.use_mesh(self.mesh, self.rules):
                 return jitted(state, batch, self.train_perceptual)
 

@@ -5,9 +5,9 @@ One step updates the generator (encoder, quantizer, decoder) and the discriminat
   generator:     l2 * L2 + logit_laplace * NLL + perceptual * LPIPS + adversarial * L_G + vq * L_VQ
   discriminator: L_D (+ LeCam) (+ lazy R1 every `r1_every` steps, scaled by r1_every * gamma/2)
 
-The LPIPS and GAN terms are switched on at configured steps. A step whose losses or gradients
-are not finite changes nothing but the step counter and the count of consecutive non-finite
-steps (the loop stops the run when that count reaches its limit).
+The LPIPS and GAN terms are switched on at configured steps. A step whose losses, gradients or
+updated parameters are not finite changes nothing but the step counter and the count of
+consecutive non-finite steps (the loop stops the run when that count reaches its limit).
 """
 
 import dataclasses
@@ -62,6 +62,27 @@ class Stage1Settings:
     restart_threshold: float = 0.03
     restart_start: int = 0
     restart_stop: int = -1
+    # The phase of training this step is compiled for (see `phase_settings`).
+    perceptual_on: bool = True  # step >= perceptual_start_step
+    gan_on: bool = True  # step >= disc_start_step
+    r1_now: bool = True  # a lazy-R1 step (step % r1_every == 0)
+
+
+def phase_settings(settings: Stage1Settings, step: int) -> Stage1Settings:
+    """The settings of the step compiled for `step`.
+
+    Terms that switch on at a later step, and the lazy R1 penalty, are chosen in Python, so
+    each phase is its own compiled step without `lax.cond`: on XLA:CPU a convolution inside
+    a conditional branch ran ~15x slower (BENCHMARKS.md), and a zero-weighted term would
+    still cost its compute.
+    """
+    s = settings
+    return dataclasses.replace(
+        s,
+        perceptual_on=step >= s.perceptual_start_step,
+        gan_on=step >= s.disc_start_step,
+        r1_now=s.r1_gamma > 0 and step % max(1, s.r1_every) == 0,
+    )
 
 
 def _global_norm(tree) -> jax.Array:
@@ -79,8 +100,46 @@ def _select(pred, new, old):
     return jax.tree_util.tree_map(lambda a, b: jnp.where(pred, a, b), new, old)
 
 
-def _on(step, start) -> jax.Array:
-    return (step >= start).astype(jnp.float32)
+def _discriminator_update(carry, *, images, fake, disc, disc_tx, settings):
+    """One discriminator update: (params, opt_state, lecam_ema) -> (new carry, metrics, ok).
+
+    A non-finite loss or update leaves the carry unchanged and reports ok = False.
+    """
+    s = settings
+    disc_params, disc_opt_state, lecam_ema = carry
+
+    def disc_loss(dparams):
+        apply = lambda x: disc.apply({"params": dparams}, x)  # noqa: E731
+        real_logits, fake_logits = apply(images), apply(fake)
+        loss = losses.discriminator_loss(real_logits, fake_logits, s.gan_loss)
+        out = {"real_logits": jnp.mean(real_logits), "fake_logits": jnp.mean(fake_logits)}
+        out["gan"] = loss
+        if s.lecam > 0:
+            lecam = losses.lecam_penalty(
+                real_logits, fake_logits, lecam_ema["real"], lecam_ema["fake"]
+            )
+            loss = loss + s.lecam * lecam
+            out["lecam"] = lecam
+        if s.r1_gamma > 0:  # lazy R1: every r1_every steps, scaled up by r1_every
+            r1 = losses.r1_penalty(apply, images) if s.r1_now else jnp.zeros((), jnp.float32)
+            loss = loss + 0.5 * s.r1_gamma * s.r1_every * r1
+            out["r1"] = r1
+        return loss, out
+
+    (d_total, d_out), d_grads = jax.value_and_grad(disc_loss, has_aux=True)(disc_params)
+    d_updates, new_opt = disc_tx.update(d_grads, disc_opt_state, disc_params)
+    new_params = optax.apply_updates(disc_params, d_updates)
+    ok = jnp.isfinite(d_total) & _all_finite(d_grads) & _all_finite(new_params)
+    if s.lecam > 0:
+        lecam_ema = {
+            k: losses.update_lecam_ema(lecam_ema[k], d_out[f"{k}_logits"], s.lecam_decay)
+            for k in ("real", "fake")
+        }
+    new_carry = _select(ok, (new_params, new_opt, lecam_ema), carry)
+    metrics = {f"disc/{k}": v for k, v in d_out.items()}
+    metrics["disc/loss"] = d_total
+    metrics["disc/grad_norm"] = _global_norm(d_grads)
+    return new_carry, metrics, ok
 
 
 def train_step(
@@ -102,7 +161,6 @@ def train_step(
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), step)
     dropout_rng, restart_rng = jax.random.split(rng)
     use_gan = disc is not None
-    gan_on = _on(step, s.disc_start_step)
 
     def generator_loss(params):
         (recon, aux), mutated = model.apply(
@@ -119,13 +177,14 @@ def train_step(
                 images, aux["decoder_logits"], eps=model.logit_laplace_eps
             )
             weights["logit_laplace"] = s.logit_laplace
-        if s.perceptual > 0 and perceptual is not None:
+        # Terms that switch on later are absent from the step compiled for earlier steps.
+        if s.perceptual > 0 and perceptual is not None and s.perceptual_on:
             terms["perceptual"] = jnp.mean(perceptual(recon, images))
-            weights["perceptual"] = s.perceptual * _on(step, s.perceptual_start_step)
-        if use_gan and s.adversarial > 0:
+            weights["perceptual"] = s.perceptual
+        if use_gan and s.adversarial > 0 and s.gan_on:
             fake_logits = disc.apply({"params": state.disc_params}, recon)
             terms["adversarial"] = losses.generator_adversarial_loss(fake_logits, s.gan_loss)
-            weights["adversarial"] = s.adversarial * gan_on
+            weights["adversarial"] = s.adversarial
         total = sum(weights[k] * terms[k] for k in terms)
         return total, (terms, aux, mutated["vq_stats"], recon)
 
@@ -134,7 +193,8 @@ def train_step(
     )(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    finite = jnp.isfinite(g_total) & _all_finite(grads)
+    # An overflowing update (e.g. a huge learning rate) is as bad as a non-finite gradient.
+    finite = jnp.isfinite(g_total) & _all_finite(grads) & _all_finite(params)
 
     metrics = {f"loss/{k}": v for k, v in terms.items()}
     metrics["loss/total"] = g_total
@@ -145,55 +205,20 @@ def train_step(
     for k in ("codes_used", "codebook_usage", "perplexity"):
         metrics[f"vq/{k}"] = aux[k]
 
-    disc_params, disc_opt_state, lecam_ema = (
-        state.disc_params,
-        state.disc_opt_state,
-        state.lecam_ema,
-    )
-    if use_gan:
-        fake = jax.lax.stop_gradient(recon)
-
-        def disc_loss(dparams):
-            apply = lambda x: disc.apply({"params": dparams}, x)  # noqa: E731
-            real_logits, fake_logits = apply(images), apply(fake)
-            loss = losses.discriminator_loss(real_logits, fake_logits, s.gan_loss)
-            out = {"real_logits": jnp.mean(real_logits), "fake_logits": jnp.mean(fake_logits)}
-            out["gan"] = loss
-            if s.lecam > 0:
-                lecam = losses.lecam_penalty(
-                    real_logits, fake_logits, state.lecam_ema["real"], state.lecam_ema["fake"]
-                )
-                loss = loss + s.lecam * lecam
-                out["lecam"] = lecam
-            if s.r1_gamma > 0:
-                r1 = jax.lax.cond(
-                    step % s.r1_every == 0,
-                    lambda: losses.r1_penalty(apply, images),
-                    lambda: jnp.zeros((), jnp.float32),
-                )
-                loss = loss + 0.5 * s.r1_gamma * s.r1_every * r1
-                out["r1"] = r1
-            return loss, out
-
-        (d_total, d_out), d_grads = jax.value_and_grad(disc_loss, has_aux=True)(disc_params)
-        d_updates, new_d_opt = disc_tx.update(d_grads, disc_opt_state, disc_params)
-        new_d_params = optax.apply_updates(disc_params, d_updates)
-        train_disc = (gan_on > 0) & jnp.isfinite(d_total) & _all_finite(d_grads)
-        finite = finite & jnp.isfinite(d_total) & _all_finite(d_grads)
-        disc_params = _select(train_disc, new_d_params, disc_params)
-        disc_opt_state = _select(train_disc, new_d_opt, disc_opt_state)
-        if s.lecam > 0:
-            lecam_ema = {
-                "real": losses.update_lecam_ema(
-                    lecam_ema["real"], d_out["real_logits"], s.lecam_decay
-                ),
-                "fake": losses.update_lecam_ema(
-                    lecam_ema["fake"], d_out["fake_logits"], s.lecam_decay
-                ),
-            }
-        metrics["disc/loss"] = d_total
-        metrics["disc/grad_norm"] = _global_norm(d_grads)
-        metrics.update({f"disc/{k}": v for k, v in d_out.items()})
+    disc_params, disc_opt_state = state.disc_params, state.disc_opt_state
+    lecam_ema = state.lecam_ema
+    if use_gan and s.gan_on:
+        carry, d_metrics, d_finite = _discriminator_update(
+            (disc_params, disc_opt_state, lecam_ema),
+            images=images,
+            fake=jax.lax.stop_gradient(recon),
+            disc=disc,
+            disc_tx=disc_tx,
+            settings=s,
+        )
+        disc_params, disc_opt_state, lecam_ema = carry
+        finite = finite & d_finite
+        metrics.update(d_metrics)
 
     if s.restart_every > 0:
         stop_ok = True if s.restart_stop < 0 else step < s.restart_stop
