@@ -313,3 +313,28 @@ def test_in_memory_sources_do_not_import_tensorflow():
         [sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_crop_scale_gives_random_square_crops_resized_and_resumes():
+    from vitvq.errors import ConfigError
+
+    cfg = ml_collections.ConfigDict({"name": "photos", "crop_scale": (0.2, 1.0)})
+    straight = data.train_batches(cfg, image_size=32, global_batch_size=4, seed=3)
+    batches = [next(straight)["image"] for _ in range(3)]
+    assert batches[0].shape == (4, 32, 32, 3)
+    resumed = next(
+        data.train_batches(cfg, image_size=32, global_batch_size=4, seed=3, start_step=2)
+    )
+    np.testing.assert_array_equal(resumed["image"], batches[2])
+    # Whole-photo-scale crops are smoother than native-resolution crops of the same photos.
+    native = ml_collections.ConfigDict({"name": "photos"})
+    plain = next(data.train_batches(native, image_size=32, global_batch_size=4, seed=3))["image"]
+    assert not np.array_equal(plain, batches[0])
+    for bad in [(0.0, 0.5), (0.6, 0.5), (0.5, 1.5), "big"]:
+        with pytest.raises(ConfigError, match="crop_scale"):
+            data.train_batches(
+                ml_collections.ConfigDict({"name": "photos", "crop_scale": bad}),
+                image_size=32,
+                global_batch_size=4,
+                seed=0,
+            )

@@ -27,7 +27,7 @@ from vitvq.data import preprocess, sources
 from vitvq.errors import ConfigError, DataError
 
 KNOWN_SOURCES = ("digits", "photos", "folder", "tfds", "synthetic")
-_NUM_AUGMENT_PARAMS = 3  # (u_top, u_left, u_flip)
+_NUM_AUGMENT_PARAMS = 4  # (u_top, u_left, u_flip, u_scale)
 
 
 def _get(config, key: str, default=None):
@@ -215,10 +215,16 @@ def train_batches(
         raise ConfigError(f"start_step must be >= 0, got {start_step}")
     source = _open_source(dataset_config, image_size)
     flip = bool(_get(dataset_config, "random_flip", source.random_flip))
+    crop_scale = _crop_scale(dataset_config)
     start = process_index * local
     plan = _TrainPlan(seed, _split_size(source, "train"), global_batch_size, start, start + local)
     if isinstance(source, sources.ArraySource):
-        return _array_train(source.train, plan, int(start_step), image_size, flip)
+        return _array_train(source.train, plan, int(start_step), image_size, flip, crop_scale)
+    if crop_scale is not None:
+        raise ConfigError(
+            f"dataset.crop_scale is supported for the in-memory sources (digits, photos, "
+            f"synthetic), not for {_get(dataset_config, 'name')!r}; remove it"
+        )
     example_fn = preprocess.tf_train_example(image_size, flip)
     step_plan = lambda batch: plan(int(start_step) + batch)
     return _record_batches(source, "train", step_plan, None, local, example_fn)
@@ -256,12 +262,35 @@ def eval_batches(
     return _record_batches(source, "eval", plan, num_batches, local, example_fn)
 
 
-def _array_train(split: sources.ArraySplit, plan, start_step: int, size: int, flip: bool):
+def _crop_scale(dataset_config) -> tuple[float, float] | None:
+    """`dataset.crop_scale` as (lo, hi) fractions of the shorter side, or None."""
+    value = _get(dataset_config, "crop_scale", None)
+    if value is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in value)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(
+            f"dataset.crop_scale must be two fractions (lo, hi) of the shorter side, got {value!r}"
+        ) from e
+    if not 0.0 < lo <= hi <= 1.0:
+        raise ConfigError(f"dataset.crop_scale must satisfy 0 < lo <= hi <= 1, got {value!r}")
+    return lo, hi
+
+
+def _array_train(
+    split: sources.ArraySplit,
+    plan,
+    start_step: int,
+    size: int,
+    flip: bool,
+    crop_scale: tuple[float, float] | None = None,
+):
     for step in itertools.count(start_step):
         indices, params, _ = plan(step)
         images = np.stack(
             [
-                preprocess.train_crop_np(split.images[i], p, size, flip)
+                preprocess.train_crop_np(split.images[i], p, size, flip, crop_scale)
                 for i, p in zip(indices, params, strict=True)
             ]
         )

@@ -1,9 +1,11 @@
 """Crops, flips and decoding, in numpy (in-memory sources) and TensorFlow (records).
 
-Randomness never comes from here: every training example carries three uniform numbers
-in [0, 1) drawn from (seed, step) by the pipeline, `(u_top, u_left, u_flip)`. The crop's
-top-left corner is `floor(u * (extent - size + 1))` along each axis and the image is
+Randomness never comes from here: every training example carries four uniform numbers
+in [0, 1) drawn from (seed, step) by the pipeline, `(u_top, u_left, u_flip, u_scale)`. The
+crop's top-left corner is `floor(u * (extent - side + 1))` along each axis and the image is
 mirrored when `u_flip < 0.5`, so a batch depends only on those numbers and the examples.
+The crop side is the output size, or, with `dataset.crop_scale = (lo, hi)` (in-memory
+sources), `round((lo + (hi - lo) * u_scale) * shorter side)`, resized to the output size.
 
 TensorFlow is imported inside the functions that need it, never at module import.
 """
@@ -16,15 +18,39 @@ def crop_offset(u: float, extent: int, size: int) -> int:
     return min(int(np.floor(u * (extent - size + 1))), extent - size)
 
 
-def train_crop_np(image: np.ndarray, params: np.ndarray, size: int, flip: bool) -> np.ndarray:
-    """Random crop (+ optional mirror) of a uint8 [H, W, 3] image; H, W >= size."""
+def train_crop_np(
+    image: np.ndarray,
+    params: np.ndarray,
+    size: int,
+    flip: bool,
+    crop_scale: tuple[float, float] | None = None,
+) -> np.ndarray:
+    """Random crop (+ optional mirror) of a uint8 [H, W, 3] image; H, W >= size.
+
+    With `crop_scale` the square's side is a random fraction of the shorter side (see the
+    module docstring) and the crop is resized to `size` (bicubic, antialiased).
+    """
     height, width = image.shape[:2]
-    top = crop_offset(params[0], height, size)
-    left = crop_offset(params[1], width, size)
-    crop = image[top : top + size, left : left + size]
+    side = size
+    if crop_scale is not None:
+        lo, hi = crop_scale
+        side = int(round((lo + (hi - lo) * float(params[3])) * min(height, width)))
+        side = max(1, min(side, height, width))
+    top = crop_offset(params[0], height, side)
+    left = crop_offset(params[1], width, side)
+    crop = image[top : top + side, left : left + side]
+    if side != size:
+        crop = resize_np(crop, size)
     if flip and params[2] < 0.5:
         crop = crop[:, ::-1]
     return crop
+
+
+def resize_np(image: np.ndarray, size: int) -> np.ndarray:
+    """Resizes a uint8 [H, W, 3] image to [size, size, 3] (PIL bicubic, antialiased)."""
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC))
 
 
 def center_crop_np(image: np.ndarray, size: int) -> np.ndarray:
@@ -77,7 +103,7 @@ def _tf_offset(u, extent, size: int):
 
 
 def tf_train_example(size: int, flip: bool):
-    """A tf.data map function: (bytes, label, params[3], mask) -> {image, label}.
+    """A tf.data map function: (bytes, label, params[4], mask) -> {image, label}.
 
     Decode, resize the shorter side to `size`, crop at the given position, maybe mirror.
     """
