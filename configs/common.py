@@ -47,6 +47,9 @@ def dataset(name: str = "tfds", **overrides) -> ml_collections.ConfigDict:
             eval_split="validation",
             num_classes=0,  # 0 = unconditional
             shuffle_buffer=10_000,
+            # (lo, hi): random square crops of lo..hi of the shorter side, resized (in-memory
+            # sources); None: crops of image_size at native resolution.
+            crop_scale=ml_collections.FieldReference(None, field_type=tuple),
         )
     )
     d.update(overrides)

@@ -77,11 +77,13 @@ def phase_settings(settings: Stage1Settings, step: int) -> Stage1Settings:
     still cost its compute.
     """
     s = settings
+    # Flags of terms that are off altogether are constant, so they never cause a recompile.
+    gan_on = s.adversarial > 0 and step >= s.disc_start_step
     return dataclasses.replace(
         s,
-        perceptual_on=step >= s.perceptual_start_step,
-        gan_on=step >= s.disc_start_step,
-        r1_now=s.r1_gamma > 0 and step % max(1, s.r1_every) == 0,
+        perceptual_on=s.perceptual > 0 and step >= s.perceptual_start_step,
+        gan_on=gan_on,
+        r1_now=gan_on and s.r1_gamma > 0 and step % max(1, s.r1_every) == 0,
     )
 
 

@@ -1,0 +1,198 @@
+"""Tokenizer quality on real photos under a fixed CPU budget (issue: beat the thumbnail).
+
+    python benchmarks/quality_photos.py [--minutes=10] [--out=DIR] [--config.KEY=VALUE ...]
+
+Trains `configs/photos.py` (encoder/decoder 256 wide x 4 blocks, patch 8, 64x64 images,
+code_dim 32, 8192 codes) on random crops of the bundled training photos for a wall-time budget
+(imports excluded, compilation included), then measures on the held-out photos (chelsea,
+coffee; never seen in training):
+
+- held-out set: square crops of each held-out photo with sides of 25%, 35%, 50%, 70% and 100%
+  of its shorter side (100% = the center crop), on grids with half-side strides, each resized
+  to 64x64 (PIL bicubic, antialiased), uint8: a few hundred images, so that codebook usage
+  over the set can go far beyond the 64 codes of one image;
+- our PSNR (uint8 in, uint8 out), SSIM, LPIPS, codebook usage on the set and on training crops;
+- the thumbnail baseline in the same run: area-downsample to 8x8, bicubic back to 64x64.
+
+Prints progress (with per-batch codebook usage), writes a PNG of originals above
+reconstructions, and prints one JSON object as its last line.
+"""
+
+import json
+import os
+import pathlib
+import sys
+import time
+
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+from PIL import Image
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+_CONFIG = config_flags.DEFINE_config_file("config", str(ROOT / "configs" / "photos.py"))
+_MINUTES = flags.DEFINE_float("minutes", 10.0, "training wall-time budget")
+_OUT = flags.DEFINE_string("out", "runs/quality_photos", "where the PNG goes")
+
+EVAL_FRACTIONS = (0.25, 0.35, 0.5, 0.7, 1.0)  # crop side / shorter side; 1.0 = center crop
+
+
+def held_out_images(size: int) -> np.ndarray:
+    """uint8 [N, size, size, 3] multi-scale crops of the held-out photos."""
+    from vitvq.data import sources
+
+    out = []
+    for name in sources.PHOTOS_EVAL:
+        photo = sources.load_photo(name)
+        h, w = photo.shape[:2]
+        short = min(h, w)
+        for fraction in EVAL_FRACTIONS:
+            side = int(round(fraction * short))
+            if side == short:
+                tops, lefts = [(h - side) // 2], [(w - side) // 2]
+            else:
+                tops = range(0, h - side + 1, side // 2)
+                lefts = range(0, w - side + 1, side // 2)
+            for top in tops:
+                for left in lefts:
+                    crop = Image.fromarray(photo[top : top + side, left : left + side])
+                    out.append(np.asarray(crop.resize((size, size), Image.Resampling.BICUBIC)))
+    return np.stack(out)
+
+
+def thumbnail(images: np.ndarray, grid: int = 8) -> np.ndarray:
+    """Area-downsample to grid x grid, bicubic back to the original size (uint8)."""
+    n, size = images.shape[0], images.shape[1]
+    k = size // grid
+    small = images.reshape(n, grid, k, grid, k, 3).astype(np.float64).mean(axis=(2, 4))
+    small = np.clip(np.round(small), 0, 255).astype(np.uint8)
+    return np.stack(
+        [
+            np.asarray(Image.fromarray(s).resize((size, size), Image.Resampling.BICUBIC))
+            for s in small
+        ]
+    )
+
+
+def psnr_uint8(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2, axis=(1, 2, 3))
+    return 10.0 * np.log10(255.0**2 / np.maximum(mse, 1e-10))
+
+
+def main(argv):
+    del argv
+    import jax
+    import jax.numpy as jnp
+
+    from vitvq import data as data_lib
+    from vitvq import parallel
+    from vitvq.data.globalize import to_global
+    from vitvq.evaluation import metrics
+    from vitvq.models.perceptual import lpips_fn
+    from vitvq.train.stage1 import Stage1
+
+    config = _CONFIG.value
+    mesh = parallel.make_mesh(config.mesh)
+    trainer = Stage1(config, mesh)
+    model = trainer.model
+    start = time.time()
+    state, shardings = trainer.create_state(config.seed)
+    step_fn = trainer.jit_train_step(shardings)
+    batches = data_lib.train_batches(
+        config.dataset,
+        image_size=config.image_size,
+        global_batch_size=config.batch_size,
+        seed=config.seed,
+    )
+    budget = _MINUTES.value * 60.0
+    step, history = 0, []
+    while time.time() - start < budget and step < config.total_steps:
+        state, m = step_fn(state, to_global(next(batches), mesh), step)
+        step += 1
+        if step % 100 == 0:
+            m = jax.device_get(m)
+            row = {
+                "step": step,
+                "seconds": round(time.time() - start, 1),
+                "loss": float(m["loss/total"]),
+                "l2": float(m["loss/l2"]),
+                "batch_codes_used": int(m["vq/codes_used"]),
+                "restarted": int(m.get("vq/restarted_codes", 0)),
+            }
+            history.append(row)
+            print(json.dumps(row), flush=True)
+    train_seconds = time.time() - start
+
+    params, stats = state.params, state.vq_stats
+
+    @jax.jit
+    def reconstruct(images):
+        codes, _ = model.apply({"params": params, "vq_stats": stats}, images, method=model.encode)
+        recon = model.apply({"params": params, "vq_stats": stats}, codes, method=model.decode)
+        return codes, recon
+
+    def run_model(images_uint8):
+        codes, recons = [], []
+        for i in range(0, len(images_uint8), 64):
+            chunk = images_uint8[i : i + 64]
+            pad = 64 - len(chunk)
+            x = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), np.uint8)])
+            c, r = reconstruct(jnp.asarray(x, jnp.float32) / 255.0)
+            codes.append(np.asarray(c)[: len(chunk)])
+            recons.append(np.asarray(r)[: len(chunk)])
+        recon = np.concatenate(recons)
+        return np.concatenate(codes), np.clip(np.round(recon * 255.0), 0, 255).astype(np.uint8)
+
+    held_out = held_out_images(config.image_size)
+    codes, recon = run_model(held_out)
+    ours = psnr_uint8(held_out, recon)
+    thumb = psnr_uint8(held_out, thumbnail(held_out))
+    x = jnp.asarray(held_out, jnp.float32) / 255.0
+    y = jnp.asarray(recon, jnp.float32) / 255.0
+    ssim = float(jnp.mean(metrics.ssim(y, x)))
+    lpips = lpips_fn()
+    lp = float(
+        np.mean(
+            [np.mean(np.asarray(lpips(y[i : i + 64], x[i : i + 64]))) for i in range(0, len(x), 64)]
+        )
+    )
+    train_imgs = np.concatenate(
+        [
+            (next(batches)["image"] * 255.0 + 0.5).astype(np.uint8)
+            for _ in range(len(held_out) // config.batch_size + 1)
+        ]
+    )[: len(held_out)]
+    train_codes, _ = run_model(train_imgs)
+    k = model.codebook_size
+
+    grid = np.concatenate(
+        [
+            np.concatenate(list(held_out[:: len(held_out) // 8][:8]), axis=1),
+            np.concatenate(list(recon[:: len(held_out) // 8][:8]), axis=1),
+        ],
+        axis=0,
+    )
+    os.makedirs(_OUT.value, exist_ok=True)
+    png = os.path.join(_OUT.value, "held_out_reconstructions.png")
+    Image.fromarray(grid).save(png)
+
+    result = {
+        "steps": step,
+        "train_seconds": round(train_seconds, 1),
+        "num_held_out": int(len(held_out)),
+        "psnr": round(float(ours.mean()), 3),
+        "psnr_min": round(float(ours.min()), 3),
+        "psnr_thumbnail": round(float(thumb.mean()), 3),
+        "ssim": round(ssim, 4),
+        "lpips": round(lp, 4),
+        "codebook_usage": round(len(np.unique(codes)) / k, 4),
+        "codebook_usage_train_crops": round(len(np.unique(train_codes)) / k, 4),
+        "png": png,
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    app.run(main)
