@@ -95,7 +95,8 @@ class Checkpointer:
             raise ConfigError(
                 f"max_to_keep must be a positive integer or None (keep all), got {max_to_keep!r}."
             )
-        self.directory = os.fspath(directory)
+        # orbax needs an absolute path (the default workdir, runs/<config>, is relative).
+        self.directory = os.path.abspath(os.fspath(directory))
         self.save_every_steps = save_every_steps
         options = ocp.CheckpointManagerOptions(
             # Save on the interval and at preemption only: orbax's default policy would also

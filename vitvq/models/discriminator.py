@@ -123,9 +123,7 @@ def blur(x: jax.Array, padding: tuple[int, int]) -> jax.Array:
     x = jnp.pad(x, ((0, 0), padding, padding, (0, 0)))
     for axis in (1, 2):
         n = x.shape[axis] - len(taps) + 1
-        x = sum(
-            float(t) * jax.lax.slice_in_dim(x, i, i + n, axis=axis) for i, t in enumerate(taps)
-        )
+        x = sum(float(t) * jax.lax.slice_in_dim(x, i, i + n, axis=axis) for i, t in enumerate(taps))
     return x
 
 

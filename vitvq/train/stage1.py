@@ -252,8 +252,11 @@ def make_image_writer(trainer: Stage1, config, workdir: str, writer, eval_fn):
 
 def check_config(config, mesh) -> None:
     """Validates what can be checked before building anything (ConfigError on a problem)."""
-    parallel.validate_batch(config.batch_size, mesh, jax.process_count())
-    parallel.validate_batch(config.eval_batch_size, mesh, jax.process_count())
+    for key in ("batch_size", "eval_batch_size"):
+        try:
+            parallel.validate_batch(config[key], mesh, jax.process_count())
+        except ConfigError as e:  # its message says config.batch_size: name the real key
+            raise ConfigError(str(e).replace("config.batch_size", f"config.{key}")) from None
     if config.total_steps < 0:
         raise ConfigError(f"total_steps must be >= 0, got {config.total_steps}")
     for key in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps"):

@@ -1,0 +1,136 @@
+"""Tests of the entry point `python -m vitvq.main`, run as users run it (subprocesses).
+
+- the full runlocal config (GAN, LPIPS, evaluation, images) trains end to end into the
+  default workdir, runs/<config name>, relative to the current directory;
+- user mistakes (bad overrides, impossible meshes, unknown data, bad flags) end with one
+  `error:` line on stderr, no traceback, exit status 2, and nothing written: they are caught
+  before anything is built or compiled.
+"""
+
+import concurrent.futures
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from vitvq import main as vitvq_main
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CONFIG = str(REPO / "configs" / "vitvq_small.py")
+
+
+def command(args, *, devices=1):
+    """(argv, env) of `python -m vitvq.main ARGS` on `devices` fake CPU devices."""
+    env = dict(os.environ)
+    env.update(
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        JAX_PLATFORMS="cpu",
+        TF_CPP_MIN_LOG_LEVEL="2",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])),
+    )
+    return [sys.executable, "-m", "vitvq.main", *args], env
+
+
+def run_main(args, *, cwd, devices=1, timeout=300):
+    argv, env = command(args, devices=devices)
+    return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_default_workdir():
+    assert vitvq_main.default_workdir("configs/vitvq_small.py:runlocal") == os.path.join(
+        "runs", "vitvq_small"
+    )
+    assert vitvq_main.default_workdir("/abs/demo.py") == os.path.join("runs", "demo")
+
+
+# (case id, extra arguments, device count, what the one error line must say)
+BAD_INVOCATIONS = [
+    ("batch_not_divisible", ["--config.batch_size=3"], 8, ["batch_size 3", "not divisible"]),
+    ("mesh_product", ["--config.mesh.data=3"], 8, ["config.mesh", "multiplies to 3", "8 devices"]),
+    ("eval_batch_not_divisible", ["--config.eval_batch_size=4"], 8, ["eval_batch_size 4"]),
+    ("unknown_dataset", ["--config.dataset.name=nope"], 1, ["dataset.name='nope'", "digits"]),
+    ("missing_folder", ["--config.dataset.name=folder"], 1, ["dataset.path"]),
+    ("patch_size", ["--config.model.patch_size=5"], 1, ["patch_size 5", "image_size 32"]),
+    ("unknown_key", ["--config.nope=1"], 1, ["unknown config key 'nope'", "--config.nope"]),
+    ("unknown_nested_key", ["--config.model.nope=1"], 1, ["'nope'", "--config.model.nope"]),
+    ("bad_value", ["--config.total_steps=abc"], 1, ["--config.total_steps=abc", "int"]),
+    ("unknown_trainer", ["--config.trainer=nope"], 1, ["config.trainer 'nope'"]),
+    ("unknown_variant", [f"--config={CONFIG}:bogus"], 1, ["unknown config variant 'bogus'"]),
+    ("missing_config", ["--config=configs/nope.py"], 1, ["configs/nope.py", "No such file"]),
+    ("no_config", None, 1, ["--config is required"]),
+    ("positional_argument", ["extra"], 1, ["unexpected arguments", "extra"]),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_runs(tmp_path_factory):
+    """Runs every bad invocation (a few at a time): case id -> (process, workdir)."""
+    root = tmp_path_factory.mktemp("bad")
+
+    def one(case):
+        name, extra, devices, _ = case
+        workdir = root / name
+        args = [f"--workdir={workdir}"]
+        if extra is not None:
+            has_config = any(a.startswith("--config=") for a in extra)
+            args += ([] if has_config else [f"--config={CONFIG}:runlocal"]) + extra
+        return name, (run_main(args, cwd=REPO, devices=devices), workdir)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(pool.map(one, BAD_INVOCATIONS))
+
+
+@pytest.mark.parametrize(
+    "name, expected", [case[::3] for case in BAD_INVOCATIONS], ids=[c[0] for c in BAD_INVOCATIONS]
+)
+def test_user_error_is_one_line_and_exit_2(bad_runs, name, expected):
+    proc, workdir = bad_runs[name]
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    for text in expected:
+        assert text in errors[0], errors[0]
+    assert not workdir.exists()  # stopped before writing (or compiling) anything
+
+
+def test_cli_trains_runlocal_end_to_end(tmp_path):
+    proc = run_main([f"--config={CONFIG}:runlocal"], cwd=tmp_path, timeout=600)  # no --workdir
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    workdir = tmp_path / "runs" / "vitvq_small"  # the default workdir, relative to cwd
+    config = json.loads((workdir / "config.json").read_text())
+    total = config["total_steps"]
+    assert config["loss"]["adversarial"] > 0 and config["loss"]["perceptual"] > 0
+
+    final = json.loads(proc.stdout.strip().splitlines()[-1])["final_eval"]
+    assert {"psnr", "ssim", "lpips", "codebook_usage", "codes_used"} <= set(final)
+
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    train = {r["step"]: r for r in rows if "train/loss/total" in r}
+    every = config["log_every_steps"]
+    assert sorted(train) == list(range(every, total + 1, every))
+    for key in (
+        "train/loss/l2",
+        "train/loss/vq",
+        "train/loss/logit_laplace",
+        "train/loss/perceptual",
+        "train/loss/adversarial",
+        "train/disc/loss",
+        "train/grad_norm",
+        "train/param_norm",
+        "train/update_norm",
+        "train/vq/codebook_usage",
+    ):
+        assert isinstance(train[total][key], float), key
+    assert train[total]["train/nonfinite_steps"] == 0
+    (evaluation,) = [r for r in rows if "eval/lpips" in r]
+    assert evaluation["step"] == total and evaluation["eval/psnr"] == final["psnr"]
+
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    every = config["checkpoint_every_steps"]
+    assert steps == list(range(every, total + 1, every))
+    assert (workdir / "images" / f"reconstructions_{total:07d}.png").stat().st_size > 0
+    assert list(workdir.glob("events.out.tfevents.*"))
