@@ -104,13 +104,6 @@ def minibatch_stddev(x: jax.Array, group_size: int, num_features: int) -> jax.Ar
     return jnp.concatenate([x, std.astype(x.dtype)], axis=-1)
 
 
-def _blur_kernel() -> np.ndarray:
-    """The normalized 4x4 binomial filter: outer product of [1, 3, 3, 1] / 8."""
-    k = np.array([1.0, 3.0, 3.0, 1.0])
-    k = np.outer(k, k)
-    return k / k.sum()
-
-
 def blur(x: jax.Array, padding: tuple[int, int]) -> jax.Array:
     """Depthwise [1,3,3,1] binomial blur of NHWC `x` (anti-aliasing before a strided conv).
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vitvq import data as data_lib
-from vitvq import parallel
+from vitvq import losses, parallel
 from vitvq.checkpoint import Checkpointer
 from vitvq.data.globalize import to_global
 from vitvq.errors import ConfigError
@@ -83,8 +83,6 @@ class Stage1:
         dtype = compute_dtype(config)
         self.model = build_vitvqgan(config.model.to_dict(), config.image_size, dtype)
         self.settings = settings_from_config(config)
-        from vitvq import losses  # the GAN loss kind is checked before anything compiles
-
         if self.settings.gan_loss not in losses.GAN_LOSS_KINDS:
             raise ConfigError(
                 f"unknown loss.gan_loss {self.settings.gan_loss!r}; "
@@ -225,8 +223,7 @@ def make_evaluator(trainer: Stage1, config):
         for host_batch in _eval_iter(config, config.image_size):
             out = eval_fn(state, to_global(host_batch, trainer.mesh))
             out = jax.device_get({k: v for k, v in out.items() if k != "reconstruction"})
-            mask = np.asarray(jax.device_get(to_global(host_batch, trainer.mesh)["mask"]))
-            acc.update(out["per_example"], mask, out["code_counts"], out["batch_codes_used"])
+            acc.update(out["per_example"], out["mask"], out["code_counts"], out["batch_codes_used"])
         result = acc.result()
         logger.info("eval: %s", ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.items())))
         return result

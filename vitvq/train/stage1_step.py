@@ -290,5 +290,6 @@ def eval_step(
         "per_example": out,
         "code_counts": counts,
         "batch_codes_used": usage_statistics(counts)["codes_used"],
+        "mask": mask,  # global and replicated, to match the per-example outputs
         "reconstruction": recon,
     }
