@@ -76,6 +76,8 @@ def base(**overrides) -> ml_collections.ConfigDict:
     c.axis_rules = DEFAULT_AXIS_RULES
     c.dtype = "bfloat16"  # compute dtype; parameters and optimizer states stay float32
     c.init_from = ml_collections.FieldReference(None, field_type=str)  # bundle or checkpoint
+    c.inception_weights = ml_collections.FieldReference(None, field_type=str)  # FID at eval
+    c.trainable = "all"  # "decoder": encoder and codebook frozen (fine-tuning, stage 1)
     c.max_consecutive_nonfinite = 10  # skipped steps in a row before the run stops
     c.update(overrides)
     return c

@@ -236,7 +236,12 @@ def test_tfds_eval_padding(mock_imagenet):
 
 def test_folder_layout_and_split(image_folder, tmp_path):
     info = data.dataset_info(_config("folder", path=str(image_folder)))
-    assert info == {"num_train": 9, "num_eval": 1, "num_classes": 2}
+    assert info == {
+        "num_train": 9,
+        "num_eval": 1,
+        "num_classes": 2,
+        "class_names": ["cat", "coffee"],
+    }
     # Explicit split folders: root/train/<class>, root/validation/<class>.
     for split, count in (("train", 2), ("validation", 1)):
         for cls in ("a", "b"):
@@ -245,7 +250,12 @@ def test_folder_layout_and_split(image_folder, tmp_path):
                 image = np.full((20 + k, 24, 3), 40 * k, np.uint8)
                 Image.fromarray(image).save(tmp_path / split / cls / f"{k}.png")
     config = _config("folder", path=str(tmp_path))
-    assert data.dataset_info(config) == {"num_train": 4, "num_eval": 2, "num_classes": 2}
+    assert data.dataset_info(config) == {
+        "num_train": 4,
+        "num_eval": 2,
+        "num_classes": 2,
+        "class_names": ["a", "b"],
+    }
     batches = list(data.eval_batches(config, image_size=SIZE, global_batch_size=2))
     np.testing.assert_array_equal(batches[0]["label"], [0, 1])
 

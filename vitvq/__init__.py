@@ -1,10 +1,30 @@
 """vitvq: ViT-VQGAN image tokenizers and VIM image models in JAX/Flax.
 
-Importing this package does not import TensorFlow.
+Importing this package does not import TensorFlow (nor JAX, until a loader is used):
+
+    tok = vitvq.load_tokenizer(BUNDLE)   # see vitvq.bundle
 """
 
 from vitvq.errors import BundleError, ConfigError, DataError, InputError, VitvqError
 
 __version__ = "0.1.0"
 
-__all__ = ["BundleError", "ConfigError", "DataError", "InputError", "VitvqError", "__version__"]
+__all__ = [
+    "BundleError",
+    "ConfigError",
+    "DataError",
+    "InputError",
+    "VitvqError",
+    "__version__",
+    "load_tokenizer",
+]
+
+
+def load_tokenizer(path, **kwargs):
+    """The tokenizer of a bundle: `encode` uint8 images -> codes, `decode` codes -> images.
+
+    See `vitvq.bundle.load_tokenizer` for the keyword arguments.
+    """
+    from vitvq.bundle import load_tokenizer as _load
+
+    return _load(path, **kwargs)

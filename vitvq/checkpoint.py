@@ -68,6 +68,9 @@ class Checkpointer:
             (or at a preemption, or when forced).
         async_save: write in background threads (`save` returns after the device-to-host
             copy); False blocks until the checkpoint is committed.
+        read_only: open for reading only (export, fine-tuning from another run's
+            checkpoints): creates nothing, never deletes the unfinished writes of a run that
+            may still be training there, and refuses to save.
 
     All processes of a multi-host run must make the same calls in the same order (orbax
     synchronizes them); only the primary process writes shared files.
@@ -80,6 +83,7 @@ class Checkpointer:
         max_to_keep: int | None = 3,
         save_every_steps: int,
         async_save: bool = True,
+        read_only: bool = False,
     ):
         if isinstance(save_every_steps, bool) or not isinstance(save_every_steps, int):
             raise ConfigError(
@@ -98,6 +102,9 @@ class Checkpointer:
         # orbax needs an absolute path (the default workdir, runs/<config>, is relative).
         self.directory = os.path.abspath(os.fspath(directory))
         self.save_every_steps = save_every_steps
+        self.read_only = read_only
+        if read_only and not os.path.isdir(self.directory):
+            raise DataError(f"There is no checkpoint directory {self.directory}.")
         options = ocp.CheckpointManagerOptions(
             # Save on the interval and at preemption only: orbax's default policy would also
             # save the first step it sees, whatever the interval.
@@ -109,8 +116,10 @@ class Checkpointer:
             ),
             preservation_policy=policies.LatestN(n=max_to_keep),
             enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True,  # remove what a crashed write left behind
-            create=True,
+            # Remove what a crashed write left behind (never when reading another run's).
+            cleanup_tmp_directories=not read_only,
+            create=not read_only,
+            read_only=read_only,
         )
         # Registering the item's handler up front lets a fresh manager read metadata of
         # existing steps before it has saved or restored anything.
@@ -153,6 +162,8 @@ class Checkpointer:
         skipped (returns False). With `async_save` the write finishes in the background;
         `state` may be donated or deleted as soon as this returns.
         """
+        if self.read_only:
+            raise RuntimeError(f"Checkpointer on {self.directory} is read-only")
         step = int(step)
         if step in self._manager.all_steps():
             return False
@@ -217,6 +228,54 @@ class Checkpointer:
                 f"Could not read checkpoint step {step} in {self.directory}: {err}"
             ) from err
         return restored[ITEM]
+
+    def restore_as_saved(self, step: int | None = None, device: Any = None) -> tuple[Any, int]:
+        """`(tree, step)`: checkpoint `step` (default: the newest) with the structure it was
+        saved with, every array whole on one device (default: the first local device).
+
+        For reading parts of another run's state (export, `init_from`) without building its
+        train state: dataclasses come back as dicts, optimizer tuples as lists.
+        """
+        self.wait()
+        steps = self.all_steps()
+        if step is None:
+            if not steps:
+                raise DataError(f"There is no checkpoint to restore in {self.directory}.")
+            step = steps[-1]
+        step = int(step)
+        if step not in steps:
+            raise DataError(
+                f"There is no checkpoint for step {step} in {self.directory}; the available "
+                f"steps are {steps or 'none'}."
+            )
+        try:
+            items = self._manager.item_metadata(step)
+            tree = getattr(items[ITEM], "tree", items[ITEM])
+        except Exception as err:
+            raise DataError(
+                f"Checkpoint step {step} in {self.directory} is unreadable (no valid metadata): "
+                f"{err}"
+            ) from err
+        sharding = jax.sharding.SingleDeviceSharding(device or jax.local_devices()[0])
+
+        def leaf(x):
+            if isinstance(x, ocp.metadata.ScalarMetadata) or not hasattr(x, "shape"):
+                return jax.ShapeDtypeStruct(
+                    (), np.dtype(getattr(x, "dtype", np.int64)), sharding=sharding
+                )
+            return jax.ShapeDtypeStruct(tuple(x.shape), np.dtype(x.dtype), sharding=sharding)
+
+        is_leaf = lambda x: hasattr(x, "shape") or isinstance(x, ocp.metadata.ScalarMetadata)  # noqa: E731
+        target = jax.tree_util.tree_map(leaf, tree, is_leaf=is_leaf)
+        try:
+            restored = self._manager.restore(
+                step, args=ocp.args.Composite(**{ITEM: ocp.args.StandardRestore(target)})
+            )
+        except Exception as err:
+            raise DataError(
+                f"Could not read checkpoint step {step} in {self.directory}: {err}"
+            ) from err
+        return restored[ITEM], step
 
     def _check_matches(self, step: int, target: Any) -> None:
         """Raises DataError naming every path whose presence or shape differs on disk."""

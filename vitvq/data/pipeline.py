@@ -105,7 +105,7 @@ def _split_size(source, role: str) -> int:
 
 
 def dataset_info(dataset_config) -> dict:
-    """{num_train, num_eval, num_classes} of the configured dataset.
+    """{num_train, num_eval, num_classes, class_names} of the configured dataset.
 
     `num_classes` is the number of classes the labels range over (0: unlabelled, labels are
     all 0); `dataset.num_classes` must be 0 (unconditional) or that number. For `photos`,
@@ -115,18 +115,26 @@ def dataset_info(dataset_config) -> dict:
     name = _source_name(dataset_config)
     if name == "digits":
         num_train, num_eval = sources.DIGITS_NUM_TRAIN, sources.DIGITS_NUM_EVAL
-        num_classes = 10
+        num_classes, class_names = 10, [str(i) for i in range(10)]
     elif name == "photos":
         num_train, num_eval, num_classes = len(sources.PHOTOS_TRAIN), sources.PHOTOS_NUM_EVAL, 0
+        class_names = []
     elif name == "synthetic":
         num_classes = int(_get(dataset_config, "num_classes", 0))
         num_train, num_eval = sources.SYNTHETIC_NUM_TRAIN, sources.SYNTHETIC_NUM_EVAL
+        class_names = []
     else:
         source = _open_records(dataset_config, name)
         num_train, num_eval = source.size("train"), source.size("eval")
         num_classes = source.num_classes
+        class_names = list(getattr(source, "class_names", []) or [])
     _check_num_classes(dataset_config, num_classes)
-    return {"num_train": num_train, "num_eval": num_eval, "num_classes": num_classes}
+    return {
+        "num_train": num_train,
+        "num_eval": num_eval,
+        "num_classes": num_classes,
+        "class_names": class_names or None,
+    }
 
 
 def local_batch_size(global_batch_size: int, process_index: int, process_count: int) -> int:

@@ -220,6 +220,7 @@ class TfdsSource:
         label = features.get(label_key)
         self._label_key = label_key if isinstance(label, tfds.features.ClassLabel) else None
         self.num_classes = label.num_classes if self._label_key else 0
+        self.class_names = list(label.names) if self._label_key else []
         self._image_key = image_key
         self._splits = {"train": train_split, "eval": eval_split}
         self._sources = {}

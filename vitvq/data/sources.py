@@ -16,7 +16,8 @@ from PIL import Image
 DIGITS_NUM_TRAIN = 1500  # examples 0..1499 train
 DIGITS_NUM_EVAL = 297  # examples 1500..1796 are the test split
 
-# scikit-image colour photographs that ship inside the wheel (no pooch download).
+# Colour photographs that ship inside the scikit-image and scikit-learn wheels (no pooch
+# download): scikit-image's, and scikit-learn's two sample images ("china", "flower").
 # The held-out photos are never used for training.
 PHOTOS_TRAIN = (
     "astronaut",
@@ -25,7 +26,10 @@ PHOTOS_TRAIN = (
     "motorcycle_left",
     "retina",
     "hubble_deep_field",
+    "china",
+    "flower",
 )
+_SKLEARN_PHOTOS = {"china": "china.jpg", "flower": "flower.jpg"}
 PHOTOS_EVAL = ("chelsea", "coffee")
 # Every held-out photo gives a fixed grid of (overlapping) crops: 2 x 12 x 16 = 384 eval
 # crops whatever the image size, enough tokens to measure codebook usage.
@@ -103,10 +107,14 @@ def load_digits(image_size: int) -> ArraySource:
 
 
 def load_photo(name: str) -> np.ndarray:
-    """One of the bundled scikit-image photographs as uint8 [H, W, 3]."""
+    """One of the bundled photographs as uint8 [H, W, 3]."""
     import skimage.data
 
-    if name == "motorcycle_left":
+    if name in _SKLEARN_PHOTOS:
+        from sklearn.datasets import load_sample_image
+
+        image = load_sample_image(_SKLEARN_PHOTOS[name])
+    elif name == "motorcycle_left":
         image = skimage.data.stereo_motorcycle()[0]
     else:
         image = getattr(skimage.data, name)()

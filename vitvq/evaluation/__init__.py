@@ -1,4 +1,5 @@
-"""Evaluation: reconstruction metrics and codebook usage (FID and linear probe to come)."""
+"""Evaluation: reconstruction metrics, codebook usage, FID/IS (fid.py) and a tokenizer's
+evaluation over a dataset (tokenizer_eval.py; CLI: python -m vitvq.evaluate)."""
 
 from vitvq.evaluation.metrics import (
     PSNR_MAX_DB,

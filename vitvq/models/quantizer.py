@@ -38,7 +38,7 @@ def nearest_code(z: jax.Array, codebook: jax.Array, chunk_size: int) -> jax.Arra
     """Index of the codebook row with the highest dot product with each row of z.
 
     z: [N, D]; codebook: [K, D]. Ties go to the lowest index (as `argmax`). Only
-    [N, chunk_size] similarities exist at a time.
+    [chunk_size, N] similarities exist at a time.
     """
     z = z.astype(jnp.float32)
     codebook = codebook.astype(jnp.float32)
@@ -50,14 +50,18 @@ def nearest_code(z: jax.Array, codebook: jax.Array, chunk_size: int) -> jax.Arra
     chunks = jnp.pad(codebook, ((0, pad), (0, 0))).reshape(num_chunks, chunk_size, -1)
     offsets = jnp.arange(num_chunks, dtype=jnp.int32) * chunk_size
 
+    # Similarities are laid out [chunk_size, N] and reduced over the codes axis with a max and
+    # an index min: on XLA:CPU this vectorizes over the tokens and ran 4-7x faster than an
+    # argmax over the last axis of [N, chunk_size] (BENCHMARKS.md).
     def step(carry, chunk_and_offset):
         best_sim, best_idx = carry
         chunk, offset = chunk_and_offset
-        sims = z @ chunk.T  # [N, chunk_size]
-        valid = offset + jnp.arange(chunk_size) < num_codes
-        sims = jnp.where(valid[None, :], sims, -jnp.inf)
-        local_idx = jnp.argmax(sims, axis=-1).astype(jnp.int32)
-        local_sim = jnp.max(sims, axis=-1)
+        sims = chunk @ z.T  # [chunk_size, N]
+        row = jax.lax.broadcasted_iota(jnp.int32, sims.shape, 0)
+        sims = jnp.where(offset + row < num_codes, sims, -jnp.inf)
+        local_sim = jnp.max(sims, axis=0)
+        # The lowest row reaching the maximum: ties go to the lowest index, as argmax.
+        local_idx = jnp.min(jnp.where(sims >= local_sim[None, :], row, chunk_size), axis=0)
         better = local_sim > best_sim  # strict: earlier chunks win ties
         return (
             jnp.where(better, local_sim, best_sim),

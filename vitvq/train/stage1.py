@@ -1,9 +1,12 @@
 """Stage-1 trainer: builds the ViT-VQGAN, its discriminator and optimizers from the config,
 creates the state sharded on the mesh, and hands it to the shared loop.
 
-Restore order (also in the README): the workdir's latest checkpoint, else a fresh init.
+Restore order (also in the README): the workdir's latest checkpoint, else the weights of
+`config.init_from` (a bundle or another run's checkpoint) on a fresh state, else a fresh init.
+`config.trainable = "decoder"` freezes the encoder and codebook (Parti's decoder fine-tuning).
 """
 
+import dataclasses
 import functools
 import json
 import logging
@@ -13,6 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from vitvq import data as data_lib
 from vitvq import losses, parallel
@@ -23,7 +27,7 @@ from vitvq.evaluation.reconstruction import ReconstructionAccumulator
 from vitvq.models.discriminator import Discriminator
 from vitvq.models.perceptual import lpips_fn
 from vitvq.models.vitvqgan import build_vitvqgan
-from vitvq.train import loop, writers
+from vitvq.train import loop, restore, writers
 from vitvq.train.optim import make_optimizer
 from vitvq.train.stage1_step import (
     Stage1Settings,
@@ -36,6 +40,33 @@ from vitvq.train.stage1_step import (
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# config.trainable: which generator parameters train. "decoder": the encoder and the quantizer
+# (its projection and codebook) are frozen, the code projection up and the decoder train.
+TRAINABLE = ("all", "decoder")
+FROZEN_FOR_DECODER = ("enc", "quantizer")
+
+
+def trainable_mode(config) -> str:
+    mode = config.get("trainable", "all")
+    if mode not in TRAINABLE:
+        raise ConfigError(f"unknown config.trainable {mode!r}; expected one of {TRAINABLE}")
+    return mode
+
+
+def freeze(tx: optax.GradientTransformation, frozen: tuple[str, ...]):
+    """`tx` whose updates of the top-level modules in `frozen` are zero: they never change.
+
+    The optimizer state keeps its usual structure (the moments of frozen parameters stay
+    zero), so the state is sharded, checkpointed and restored like any other.
+    """
+
+    def mask(params):
+        return {
+            name: jax.tree_util.tree_map(lambda _, n=name: n in frozen, sub)
+            for name, sub in params.items()
+        }
+
+    return optax.chain(tx, optax.masked(optax.set_to_zero(), mask))
 
 
 def compute_dtype(config) -> Any:
@@ -83,6 +114,11 @@ class Stage1:
         dtype = compute_dtype(config)
         self.model = build_vitvqgan(config.model.to_dict(), config.image_size, dtype)
         self.settings = settings_from_config(config)
+        self.trainable = trainable_mode(config)
+        if self.trainable == "decoder" and self.settings.restart_every > 0:
+            # A restart rewrites codebook rows: it would change the frozen codebook.
+            logger.info("trainable='decoder': dead-code restart is off (the codebook is frozen)")
+            self.settings = dataclasses.replace(self.settings, restart_every=0)
         if self.settings.gan_loss not in losses.GAN_LOSS_KINDS:
             raise ConfigError(
                 f"unknown loss.gan_loss {self.settings.gan_loss!r}; "
@@ -100,6 +136,8 @@ class Stage1:
             else None
         )
         self.tx, self.schedule = make_optimizer(config.optimizer, config.total_steps)
+        if self.trainable == "decoder":
+            self.tx = freeze(self.tx, FROZEN_FOR_DECODER)
         self.disc_tx = (
             make_optimizer(config.disc_optimizer, config.total_steps)[0] if self.use_gan else None
         )
@@ -216,15 +254,37 @@ def _eval_iter(config, image_size: int):
 
 
 def make_evaluator(trainer: Stage1, config):
+    """`evaluate(state)`: reconstruction metrics and codebook usage over the eval split, and
+    FID/IS of the reconstructions when `config.inception_weights` names a weights file."""
     eval_fn = trainer.jit_eval_step()
+    inception = None
+    if config.get("inception_weights"):
+        from vitvq.evaluation import fid as fid_lib
+
+        inception = fid_lib.load_inception(config.inception_weights)
 
     def evaluate(state) -> dict[str, float]:
+        from vitvq.evaluation.tokenizer_eval import FeatureAccumulator
+
         acc = ReconstructionAccumulator(trainer.model.codebook_size)
+        features = FeatureAccumulator(inception) if inception is not None else None
         for host_batch in _eval_iter(config, config.image_size):
-            out = eval_fn(state, to_global(host_batch, trainer.mesh))
-            out = jax.device_get({k: v for k, v in out.items() if k != "reconstruction"})
+            batch = to_global(host_batch, trainer.mesh)
+            out = eval_fn(state, batch)
+            recon = out.pop("reconstruction")
+            out = jax.device_get(out)
             acc.update(out["per_example"], out["mask"], out["code_counts"], out["batch_codes_used"])
+            if features is not None:
+                real = np.asarray(out["mask"]) > 0
+                images = np.asarray(jax.device_get(batch["image"]))[real]
+                recon = np.asarray(jax.device_get(recon))[real]
+                features.update(
+                    np.round(images * 255.0).astype(np.uint8),
+                    np.round(recon * 255.0).astype(np.uint8),
+                )
         result = acc.result()
+        if features is not None:
+            result.update(features.result())
         logger.info("eval: %s", ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.items())))
         return result
 
@@ -259,6 +319,10 @@ def check_config(config, mesh) -> None:
     for key in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps"):
         if config[key] <= 0:
             raise ConfigError(f"{key} must be positive, got {config[key]}")
+    trainable_mode(config)
+    init_from = config.get("init_from")
+    if init_from and not os.path.exists(init_from):
+        raise ConfigError(f"config.init_from={init_from} does not exist")
     info = data_lib.dataset_info(config.dataset)  # unknown or missing datasets fail here
     logger.info("dataset: %s", info)
 
@@ -285,7 +349,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         logger.info("Resumed from the checkpoint of step %d in %s.", step, workdir)
     else:
         state, _ = trainer.create_state(config.seed)
-        logger.info("Started from a fresh init (seed %d).", config.seed)
+        if config.get("init_from"):
+            state = restore.apply_init_from(state, shardings, config.init_from)
+        else:
+            logger.info("Started from a fresh init (seed %d).", config.seed)
 
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state.params))
     logger.info("generator parameters: %.2fM; mesh %s", n_params / 1e6, dict(mesh.shape))

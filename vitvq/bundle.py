@@ -1,0 +1,498 @@
+"""Bundles: trained models exported for downstream use, and the Tokenizer that loads them.
+
+A bundle is a directory:
+
+    bundle.json              format, version, model configs, sizes, classes, steps, sha256s
+    tokenizer.safetensors    the ViT-VQGAN's parameters ("params/...") and code usage
+                             statistics ("vq_stats/...")
+    vim.safetensors          the VIM's parameters (stage 2; absent in a tokenizer bundle)
+
+Tensor names are the parameter paths joined by "/", e.g. "params/enc/block_0/attn/query_kernel".
+Nothing is pickled: the tensors are safetensors and everything else is JSON. Loading checks
+the format version, each file's sha256, every tensor's presence and shape against the model
+the config describes, and names what is wrong (BundleError).
+
+This module uses the models only (no TensorFlow, no training code):
+
+    tok = vitvq.load_tokenizer("runs/demo/bundle")
+    codes = tok.encode(images)     # uint8 [B, H, W, 3] -> int32 [B, H/p, W/p]
+    images = tok.decode(codes)     # int32 [B, h, w]    -> uint8 [B, H, W, 3]
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.linen import meta
+
+from vitvq.errors import BundleError, InputError
+
+FORMAT = "vitvq-bundle"
+FORMAT_VERSION = 1
+BUNDLE_JSON = "bundle.json"
+TOKENIZER_FILE = "tokenizer.safetensors"
+VIM_FILE = "vim.safetensors"
+EXPORT_DTYPES = ("float32", "bfloat16")
+_MAX_LISTED = 8  # problems shown in one error message
+
+
+# --- parameter trees <-> flat tensor dicts -------------------------------------------------
+
+
+def flatten_tree(tree: Mapping[str, Any], prefix: str = "") -> dict[str, np.ndarray]:
+    """{"a": {"b": x}} -> {"a/b": np.asarray(x)}; metadata boxes are stripped."""
+    out = {}
+    for key, value in tree.items():
+        if "/" in str(key):
+            raise ValueError(f"parameter name {key!r} contains '/'")
+        name = f"{prefix}{key}"
+        value = _unbox(value)
+        if isinstance(value, Mapping):
+            out.update(flatten_tree(value, name + "/"))
+        else:
+            out[name] = np.asarray(jax.device_get(value))
+    return out
+
+
+def _unbox(value: Any) -> Any:
+    if isinstance(value, meta.Partitioned):
+        return value.unbox(apply_constraint=False)
+    return value.unbox() if isinstance(value, meta.AxisMetadata) else value
+
+
+def unflatten_tree(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """The inverse of `flatten_tree`."""
+    tree: dict[str, Any] = {}
+    for name, value in flat.items():
+        node = tree
+        *parents, leaf = name.split("/")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# --- writing -------------------------------------------------------------------------------
+
+
+def _cast(flat: dict[str, np.ndarray], dtype: str) -> dict[str, np.ndarray]:
+    if dtype not in EXPORT_DTYPES:
+        raise InputError(f"export dtype must be one of {EXPORT_DTYPES}, got {dtype!r}")
+    target = np.dtype(jnp.bfloat16) if dtype == "bfloat16" else np.dtype(np.float32)
+    return {
+        k: (v.astype(target) if np.issubdtype(v.dtype, np.floating) else v) for k, v in flat.items()
+    }
+
+
+def write_bundle(
+    output: str | os.PathLike,
+    *,
+    tokenizer: Mapping[str, Any],
+    tokenizer_params: Mapping[str, Any],
+    tokenizer_stats: Mapping[str, Any] | None = None,
+    vim: Mapping[str, Any] | None = None,
+    vim_params: Mapping[str, Any] | None = None,
+    classes: Mapping[str, Any] | None = None,
+    dtype: str = "float32",
+    overwrite: bool = False,
+) -> pathlib.Path:
+    """Writes a bundle directory atomically and returns its path.
+
+    Args:
+        tokenizer: the tokenizer's description: `model` (the config's model block as a
+            dict), `image_size`, `step`, and optionally `source` (e.g. the workdir) and
+            `training_config`.
+        tokenizer_params: the ViT-VQGAN's parameter tree (EMA parameters when kept).
+        tokenizer_stats: its `vq_stats` collection (code usage), kept for fine-tuning.
+        vim, vim_params: the same for a VIM (stage 2); `vim["model"]` is its config.
+        classes: {"num_classes": int, "names": list[str] | None}; None: unlabelled.
+        dtype: "float32" or "bfloat16" for the floating-point tensors.
+        overwrite: replace an existing bundle at `output` (otherwise an error).
+
+    The files are written to a temporary directory next to `output` and renamed into place,
+    so a crash never leaves a half-written bundle under the final name.
+    """
+    output = pathlib.Path(output).absolute()
+    if output.exists() and not overwrite:
+        raise BundleError(
+            f"{output} already exists; choose another --output or pass --overwrite to replace it."
+        )
+    if (vim is None) != (vim_params is None):
+        raise ValueError("vim and vim_params go together")
+    flat_tok = _cast(flatten_tree({"params": tokenizer_params}), dtype)
+    if tokenizer_stats:
+        flat_tok.update(flatten_tree({"vq_stats": tokenizer_stats}))  # kept in float32
+    model_cfg = dict(tokenizer["model"])
+    image_size = int(tokenizer["image_size"])
+    patch = int(model_cfg.get("patch_size", 8))
+    manifest: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "vitvq_version": _version(),
+        "classes": dict(classes) if classes else {"num_classes": 0, "names": None},
+        "tokenizer": {
+            "file": TOKENIZER_FILE,
+            "dtype": dtype,
+            "model": model_cfg,
+            "image_size": image_size,
+            "patch_size": patch,
+            "grid_size": image_size // patch,
+            "codebook_size": int(model_cfg.get("codebook_size", 8192)),
+            "step": int(tokenizer.get("step", 0)),
+            "source": str(tokenizer.get("source", "")),
+        },
+        "vim": None,
+        "training_configs": {"tokenizer": tokenizer.get("training_config")},
+    }
+    files = {TOKENIZER_FILE: flat_tok}
+    if vim is not None:
+        files[VIM_FILE] = _cast(flatten_tree({"params": vim_params}), dtype)
+        manifest["vim"] = {
+            "file": VIM_FILE,
+            "dtype": dtype,
+            "model": dict(vim["model"]),
+            "step": int(vim.get("step", 0)),
+            "source": str(vim.get("source", "")),
+        }
+        manifest["training_configs"]["vim"] = vim.get("training_config")
+
+    from safetensors.numpy import save_file
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    try:
+        for name, flat in files.items():
+            save_file(flat, str(tmp / name), metadata={"format": FORMAT})
+            section = "tokenizer" if name == TOKENIZER_FILE else "vim"
+            manifest[section]["sha256"] = sha256_file(tmp / name)
+        with open(tmp / BUNDLE_JSON, "w") as f:
+            json.dump(manifest, f, indent=2, sort_keys=True, default=_json_default)
+            f.write("\n")
+        if output.exists():  # overwrite: move the old bundle aside only once the new one is done
+            old = output.with_name(f".{output.name}.old-{os.getpid()}")
+            os.replace(output, old)
+            os.replace(tmp, output)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, tuple | set):
+        return list(value)
+    return str(value)
+
+
+def _version() -> str:
+    from vitvq import __version__
+
+    return __version__
+
+
+# --- reading -------------------------------------------------------------------------------
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """bundle.json of the bundle at `path`, checked for format and version."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise BundleError(f"bundle {path} does not exist.")
+    if not path.is_dir():
+        raise BundleError(f"bundle {path} is not a directory (a bundle is a directory).")
+    manifest_path = path / BUNDLE_JSON
+    if not manifest_path.is_file():
+        raise BundleError(
+            f"{manifest_path} is missing: {path} is not a vitvq bundle "
+            "(make one with python -m vitvq.export)."
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BundleError(f"{manifest_path} is not valid JSON: {err}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise BundleError(f"{manifest_path} is not a vitvq bundle manifest (format != {FORMAT!r}).")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise BundleError(
+            f"{manifest_path} has format_version {version!r}; this vitvq reads version "
+            f"{FORMAT_VERSION}. Re-export the bundle with this version, or use the vitvq "
+            "version that wrote it."
+        )
+    for key in ("tokenizer", "classes"):
+        if not isinstance(manifest.get(key), dict):
+            raise BundleError(f"{manifest_path} has no '{key}' section.")
+    for key in ("file", "sha256", "model", "image_size"):
+        if key not in manifest["tokenizer"]:
+            raise BundleError(f"{manifest_path}: the tokenizer section has no '{key}'.")
+    return manifest
+
+
+def read_tensors(
+    path: str | os.PathLike, section: Mapping[str, Any], *, verify: bool = True
+) -> dict[str, np.ndarray]:
+    """The tensors of one section's file, after checking its sha256 (BundleError if bad)."""
+    file = pathlib.Path(path) / section["file"]
+    if not file.is_file():
+        raise BundleError(f"{file} is missing from the bundle.")
+    if verify:
+        digest = sha256_file(file)
+        if digest != section["sha256"]:
+            raise BundleError(
+                f"{file} is corrupt or was modified: its sha256 is {digest[:16]}..., "
+                f"bundle.json expects {str(section['sha256'])[:16]}.... Re-export or re-copy it."
+            )
+    from safetensors.numpy import load_file
+
+    try:
+        return load_file(str(file))
+    except Exception as err:  # truncated or garbage file: safetensors' own error types
+        raise BundleError(f"{file} is not a readable safetensors file: {err}") from None
+
+
+def check_tree(loaded: Mapping[str, np.ndarray], expected: Mapping[str, Any], what: str) -> None:
+    """Raises BundleError naming missing, unexpected and mis-shaped tensors."""
+    problems = []
+    for name in sorted(expected.keys() | loaded.keys()):
+        if name not in loaded:
+            problems.append(f"{name}: missing (expected shape {tuple(expected[name].shape)})")
+        elif name not in expected:
+            problems.append(f"{name}: unexpected tensor of shape {tuple(loaded[name].shape)}")
+        elif tuple(loaded[name].shape) != tuple(expected[name].shape):
+            problems.append(
+                f"{name}: shape {tuple(loaded[name].shape)}, the model expects "
+                f"{tuple(expected[name].shape)}"
+            )
+    if problems:
+        shown = "; ".join(problems[:_MAX_LISTED])
+        more = len(problems) - _MAX_LISTED
+        raise BundleError(
+            f"{what} does not match the model its bundle.json describes ({len(problems)} "
+            f"problems): {shown}" + (f"; ... and {more} more" if more > 0 else "")
+        )
+
+
+def tokenizer_model(manifest: Mapping[str, Any], dtype: Any = jnp.float32):
+    """The ViTVQGAN module the manifest describes."""
+    from vitvq.errors import ConfigError
+    from vitvq.models.vitvqgan import build_vitvqgan
+
+    section = manifest["tokenizer"]
+    try:
+        return build_vitvqgan(section["model"], int(section["image_size"]), dtype)
+    except (ConfigError, TypeError, ValueError) as err:
+        raise BundleError(f"bundle.json: the tokenizer's model config is invalid: {err}") from None
+
+
+def load_tokenizer_variables(path: str | os.PathLike, *, verify: bool = True):
+    """(manifest, model, {"params": ..., "vq_stats": ...} as float32 numpy trees)."""
+    manifest = read_manifest(path)
+    model = tokenizer_model(manifest)
+    tensors = read_tensors(path, manifest["tokenizer"], verify=verify)
+    size = model.image_size
+    abstract = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3), jnp.float32))
+    )
+    expected = flatten_tree_abstract({"params": abstract["params"]})
+    stats_expected = flatten_tree_abstract({"vq_stats": abstract["vq_stats"]})
+    params_flat = {k: v for k, v in tensors.items() if k.startswith("params/")}
+    check_tree(params_flat, expected, f"{pathlib.Path(path) / manifest['tokenizer']['file']}")
+    stats_flat = {k: v for k, v in tensors.items() if k.startswith("vq_stats/")}
+    if stats_flat:
+        check_tree(stats_flat, stats_expected, f"{manifest['tokenizer']['file']} (vq_stats)")
+    else:
+        stats_flat = {k: np.zeros(v.shape, np.float32) for k, v in stats_expected.items()}
+    to32 = {
+        k: (v.astype(np.float32) if np.issubdtype(v.dtype, np.floating) else v)
+        for k, v in {**params_flat, **stats_flat}.items()
+    }
+    variables = unflatten_tree(to32)
+    return manifest, model, variables
+
+
+def flatten_tree_abstract(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Like `flatten_tree` for trees of ShapeDtypeStructs (no device transfer)."""
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        value = _unbox(value)
+        if isinstance(value, Mapping):
+            out.update(flatten_tree_abstract(value, name + "/"))
+        else:
+            out[name] = value
+    return out
+
+
+# --- the Tokenizer -------------------------------------------------------------------------
+
+
+class Tokenizer:
+    """A trained ViT-VQGAN for inference: images <-> codes on the local devices.
+
+    `encode` and `decode` take any batch size: batches are padded to a bucket (the device
+    count times a power of two, at most `max_batch`) and split into chunks beyond that, so
+    only a few shapes are ever compiled. Work is split over all local devices (data
+    parallel; the parameters are replicated).
+    """
+
+    def __init__(self, model, variables, manifest, *, devices=None, max_batch: int = 64):
+        self.model = model
+        self.manifest = manifest
+        self._devices = list(devices or jax.local_devices())
+        n = len(self._devices)
+        self._mesh = jax.sharding.Mesh(np.array(self._devices), ("batch",))
+        self._replicated = jax.sharding.NamedSharding(self._mesh, jax.sharding.PartitionSpec())
+        self._batched = jax.sharding.NamedSharding(self._mesh, jax.sharding.PartitionSpec("batch"))
+        self.max_batch = max(n, -(-int(max_batch) // n) * n)
+        self._variables = jax.device_put(variables, self._replicated)
+
+        def encode(variables, images_uint8):
+            x = images_uint8.astype(jnp.float32) / 255.0
+            codes, _ = model.apply(variables, x, method=model.encode)
+            return codes.astype(jnp.int32)
+
+        def decode(variables, codes):
+            images = model.apply(variables, codes, method=model.decode)
+            return jnp.round(jnp.clip(images, 0.0, 1.0) * 255.0).astype(jnp.uint8)
+
+        shardings = dict(
+            in_shardings=(self._replicated, self._batched), out_shardings=self._batched
+        )
+        self._encode = jax.jit(encode, **shardings)
+        self._decode = jax.jit(decode, **shardings)
+
+    # --- properties ---
+    @property
+    def image_size(self) -> int:
+        return int(self.model.image_size)
+
+    @property
+    def grid_size(self) -> int:
+        return int(self.model.grid_size)
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.model.patch_size)
+
+    @property
+    def codebook_size(self) -> int:
+        return int(self.model.codebook_size)
+
+    @property
+    def step(self) -> int:
+        return int(self.manifest["tokenizer"].get("step", 0))
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.manifest["classes"].get("num_classes", 0))
+
+    @property
+    def class_names(self) -> list[str] | None:
+        return self.manifest["classes"].get("names")
+
+    @property
+    def params(self):
+        return self._variables["params"]
+
+    @property
+    def code_usage(self) -> np.ndarray:
+        """The training run's EMA of per-code usage (tokens per step) at export time."""
+        return np.asarray(self._variables["vq_stats"]["quantizer"]["usage"])
+
+    # --- inference ---
+    def _bucket(self, n: int) -> int:
+        size = len(self._devices)
+        while size < n and size < self.max_batch:
+            size *= 2
+        return min(size, self.max_batch)
+
+    def _run(self, fn, x: np.ndarray, pad_value) -> np.ndarray:
+        outputs = []
+        for start in range(0, len(x), self.max_batch):
+            chunk = x[start : start + self.max_batch]
+            size = self._bucket(len(chunk))
+            if size > len(chunk):
+                pad = np.full((size - len(chunk), *chunk.shape[1:]), pad_value, chunk.dtype)
+                chunk = np.concatenate([chunk, pad])
+            out = fn(self._variables, jax.device_put(chunk, self._batched))
+            outputs.append(np.asarray(jax.device_get(out))[: min(self.max_batch, len(x) - start)])
+        return np.concatenate(outputs)
+
+    def encode(self, images) -> np.ndarray:
+        """uint8 [B, H, W, 3] (H = W = image_size) -> int32 codes [B, grid, grid].
+
+        Float images in [0, 1] are accepted too (rounded to uint8 first, so encode(x) and
+        encode of the same picture saved as 8-bit agree).
+        """
+        x = np.asarray(images)
+        size = self.image_size
+        if x.ndim != 4 or x.shape[1:] != (size, size, 3):
+            raise InputError(
+                f"images must be [batch, {size}, {size}, 3] for this tokenizer, got shape "
+                f"{x.shape}; resize or crop them first (python -m vitvq.reconstruct does)."
+            )
+        if np.issubdtype(x.dtype, np.floating):
+            if x.size and (np.nanmin(x) < 0.0 or np.nanmax(x) > 1.0 or np.isnan(x).any()):
+                raise InputError("float images must be in [0, 1] (or pass uint8 in [0, 255])")
+            x = np.round(x * 255.0).astype(np.uint8)
+        elif x.dtype != np.uint8:
+            raise InputError(f"images must be uint8 (or float in [0, 1]), got dtype {x.dtype}")
+        if len(x) == 0:
+            return np.zeros((0, self.grid_size, self.grid_size), np.int32)
+        return self._run(self._encode, x, 0)
+
+    def decode(self, codes) -> np.ndarray:
+        """int32 codes [B, grid, grid] in [0, codebook_size) -> uint8 images [B, H, W, 3]."""
+        from vitvq.models.vitvqgan import check_indices
+
+        c = np.asarray(codes)
+        check_indices(c, self.grid_size, self.codebook_size)
+        if len(c) == 0:
+            return np.zeros((0, self.image_size, self.image_size, 3), np.uint8)
+        return self._run(self._decode, c.astype(np.int32), 0)
+
+    def reconstruct(self, images) -> np.ndarray:
+        """decode(encode(images))."""
+        return self.decode(self.encode(images))
+
+    def __repr__(self) -> str:
+        return (
+            f"Tokenizer(image_size={self.image_size}, grid_size={self.grid_size}, "
+            f"codebook_size={self.codebook_size}, step={self.step})"
+        )
+
+
+def load_tokenizer(
+    path: str | os.PathLike, *, devices=None, max_batch: int = 64, verify: bool = True
+) -> Tokenizer:
+    """Loads the tokenizer of the bundle at `path` onto the local devices (see `Tokenizer`).
+
+    `verify` checks the tensor file's sha256 against bundle.json (reads the file twice).
+    """
+    manifest, model, variables = load_tokenizer_variables(path, verify=verify)
+    return Tokenizer(model, variables, manifest, devices=devices, max_batch=max_batch)

@@ -1,0 +1,157 @@
+"""Reading trained weights back: a run's checkpoints for export, and `config.init_from`.
+
+- `load_workdir_config(workdir)`: the config a run saved as `workdir/config.json`.
+- `read_generator(path, step=None)`: the stage-1 generator's parameters (EMA when kept) and
+  code-usage statistics from a workdir, its `checkpoints/` directory, one step directory of
+  it, or a bundle.
+- `apply_init_from(state, shardings, path)`: a fresh train state with those weights loaded
+  (DESIGN.md section 7's restore order: the workdir's latest checkpoint, else `init_from`,
+  else a fresh init).
+
+Other runs' checkpoints are opened read-only: a run still training in that workdir is never
+disturbed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from vitvq import bundle
+from vitvq.checkpoint import Checkpointer
+from vitvq.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
+
+
+def load_workdir_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
+    """The config a training run wrote to `workdir/config.json`."""
+    path = pathlib.Path(workdir) / "config.json"
+    if not path.is_file():
+        raise DataError(
+            f"{path} is missing: {workdir} is not a vitvq training workdir (python -m "
+            "vitvq.main writes config.json there at start)."
+        )
+    try:
+        return ml_collections.ConfigDict(json.loads(path.read_text()))
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path} is not a readable config: {err}") from None
+
+
+def _checkpoint_location(path: pathlib.Path) -> tuple[pathlib.Path, int | None]:
+    """(checkpoints directory, step or None for the newest) for a workdir/checkpoints/step."""
+    if (path / "checkpoints").is_dir():
+        return path / "checkpoints", None
+    if path.name.isdigit() and path.is_dir() and path.parent.is_dir():
+        return path.parent, int(path.name)
+    if path.is_dir() and any(p.name.isdigit() for p in path.iterdir()):
+        return path, None
+    raise DataError(
+        f"{path} is neither a bundle (no bundle.json) nor a vitvq workdir, checkpoints "
+        "directory or checkpoint step directory."
+    )
+
+
+def read_checkpoint(path: str | os.PathLike, step: int | None = None) -> tuple[dict, int]:
+    """(the saved state as a dict of arrays on one local device, its step)."""
+    directory, found_step = _checkpoint_location(pathlib.Path(path))
+    step = found_step if step is None else step
+    ckpt = Checkpointer(directory, save_every_steps=1, read_only=True)
+    try:
+        return ckpt.restore_as_saved(step)
+    finally:
+        ckpt.close()
+
+
+def read_generator(path: str | os.PathLike, step: int | None = None) -> dict[str, Any]:
+    """The stage-1 generator's weights from a bundle or a checkpoint.
+
+    Returns {"params", "vq_stats", "step", "ema": bool, "kind": "bundle" | "checkpoint"}; the
+    trees are numpy. EMA parameters are taken when the run kept them.
+    """
+    path = pathlib.Path(path)
+    if (path / bundle.BUNDLE_JSON).is_file():
+        if step is not None:
+            raise ConfigError("a step cannot be chosen when reading a bundle")
+        manifest, _, variables = bundle.load_tokenizer_variables(path)
+        return {
+            "params": variables["params"],
+            "vq_stats": variables["vq_stats"],
+            "step": int(manifest["tokenizer"].get("step", 0)),
+            "ema": False,
+            "kind": "bundle",
+        }
+    state, step = read_checkpoint(path, step)
+    ema = state.get("ema_params") or {}
+    host = lambda tree: jax.tree_util.tree_map(np.asarray, jax.device_get(tree))  # noqa: E731
+    return {
+        "params": host(ema if ema else state["params"]),
+        "vq_stats": host(state.get("vq_stats") or {}),
+        "step": int(step),
+        "ema": bool(ema),
+        "kind": "checkpoint",
+    }
+
+
+def apply_init_from(state, shardings, path: str) -> Any:
+    """`state` (fresh) with the generator weights at `path` loaded onto its shardings.
+
+    Parameters of the new model that the source lacks keep their fresh values (logged);
+    tensors the new model lacks are ignored (logged); a shape mismatch is a ConfigError. The
+    optimizer state and step stay fresh; EMA parameters start at the loaded weights.
+    """
+    source = read_generator(path)
+    loaded = bundle.flatten_tree(source["params"])
+    current = bundle.flatten_tree_abstract(jax.tree_util.tree_map(np.shape, state.params))
+    mismatched = [
+        f"{k}: {tuple(loaded[k].shape)} in {path}, {tuple(current[k])} in this model"
+        for k in sorted(loaded.keys() & current.keys())
+        if tuple(loaded[k].shape) != tuple(current[k])
+    ]
+    if mismatched:
+        raise ConfigError(
+            f"config.init_from={path} does not fit this model ({len(mismatched)} shape "
+            f"mismatches): {'; '.join(mismatched[:6])}. Use the model config of the run that "
+            "wrote it."
+        )
+    missing = sorted(current.keys() - loaded.keys())
+    unused = sorted(loaded.keys() - current.keys())
+    if missing:
+        logger.warning("init_from: %d parameters keep their fresh init: %s", len(missing), missing)
+    if unused:
+        logger.warning("init_from: %d tensors of %s are not used: %s", len(unused), path, unused)
+
+    def merge(fresh_tree, flat_source, shard_tree):
+        flat_fresh = bundle.flatten_tree_abstract(fresh_tree)
+        flat_shard = bundle.flatten_tree_abstract(shard_tree)
+        out = {}
+        for name, fresh in flat_fresh.items():
+            if name in flat_source:
+                value = np.asarray(flat_source[name]).astype(fresh.dtype)
+                out[name] = jax.device_put(value, flat_shard[name])
+            else:
+                out[name] = fresh
+        return bundle.unflatten_tree(out)
+
+    params = merge(state.params, loaded, shardings.params)
+    updates = {"params": params}
+    if jax.tree_util.tree_leaves(state.ema_params):
+        updates["ema_params"] = merge(state.ema_params, loaded, shardings.ema_params)
+    stats = bundle.flatten_tree(source["vq_stats"]) if source["vq_stats"] else {}
+    if stats:
+        updates["vq_stats"] = merge(state.vq_stats, stats, shardings.vq_stats)
+    logger.info(
+        "Initialized from %s %s (step %d%s).",
+        source["kind"],
+        path,
+        source["step"],
+        ", EMA parameters" if source["ema"] else "",
+    )
+    return state.replace(**updates)
