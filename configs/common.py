@@ -130,6 +130,75 @@ def stage1(encoder: str = "S", decoder: str = "S", **overrides) -> ml_collection
     return c
 
 
+VIM_SIZES = {  # PAPER.md table 2 (dropout 0.1 on residual, activation and attention outputs)
+    "base": dict(width=1536, depth=24, num_heads=16, mlp_dim=6144, dropout=0.1),
+    "large": dict(width=2048, depth=36, num_heads=32, mlp_dim=8192, dropout=0.1),
+}
+
+
+def stage2(size: str = "base", **overrides) -> ml_collections.ConfigDict:
+    """A VIM (stage 2) config with the paper's hyperparameters (PAPER.md)."""
+    c = base(trainer="vim")
+    c.image_size = ml_collections.FieldReference(None, field_type=int)  # the tokenizer's
+    c.batch_size = 1024
+    c.total_steps = 450_000
+    c.tokenizer_bundle = ml_collections.FieldReference(None, field_type=str)  # stage-1 bundle
+    c.model = ml_collections.ConfigDict(dict(VIM_SIZES[size]))
+    c.class_dropout = 0.1  # labels replaced by the null class (classifier-free guidance)
+    # Adam b1 0.9 b2 0.96; linear warmup to a constant 4.5e-4 over 5k steps, exponential
+    # decay to 1e-5 from step 80k.
+    c.optimizer = ml_collections.ConfigDict(
+        dict(
+            lr=4.5e-4,
+            end_lr=1e-5,
+            warmup_steps=5_000,
+            decay_start_step=80_000,
+            b1=0.9,
+            b2=0.96,
+            weight_decay=0.0,
+            grad_clip_norm=0.0,
+        )
+    )
+    # Samples written at every image step (one row per class when conditional).
+    c.sampling = ml_collections.ConfigDict(
+        dict(temperature=1.0, top_k=0, top_p=1.0, cfg_scale=1.0, num_per_class=8, num_samples=16)
+    )
+    c.update(overrides)
+    return c
+
+
+def runlocal_stage2(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Shrinks a stage-2 config to run in seconds on a CPU on the bundled digits."""
+    c.dataset = dataset("digits", num_classes=10)
+    c.batch_size = 8
+    c.eval_batch_size = 8
+    c.eval_num_examples = 16
+    c.total_steps = 4
+    c.log_every_steps = 2
+    c.eval_every_steps = 4
+    c.image_every_steps = 4
+    c.checkpoint_every_steps = 2
+    c.dtype = "float32"
+    c.model = ml_collections.ConfigDict(
+        dict(width=32, depth=2, num_heads=2, mlp_dim=64, dropout=0.1)
+    )
+    c.optimizer.update(lr=1e-3, end_lr=1e-4, warmup_steps=1, decay_start_step=2)
+    c.sampling.num_per_class = 2
+    return c
+
+
+def imagenet_stage2(size: str, arg=None) -> ml_collections.ConfigDict:
+    """The paper's class-conditional ImageNet VIM over an SS tokenizer; `runlocal` shrinks it
+    (and needs a digits tokenizer bundle: --config.tokenizer_bundle=...)."""
+    c = stage2(size)
+    c.dataset = dataset("tfds", tfds_name="imagenet2012", num_classes=1000)
+    if arg == "runlocal":
+        return runlocal_stage2(c)
+    if arg:
+        raise ValueError(f"unknown config variant {arg!r}; expected 'runlocal' or nothing")
+    return c
+
+
 def optimizer(**overrides) -> ml_collections.ConfigDict:
     """Adam with decoupled weight decay and a warmup + cosine schedule."""
     o = ml_collections.ConfigDict(

@@ -35,9 +35,7 @@ def test_restart_step_revives_unused_codes_of_a_collapsed_codebook():
         params={**state.params, "quantizer": {**state.params["quantizer"], "codebook": codebook}},
         vq_stats={"quantizer": {"usage": usage}},
     )
-    batch = next(
-        data_lib.train_batches(config.dataset, image_size=32, global_batch_size=8, seed=0)
-    )
+    batch = next(data_lib.train_batches(config.dataset, image_size=32, global_batch_size=8, seed=0))
     batch = to_global(batch, mesh)
 
     def used_codes(state):

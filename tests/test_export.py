@@ -164,7 +164,7 @@ def test_export_of_an_earlier_step_and_refusal_to_overwrite(trained, exported, t
     assert not (tmp_path / "b").exists()
     with pytest.raises(DataError, match="config.json is missing"):
         export(str(tmp_path), str(tmp_path / "c"))
-    with pytest.raises(ConfigError, match="stage-2"):
+    with pytest.raises(ConfigError, match="must be a stage-2"):
         export(str(workdir), str(tmp_path / "d"), vim_workdir=str(workdir))
 
 

@@ -16,6 +16,7 @@ __all__ = [
     "InputError",
     "VitvqError",
     "__version__",
+    "load_sampler",
     "load_tokenizer",
 ]
 
@@ -26,5 +27,15 @@ def load_tokenizer(path, **kwargs):
     See `vitvq.bundle.load_tokenizer` for the keyword arguments.
     """
     from vitvq.bundle import load_tokenizer as _load
+
+    return _load(path, **kwargs)
+
+
+def load_sampler(path, **kwargs):
+    """The VIM and tokenizer of a bundle: `sample(num_samples, class_labels, ...)` -> images.
+
+    See `vitvq.bundle.load_sampler` for the keyword arguments.
+    """
+    from vitvq.bundle import load_sampler as _load
 
     return _load(path, **kwargs)

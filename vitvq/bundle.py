@@ -5,7 +5,8 @@ A bundle is a directory:
     bundle.json              format, version, model configs, sizes, classes, steps, sha256s
     tokenizer.safetensors    the ViT-VQGAN's parameters ("params/...") and code usage
                              statistics ("vq_stats/...")
-    vim.safetensors          the VIM's parameters (stage 2; absent in a tokenizer bundle)
+    vim.safetensors          the VIM's parameters ("params/...", stage 2; absent in a
+                             tokenizer bundle)
 
 Tensor names are the parameter paths joined by "/", e.g. "params/enc/block_0/attn/query_kernel".
 Nothing is pickled: the tensors are safetensors and everything else is JSON. Loading checks
@@ -17,6 +18,9 @@ This module uses the models only (no TensorFlow, no training code):
     tok = vitvq.load_tokenizer("runs/demo/bundle")
     codes = tok.encode(images)     # uint8 [B, H, W, 3] -> int32 [B, H/p, W/p]
     images = tok.decode(codes)     # int32 [B, h, w]    -> uint8 [B, H, W, 3]
+    sampler = vitvq.load_sampler("runs/demo/bundle")   # a bundle with a VIM
+    images = sampler.sample(16, class_labels=3, temperature=1.0, top_k=0, top_p=1.0,
+                            cfg_scale=1.0, seed=0)     # uint8 [16, H, W, 3]
 """
 
 from __future__ import annotations
@@ -34,9 +38,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax.linen import meta
 
 from vitvq.errors import BundleError, InputError
+from vitvq.models import tree as treeutil
 
 FORMAT = "vitvq-bundle"
 FORMAT_VERSION = 1
@@ -52,35 +56,12 @@ _MAX_LISTED = 8  # problems shown in one error message
 
 def flatten_tree(tree: Mapping[str, Any], prefix: str = "") -> dict[str, np.ndarray]:
     """{"a": {"b": x}} -> {"a/b": np.asarray(x)}; metadata boxes are stripped."""
-    out = {}
-    for key, value in tree.items():
-        if "/" in str(key):
-            raise ValueError(f"parameter name {key!r} contains '/'")
-        name = f"{prefix}{key}"
-        value = _unbox(value)
-        if isinstance(value, Mapping):
-            out.update(flatten_tree(value, name + "/"))
-        else:
-            out[name] = np.asarray(jax.device_get(value))
-    return out
-
-
-def _unbox(value: Any) -> Any:
-    if isinstance(value, meta.Partitioned):
-        return value.unbox(apply_constraint=False)
-    return value.unbox() if isinstance(value, meta.AxisMetadata) else value
+    return {k: np.asarray(jax.device_get(v)) for k, v in treeutil.flatten(tree, prefix).items()}
 
 
 def unflatten_tree(flat: Mapping[str, Any]) -> dict[str, Any]:
     """The inverse of `flatten_tree`."""
-    tree: dict[str, Any] = {}
-    for name, value in flat.items():
-        node = tree
-        *parents, leaf = name.split("/")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return tree
+    return treeutil.unflatten(flat)
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
@@ -171,6 +152,8 @@ def write_bundle(
             "file": VIM_FILE,
             "dtype": dtype,
             "model": dict(vim["model"]),
+            "vocab_size": int(vim.get("vocab_size", manifest["tokenizer"]["codebook_size"])),
+            "num_classes": int(vim.get("num_classes", 0)),
             "step": int(vim.get("step", 0)),
             "source": str(vim.get("source", "")),
         }
@@ -337,15 +320,7 @@ def load_tokenizer_variables(path: str | os.PathLike, *, verify: bool = True):
 
 def flatten_tree_abstract(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """Like `flatten_tree` for trees of ShapeDtypeStructs (no device transfer)."""
-    out = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        value = _unbox(value)
-        if isinstance(value, Mapping):
-            out.update(flatten_tree_abstract(value, name + "/"))
-        else:
-            out[name] = value
-    return out
+    return treeutil.flatten(tree, prefix)
 
 
 # --- the Tokenizer -------------------------------------------------------------------------
@@ -496,3 +471,165 @@ def load_tokenizer(
     """
     manifest, model, variables = load_tokenizer_variables(path, verify=verify)
     return Tokenizer(model, variables, manifest, devices=devices, max_batch=max_batch)
+
+
+# --- the Sampler (stage 2) -----------------------------------------------------------------
+
+
+def vim_model(manifest: Mapping[str, Any], dtype: Any = jnp.float32):
+    """The VIM module the manifest describes (checked against the tokenizer's codebook)."""
+    from vitvq.errors import ConfigError
+    from vitvq.models.vim import build_vim
+
+    section = manifest.get("vim")
+    if not isinstance(section, Mapping):
+        raise BundleError(
+            "this bundle has no VIM (it is a tokenizer bundle): export one with "
+            "python -m vitvq.export --workdir=STAGE1 --vim_workdir=STAGE2 --output=..."
+        )
+    tok = manifest["tokenizer"]
+    vocab = int(section.get("vocab_size", tok["codebook_size"]))
+    if vocab != int(tok["codebook_size"]):
+        raise BundleError(
+            f"bundle.json: the VIM predicts {vocab} codes but the tokenizer has "
+            f"{tok['codebook_size']}; they were not trained together"
+        )
+    try:
+        return build_vim(
+            section["model"],
+            vocab_size=vocab,
+            grid_size=int(tok["grid_size"]),
+            num_classes=int(section.get("num_classes", 0)),
+            dtype=dtype,
+        )
+    except (ConfigError, KeyError, TypeError, ValueError) as err:
+        raise BundleError(f"bundle.json: the VIM's model config is invalid: {err}") from None
+
+
+def load_vim_variables(path: str | os.PathLike, manifest=None, *, verify: bool = True):
+    """(VIM module, {"params": float32 numpy tree}) of a bundle with a VIM."""
+    manifest = manifest or read_manifest(path)
+    model = vim_model(manifest)
+    tensors = read_tensors(path, manifest["vim"], verify=verify)
+    t = model.grid_size**2
+    labels = jnp.zeros((1,), jnp.int32) if model.num_classes else None
+    abstract = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jnp.zeros((1, t), jnp.int32), labels)
+    )
+    expected = flatten_tree_abstract({"params": abstract["params"]})
+    check_tree(tensors, expected, f"{pathlib.Path(path) / manifest['vim']['file']}")
+    to32 = {
+        k: (v.astype(np.float32) if np.issubdtype(v.dtype, np.floating) else v)
+        for k, v in tensors.items()
+    }
+    return model, unflatten_tree(to32)
+
+
+class Sampler:
+    """A trained VIM with its tokenizer: class-conditional or unconditional image samples."""
+
+    def __init__(self, tokenizer: Tokenizer, model, variables, manifest):
+        self.tokenizer = tokenizer
+        self.model = model
+        self.manifest = manifest
+        self._params = jax.device_put(variables["params"], tokenizer._replicated)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.model.num_classes)
+
+    @property
+    def class_names(self) -> list[str] | None:
+        return self.manifest["classes"].get("names")
+
+    @property
+    def image_size(self) -> int:
+        return self.tokenizer.image_size
+
+    def _labels(self, num_samples: int, class_labels) -> np.ndarray | None:
+        if class_labels is None:
+            if self.num_classes:  # the null class: unconditional samples of a guided model
+                return np.full((num_samples,), self.num_classes, np.int32)
+            return None
+        if not self.num_classes:
+            raise InputError("class_labels were given but this VIM is unconditional")
+        labels = np.asarray(class_labels)
+        if labels.ndim == 0:
+            labels = np.full((num_samples,), int(labels), np.int64)
+        if labels.shape != (num_samples,) or not np.issubdtype(labels.dtype, np.integer):
+            raise InputError(
+                f"class_labels must be one int or {num_samples} ints, got {class_labels!r}"
+            )
+        if labels.min() < 0 or labels.max() >= self.num_classes:
+            raise InputError(
+                f"class labels must be in [0, {self.num_classes - 1}], got values in "
+                f"[{labels.min()}, {labels.max()}]"
+            )
+        return labels.astype(np.int32)
+
+    def sample_codes(
+        self,
+        num_samples: int,
+        class_labels=None,
+        *,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        cfg_scale: float = 1.0,
+        seed: int = 0,
+        prefix=None,
+    ) -> np.ndarray:
+        """int32 codes [N, grid, grid]; `prefix` [N, P] fixes the first P codes (completion)."""
+        from vitvq import sampling
+
+        if isinstance(num_samples, bool) or int(num_samples) != num_samples or num_samples < 1:
+            raise InputError(f"num_samples must be a positive integer, got {num_samples!r}")
+        num_samples = int(num_samples)
+        labels = self._labels(num_samples, class_labels)
+        if labels is not None and np.all(labels == self.num_classes):
+            cfg_scale = 1.0  # nothing to guide towards
+        tokens = sampling.sample_tokens(
+            self.model,
+            self._params,
+            jax.random.key(int(seed)),
+            batch_size=num_samples,
+            labels=None if labels is None else jnp.asarray(labels),
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            cfg_scale=cfg_scale,
+            prefix=None if prefix is None else jnp.asarray(prefix, jnp.int32),
+        )
+        g = self.tokenizer.grid_size
+        return np.asarray(tokens).reshape(num_samples, g, g).astype(np.int32)
+
+    def sample(
+        self,
+        num_samples: int,
+        class_labels=None,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        cfg_scale: float = 1.0,
+        seed: int = 0,
+    ) -> np.ndarray:
+        """uint8 images [N, H, W, 3]. `class_labels`: None (unconditional; for a conditional
+        VIM, its null class), one int, or N ints. Same seed, same samples."""
+        codes = self.sample_codes(
+            num_samples,
+            class_labels,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            cfg_scale=cfg_scale,
+            seed=seed,
+        )
+        return self.tokenizer.decode(codes)
+
+
+def load_sampler(path: str | os.PathLike, *, devices=None, verify: bool = True) -> Sampler:
+    """The VIM and tokenizer of the bundle at `path` (see `Sampler`)."""
+    manifest, model, variables = load_tokenizer_variables(path, verify=verify)
+    tokenizer = Tokenizer(model, variables, manifest, devices=devices)
+    vim, vim_variables = load_vim_variables(path, manifest, verify=verify)
+    return Sampler(tokenizer, vim, vim_variables, manifest)

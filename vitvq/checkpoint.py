@@ -205,18 +205,7 @@ class Checkpointer:
         count or shape). Raises DataError when the step does not exist or the checkpoint's
         structure or shapes differ from `abstract_state`.
         """
-        self.wait()  # a step still being written in the background is not readable yet
-        steps = self.all_steps()
-        if step is None:
-            if not steps:
-                raise DataError(f"There is no checkpoint to restore in {self.directory}.")
-            step = steps[-1]
-        step = int(step)
-        if step not in steps:
-            raise DataError(
-                f"There is no checkpoint for step {step} in {self.directory}; the available "
-                f"steps are {steps or 'none'}."
-            )
+        step = self._resolve_step(step)
         target = _restore_target(abstract_state)
         self._check_matches(step, target)
         try:
@@ -229,14 +218,9 @@ class Checkpointer:
             ) from err
         return restored[ITEM]
 
-    def restore_as_saved(self, step: int | None = None, device: Any = None) -> tuple[Any, int]:
-        """`(tree, step)`: checkpoint `step` (default: the newest) with the structure it was
-        saved with, every array whole on one device (default: the first local device).
-
-        For reading parts of another run's state (export, `init_from`) without building its
-        train state: dataclasses come back as dicts, optimizer tuples as lists.
-        """
-        self.wait()
+    def _resolve_step(self, step: int | None) -> int:
+        """`step`, or the newest when None; DataError when there is no such checkpoint."""
+        self.wait()  # a step still being written in the background is not readable yet
         steps = self.all_steps()
         if step is None:
             if not steps:
@@ -248,6 +232,16 @@ class Checkpointer:
                 f"There is no checkpoint for step {step} in {self.directory}; the available "
                 f"steps are {steps or 'none'}."
             )
+        return step
+
+    def restore_as_saved(self, step: int | None = None, device: Any = None) -> tuple[Any, int]:
+        """`(tree, step)`: checkpoint `step` (default: the newest) with the structure it was
+        saved with, every array whole on one device (default: the first local device).
+
+        For reading parts of another run's state (export, `init_from`) without building its
+        train state: dataclasses come back as dicts, optimizer tuples as lists.
+        """
+        step = self._resolve_step(step)
         try:
             items = self._manager.item_metadata(step)
             tree = getattr(items[ITEM], "tree", items[ITEM])

@@ -16,17 +16,11 @@ from __future__ import annotations
 import logging
 import os
 
+import jax
 from absl import app, flags
 
 from vitvq import cli
 from vitvq.errors import ConfigError
-
-_WORKDIR = flags.DEFINE_string("workdir", None, "The stage-1 (ViT-VQGAN) run's workdir.")
-_VIM_WORKDIR = flags.DEFINE_string("vim_workdir", None, "A stage-2 (VIM) run's workdir.")
-_OUTPUT = flags.DEFINE_string("output", None, "The bundle directory to write.")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Tensor dtype.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step of --workdir (default: newest).")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing bundle at --output.")
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +48,6 @@ def export(
     overwrite: bool = False,
 ):
     """Writes the bundle of `workdir`'s checkpoint `step` (default: newest); returns its path."""
-    import jax
-
     from vitvq import bundle
     from vitvq.train import restore
 
@@ -65,12 +57,6 @@ def export(
             f"--workdir={workdir} is a {config.get('trainer')!r} run; it must be a stage-1 "
             "(ViT-VQGAN, trainer 'vitvqgan') run"
         )
-    if vim_workdir:
-        vim_config = restore.load_workdir_config(vim_workdir)
-        raise ConfigError(
-            f"--vim_workdir={vim_workdir} is a {vim_config.get('trainer')!r} run; this vitvq "
-            "has no stage-2 (VIM) trainer to export yet"
-        )
     generator = restore.read_generator(workdir, step)
     tokenizer = {
         "model": config.model.to_dict(),
@@ -79,6 +65,9 @@ def export(
         "source": os.path.abspath(workdir),
         "training_config": config.to_dict(),
     }
+    vim, vim_params, classes = None, None, classes_of(config)
+    if vim_workdir:
+        vim, vim_params, classes = _vim_export(vim_workdir, generator, config)
     path = None
     if jax.process_index() == 0:
         path = bundle.write_bundle(
@@ -86,12 +75,16 @@ def export(
             tokenizer=tokenizer,
             tokenizer_params=generator["params"],
             tokenizer_stats=generator["vq_stats"],
-            classes=classes_of(config),
+            vim=vim,
+            vim_params=vim_params,
+            classes=classes,
             dtype=dtype,
             overwrite=overwrite,
         )
-        # Loading it back checks the shapes against the model config and the hashes.
+        # Loading it back checks the shapes against the model configs and the hashes.
         bundle.load_tokenizer_variables(path)
+        if vim is not None:
+            bundle.load_vim_variables(path)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
@@ -106,6 +99,59 @@ def export(
     return path
 
 
+def _vim_export(vim_workdir: str, generator: dict, stage1_config):
+    """(vim section, VIM params, classes) of a stage-2 run, checked against the tokenizer."""
+    import numpy as np
+
+    from vitvq import bundle
+    from vitvq.train import restore
+
+    config = restore.load_workdir_config(vim_workdir)
+    if config.get("trainer") != "vim":
+        raise ConfigError(
+            f"--vim_workdir={vim_workdir} is a {config.get('trainer')!r} run; it must be a "
+            "stage-2 (VIM, trainer 'vim') run"
+        )
+    state, vim_step = restore.read_checkpoint(vim_workdir)
+    codebook = np.asarray(generator["params"]["quantizer"]["codebook"])
+    trained_on = config.get("tokenizer_bundle")
+    if trained_on and os.path.isdir(trained_on):
+        _, _, variables = bundle.load_tokenizer_variables(trained_on)
+        if not np.array_equal(variables["params"]["quantizer"]["codebook"], codebook):
+            raise ConfigError(
+                f"--vim_workdir={vim_workdir} was trained on the tokenizer {trained_on}, whose "
+                f"codebook differs from --workdir's at this step: export the same tokenizer "
+                "(its workdir and --step) that the VIM was trained on"
+            )
+    else:
+        logger.warning(
+            "cannot check that the VIM was trained on this tokenizer: %s is gone", trained_on
+        )
+    num_classes = int(config.dataset.get("num_classes", 0) or 0)
+    vim = {
+        "model": config.model.to_dict(),
+        "step": int(vim_step),
+        "vocab_size": int(codebook.shape[0]),
+        "num_classes": num_classes,
+        "source": os.path.abspath(vim_workdir),
+        "training_config": config.to_dict(),
+    }
+    classes = classes_of(config) if num_classes else classes_of(stage1_config)
+    params = jax.tree_util.tree_map(np.asarray, jax.device_get(state["params"]))
+    return vim, params, classes
+
+
+def define_flags() -> None:
+    """The command-line flags (defined only when run as a program, so importing this module
+    for its functions never clashes with another program's flags)."""
+    flags.DEFINE_string("workdir", None, "The stage-1 (ViT-VQGAN) run's workdir.")
+    flags.DEFINE_string("vim_workdir", None, "A stage-2 (VIM) run's workdir.")
+    flags.DEFINE_string("output", None, "The bundle directory to write.")
+    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Tensor dtype.")
+    flags.DEFINE_integer("step", None, "Checkpoint step of --workdir (default: newest).")
+    flags.DEFINE_bool("overwrite", False, "Replace an existing bundle at --output.")
+
+
 def main(argv):
     cli.no_extra_args(argv)
     for flag in ("workdir", "output"):
@@ -117,16 +163,17 @@ def main(argv):
 
         distributed.initialize_if_configured()
         path = export(
-            _WORKDIR.value,
-            _OUTPUT.value,
-            dtype=_DTYPE.value,
-            step=_STEP.value,
-            vim_workdir=_VIM_WORKDIR.value,
-            overwrite=_OVERWRITE.value,
+            flags.FLAGS.workdir,
+            flags.FLAGS.output,
+            dtype=flags.FLAGS.dtype,
+            step=flags.FLAGS.step,
+            vim_workdir=flags.FLAGS.vim_workdir,
+            overwrite=flags.FLAGS.overwrite,
         )
         if path is not None:
             print(f"wrote {path}")
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main, flags_parser=cli.parse_flags)

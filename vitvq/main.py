@@ -25,9 +25,13 @@ _WORKDIR = flags.DEFINE_string(
 
 def _trainers():
     # Imported here so that `--help` and flag errors stay fast.
-    from vitvq.train import stage1
+    from vitvq.train import pipeline, stage1, stage2
 
-    return {"vitvqgan": stage1.train_and_evaluate}
+    return {
+        "vitvqgan": stage1.train_and_evaluate,
+        "vim": stage2.train_and_evaluate,
+        "pipeline": pipeline.train_and_evaluate,
+    }
 
 
 def default_workdir(config_arg: str) -> str:

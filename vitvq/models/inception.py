@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vitvq import errors
+from vitvq.models import tree
 
 FID_IMAGE_SIZE = 299
 FID_NUM_CLASSES = 1008
@@ -472,22 +473,9 @@ def params_to_torch_state_dict(flat_params: Mapping[str, np.ndarray]) -> dict[st
 
 def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """Nested params -> {"a/b/c": array}."""
-    flat = {}
-    for key, value in params.items():
-        if isinstance(value, Mapping):
-            flat.update(flatten_params(value, f"{prefix}{key}/"))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
+    return tree.flatten(params, prefix)
 
 
 def unflatten_params(flat: Mapping[str, Any]) -> Params:
     """{"a/b/c": array} -> nested params."""
-    params: Params = {}
-    for name, value in flat.items():
-        *path, leaf = name.split("/")
-        node = params
-        for part in path:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return params
+    return tree.unflatten(flat)

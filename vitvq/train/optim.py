@@ -1,6 +1,11 @@
-"""Optimizers and learning-rate schedules from the `optimizer` config blocks."""
+"""Optimizers and learning-rate schedules from the `optimizer` config blocks.
+
+Stage 1: AdamW with warmup + cosine decay (`make_optimizer`). Stage 2 (VIM): Adam with
+warmup to a constant rate, then exponential decay (`make_adam`).
+"""
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from vitvq.errors import ConfigError
@@ -16,6 +21,47 @@ def warmup_cosine(lr: float, end_lr: float, warmup_steps: int, total_steps: int)
         decay_steps=max(total_steps, warmup_steps + 1),
         end_value=end_lr,
     )
+
+
+def warmup_exponential(
+    lr: float, end_lr: float, warmup_steps: int, decay_start_step: int, total_steps: int
+):
+    """VIM's schedule (PAPER.md): linear warmup from 0 to a constant `lr` over
+    `warmup_steps`, then, from `decay_start_step`, exponential decay reaching `end_lr` at
+    `total_steps`."""
+    warmup_steps = max(0, int(warmup_steps))
+    start = max(warmup_steps, int(decay_start_step))
+    span = max(1, int(total_steps) - start)
+    ratio = end_lr / lr
+
+    def schedule(step):
+        step = jnp.asarray(step, jnp.float32)
+        warm = lr * jnp.minimum(1.0, (step + 1.0) / max(warmup_steps, 1))
+        decayed = lr * ratio ** jnp.clip((step - start) / span, 0.0, 1.0)
+        return jnp.where(step < warmup_steps, warm, jnp.where(step < start, lr, decayed))
+
+    return schedule
+
+
+def make_adam(ocfg, total_steps: int) -> tuple[optax.GradientTransformation, object]:
+    """Adam (decoupled weight decay when `weight_decay` > 0) with `warmup_exponential`."""
+    for key in ("lr", "end_lr", "warmup_steps", "decay_start_step", "b1", "b2"):
+        if key not in ocfg:
+            raise ConfigError(f"optimizer config is missing {key!r}")
+    if ocfg.lr <= 0 or ocfg.end_lr <= 0:
+        raise ConfigError(
+            f"optimizer lr and end_lr must be positive, got {ocfg.lr} and {ocfg.end_lr}"
+        )
+    schedule = warmup_exponential(
+        ocfg.lr, ocfg.end_lr, ocfg.warmup_steps, ocfg.decay_start_step, total_steps
+    )
+    parts = []
+    if ocfg.get("grad_clip_norm", 0.0) > 0:
+        parts.append(optax.clip_by_global_norm(ocfg.grad_clip_norm))
+    parts.append(
+        optax.adamw(schedule, b1=ocfg.b1, b2=ocfg.b2, weight_decay=ocfg.get("weight_decay", 0.0))
+    )
+    return optax.chain(*parts), schedule
 
 
 def _is_codebook(path) -> bool:

@@ -82,7 +82,8 @@ def image_grid(rows: list[np.ndarray], max_columns: int = 8) -> np.ndarray:
 
 def save_png(path: str, image: np.ndarray) -> None:
     """Writes a uint8 [H, W, 3] image atomically (write to a temporary name, then rename)."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if os.path.dirname(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".tmp"
     Image.fromarray(image).save(tmp, format="PNG")
     os.replace(tmp, path)

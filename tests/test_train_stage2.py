@@ -1,0 +1,214 @@
+"""Stage 2: the VIM step (sharded equals single-device), the trainer end to end, export of a
+tokenizer + VIM bundle, `vitvq.load_sampler`, `python -m vitvq.sample`, the linear probe.
+
+The tokenizer is a tiny fresh-init ViT-VQGAN (tests/bundle_helpers.py): stage 2 only needs
+its codes, not good ones.
+"""
+
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from bundle_helpers import make_tokenizer_bundle
+from PIL import Image
+
+import vitvq
+from vitvq import data as data_lib
+from vitvq import parallel
+from vitvq.data.globalize import to_global
+from vitvq.errors import BundleError, ConfigError, InputError
+from vitvq.export import export
+from vitvq.train import stage1, stage2
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_config(name, arg=None):
+    spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+@pytest.fixture(scope="module")
+def tok_workdir(tmp_path_factory):
+    """A tiny stage-1 run (2 steps) and its bundle: the tokenizer stage 2 trains on."""
+    workdir = tmp_path_factory.mktemp("tok")
+    config = load_config("vitvq_small", "runlocal")
+    config.loss.perceptual = 0.0
+    config.loss.adversarial = 0.0
+    config.eval_lpips = False
+    config.update(total_steps=2, checkpoint_every_steps=2, eval_every_steps=2)
+    config.update(image_every_steps=2, log_every_steps=2)
+    stage1.train_and_evaluate(config, str(workdir))
+    out = export(str(workdir), str(workdir / "bundle"))
+    return workdir, out
+
+
+def make_config(tok_bundle, **overrides):
+    config = load_config("vim_base", "runlocal")
+    if tok_bundle is not None:
+        config.tokenizer_bundle = str(tok_bundle)
+    config.mesh.update(data=2, fsdp=2, tensor=2)
+    config.update(overrides)
+    return config
+
+
+def test_step_on_8_devices_matches_1_device(tok_workdir):
+    _, tok_bundle = tok_workdir
+    config = make_config(tok_bundle)
+    tok = stage2.load_frozen_tokenizer(str(tok_bundle))
+    batch = next(data_lib.train_batches(config.dataset, image_size=32, global_batch_size=8, seed=0))
+    results = []
+    for mesh in (
+        parallel.make_mesh(config.mesh),
+        parallel.make_mesh({"data": 1}, devices=jax.devices()[:1]),
+    ):
+        trainer = stage2.Stage2(config, mesh, tokenizer=tok)
+        state, shardings = trainer.create_state(0)
+        step = trainer.jit_train_step(shardings)
+        state, metrics = step(state, to_global(batch, mesh))
+        results.append(jax.tree_util.tree_map(np.asarray, jax.device_get((state, metrics))))
+    (state8, m8), (state1, m1) = results
+    assert np.isfinite(m8["loss"]) and m8["loss"] > 0
+    np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
+    np.testing.assert_allclose(m8["accuracy"], m1["accuracy"], rtol=1e-6)
+    np.testing.assert_allclose(m8["bits_per_token"], m8["loss"] / np.log(2), rtol=1e-6)
+    leaves8, leaves1 = (jax.tree_util.tree_leaves(s.params) for s in (state8, state1))
+    np.testing.assert_allclose(m8["grad_norm"], m1["grad_norm"], rtol=1e-5)
+    # Adam's first update is about lr * g / |g| = +-1e-3 per element, whatever |g|: for the
+    # few parameters whose gradient is at float-noise level (~1e-9) the summation order of
+    # the sharded step changes it by up to ~5e-5, 5% of a real update.
+    for a, b in zip(leaves8, leaves1, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def vim_run(tok_workdir, tmp_path_factory):
+    _, tok_bundle = tok_workdir
+    workdir = tmp_path_factory.mktemp("vim")
+    config = make_config(tok_bundle)
+    result = stage2.train_and_evaluate(config, str(workdir))
+    return config, workdir, result
+
+
+def test_stage2_end_to_end(vim_run):
+    config, workdir, result = vim_run
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    final = [r for r in rows if r["step"] == config.total_steps and "train/loss" in r]
+    assert len(final) == 1
+    for key in ("train/loss", "train/bits_per_token", "train/accuracy", "train/lr"):
+        assert np.isfinite(final[0][key]), key
+    assert {"loss", "bits_per_token", "accuracy"} <= set(result)
+    assert 0 <= result["accuracy"] <= 1 and result["loss"] > 0
+    png = workdir / "images" / f"samples_{config.total_steps:07d}.png"
+    with Image.open(png) as image:  # 10 class rows of 2 samples, 32x32 each, 2-pixel gaps
+        assert image.size == (2 * 32 + 2, 10 * 34 - 2)
+    saved = json.loads((workdir / "config.json").read_text())
+    assert saved["trainer"] == "vim"
+
+
+def test_export_tokenizer_and_vim_and_sample(tok_workdir, vim_run, tmp_path):
+    tok_dir, _ = tok_workdir
+    config, vim_dir, _ = vim_run
+    out = export(str(tok_dir), str(tmp_path / "both"), vim_workdir=str(vim_dir))
+    manifest = json.loads((out / "bundle.json").read_text())
+    assert manifest["vim"]["num_classes"] == 10 and manifest["vim"]["vocab_size"] == 64
+    assert manifest["classes"]["names"] == [str(i) for i in range(10)]
+    sampler = vitvq.load_sampler(out)
+    images = sampler.sample(4, class_labels=[0, 1, 2, 3], seed=3)
+    assert images.shape == (4, 32, 32, 3) and images.dtype == np.uint8
+    np.testing.assert_array_equal(images, sampler.sample(4, class_labels=[0, 1, 2, 3], seed=3))
+    codes = sampler.sample_codes(4, class_labels=5, top_k=1, seed=0)
+    np.testing.assert_array_equal(codes, sampler.sample_codes(4, class_labels=5, top_k=1, seed=9))
+    with pytest.raises(InputError, match="class labels must be in"):
+        sampler.sample(2, class_labels=[0, 10])
+    with pytest.raises(InputError, match="num_samples"):
+        sampler.sample(0)
+    # A tokenizer bundle has no VIM.
+    with pytest.raises(BundleError, match="no VIM"):
+        vitvq.load_sampler(tok_dir / "bundle")
+    # A VIM trained on another tokenizer is refused at export.
+    other, _ = make_tokenizer_bundle(tmp_path / "other", seed=5)
+    mismatched = vim_dir / "config.json"
+    saved = mismatched.read_text()
+    try:
+        data = json.loads(saved)
+        data["tokenizer_bundle"] = str(other)
+        mismatched.write_text(json.dumps(data))
+        with pytest.raises(ConfigError, match="codebook differs"):
+            export(str(tok_dir), str(tmp_path / "bad"), vim_workdir=str(vim_dir))
+    finally:
+        mismatched.write_text(saved)
+
+
+def _sample_cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "vitvq.sample", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        cwd=REPO,
+        timeout=300,
+    )
+
+
+def test_sample_cli(tok_workdir, vim_run, tmp_path):
+    tok_dir, _ = tok_workdir
+    _, vim_dir, _ = vim_run
+    out = export(str(tok_dir), str(tmp_path / "b"), vim_workdir=str(vim_dir))
+    png = tmp_path / "grid.png"
+    proc = _sample_cli(f"--bundle={out}", "--num_samples=3", f"--output={png}", "--top_k=5")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with Image.open(png) as image:
+        assert image.size == (3 * 34 - 2, 10 * 34 - 2)  # one row per class
+    for bad, message in (
+        ("--temperature=-1", "temperature"),
+        ("--top_p=0", "top_p"),
+        ("--class_label=12", "class"),
+        ("--class_label=x", "--class_label"),
+        ("--num_samples=0", "num_samples"),
+    ):
+        proc = _sample_cli(f"--bundle={out}", f"--output={tmp_path}/x.png", bad)
+        assert proc.returncode == 2, (bad, proc.stderr[-1000:])
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith("error:") and message in last, (bad, last)
+        assert "Traceback" not in proc.stderr
+
+
+def test_stage2_config_errors(tok_workdir, tmp_path):
+    _, tok_bundle = tok_workdir
+    mesh = parallel.make_mesh(make_config(tok_bundle).mesh)
+    with pytest.raises(ConfigError, match="tokenizer_bundle is required"):
+        stage2.check_config(make_config(None), mesh)
+    config = make_config(tok_bundle, image_size=64)
+    with pytest.raises(ConfigError, match="image_size=64"):
+        stage2.Stage2(config, mesh)
+    with pytest.raises(BundleError, match="does not exist"):
+        stage2.Stage2(make_config(tmp_path / "nope"), mesh)
+
+
+def test_linear_probe_runs_and_compares_with_pixels(tok_workdir, vim_run, tmp_path):
+    from vitvq.data import sources
+    from vitvq.evaluation import linear_probe
+
+    tok_dir, _ = tok_workdir
+    _, vim_dir, _ = vim_run
+    out = export(str(tok_dir), str(tmp_path / "b"), vim_workdir=str(vim_dir))
+    sampler = vitvq.load_sampler(out)
+    digits = sources.load_digits(32)
+    train_x = np.stack(digits.train.images[:200])
+    test_x = np.stack(digits.eval.images[:100])
+    train_y, test_y = digits.train.labels[:200], digits.eval.labels[:100]
+    vim = linear_probe.vim_probe(sampler, train_x, train_y, test_x, test_y, block=1)
+    pixels = linear_probe.pixel_probe(train_x, train_y, test_x, test_y)
+    assert 0.0 <= vim["top1"] <= 1.0 and vim["num_test"] == 100
+    assert pixels["top1"] > 0.7  # raw pixels already separate digits well
+    feats = linear_probe.vim_features(sampler, test_x[:5], block=2)
+    assert feats.shape == (5, 32) and np.all(np.isfinite(feats))

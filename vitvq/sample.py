@@ -1,0 +1,105 @@
+"""python -m vitvq.sample --bundle=BUNDLE --num_samples=16 --output=grid.png
+    [--class_label=N[,M...]] [--temperature=1.0] [--top_k=0] [--top_p=1.0] [--cfg_scale=1.0]
+    [--seed=0]
+
+Samples images from a bundle's VIM and writes them as one PNG grid. A class-conditional VIM
+gives one row per class label (every class when --class_label is not given; --num_samples
+images per row); an unconditional one gives --num_samples images in rows of 8. Progress is
+shown per row. Bad arguments print one `error:` line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+
+from vitvq import cli
+
+
+def _parse_labels(text: str | None) -> list[int] | None:
+    from vitvq.errors import InputError
+
+    if text is None or text == "":
+        return None
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise InputError(
+            f"--class_label must be an integer or comma-separated integers, got {text!r}"
+        ) from None
+
+
+def sample_grid(sampler, *, num_samples, labels, seed, stream=sys.stderr, **knobs):
+    """uint8 grid: one row per label (conditional) or rows of 8 (unconditional)."""
+    import numpy as np
+
+    from vitvq.errors import InputError
+    from vitvq.train.writers import image_grid
+
+    if num_samples < 1:
+        raise InputError(f"--num_samples must be >= 1, got {num_samples}")
+    if sampler.num_classes and labels is None:
+        labels = list(range(sampler.num_classes))
+    rows = []
+    if labels is None:
+        images = sampler.sample(num_samples, None, seed=seed, **knobs)
+        print(f"sampled {num_samples} images", file=stream)
+        rows = [images[i : i + 8] for i in range(0, num_samples, 8)]
+        columns = 8
+    else:
+        for i, label in enumerate(labels):
+            rows.append(sampler.sample(num_samples, label, seed=seed + i, **knobs))
+            done = i + 1
+            bar = "#" * (20 * done // len(labels))
+            print(f"\r[{bar:<20}] {done}/{len(labels)} classes", end="", file=stream)
+        print(file=stream)
+        columns = num_samples
+    if len(rows) > 1 and len(rows[-1]) < len(rows[0]):  # pad the last unconditional row
+        pad = np.ones((len(rows[0]) - len(rows[-1]), *rows[-1].shape[1:]), np.uint8) * 255
+        rows[-1] = np.concatenate([rows[-1], pad])
+    return image_grid([r.astype(np.float32) / 255.0 for r in rows], max_columns=columns)
+
+
+def define_flags() -> None:
+    """The command-line flags (defined only when run as a program, so importing this module
+    for its functions never clashes with another program's flags)."""
+    flags.DEFINE_string("bundle", None, "A bundle with a VIM (python -m vitvq.export).")
+    flags.DEFINE_integer("num_samples", 16, "Images per class row (or in all, unconditional).")
+    flags.DEFINE_string("output", None, "The PNG file to write.")
+    flags.DEFINE_string("class_label", None, "Class id(s), comma-separated (default: all).")
+    flags.DEFINE_float("temperature", 1.0, "Softmax temperature (0 = greedy).")
+    flags.DEFINE_integer("top_k", 0, "Keep the k most likely codes (0 = all).")
+    flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass in (0, 1] (1 = all).")
+    flags.DEFINE_float("cfg_scale", 1.0, "Classifier-free guidance scale (1 = none).")
+    flags.DEFINE_integer("seed", 0, "Random seed (same seed, same images).")
+
+
+def main(argv):
+    cli.no_extra_args(argv)
+    for flag in ("bundle", "output"):
+        if not flags.FLAGS[flag].value:
+            cli.exit_with(f"--{flag} is required")
+    with cli.user_errors():
+        from vitvq.bundle import load_sampler
+        from vitvq.train.writers import save_png
+
+        labels = _parse_labels(flags.FLAGS.class_label)
+        sampler = load_sampler(flags.FLAGS.bundle)
+        grid = sample_grid(
+            sampler,
+            num_samples=flags.FLAGS.num_samples,
+            labels=labels,
+            seed=flags.FLAGS.seed,
+            temperature=flags.FLAGS.temperature,
+            top_k=flags.FLAGS.top_k,
+            top_p=flags.FLAGS.top_p,
+            cfg_scale=flags.FLAGS.cfg_scale,
+        )
+        save_png(flags.FLAGS.output, grid)
+        print(f"wrote {flags.FLAGS.output}")
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main, flags_parser=cli.parse_flags)

@@ -1,0 +1,111 @@
+"""The whole pipeline in one run (configs/demo.py): tokenizer -> bundle -> VIM -> bundle ->
+samples.
+
+    workdir/tokenizer/       the stage-1 run (the config's top-level keys)
+    workdir/vim/             the stage-2 run (the config's `vim` block)
+    workdir/bundle/          tokenizer + VIM bundle (vitvq.load_sampler / load_tokenizer)
+    workdir/samples.png      one row per class, sampled from the bundle
+    workdir/reconstructions.png   held-out images (top) and their reconstructions (bottom)
+
+Every part resumes: running the command again continues the stage that was interrupted and
+redoes the (cheap) exports and images.
+"""
+
+import json
+import logging
+import os
+import time
+
+import numpy as np
+
+from vitvq.train import stage1, stage2
+
+logger = logging.getLogger(__name__)
+
+
+def _stage(name: str, message: str) -> float:
+    print(f"[{name}] {message}", flush=True)
+    return time.time()
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, float]:
+    import jax
+
+    from vitvq import bundle as bundle_lib
+    from vitvq import data as data_lib
+    from vitvq.export import export
+    from vitvq.sample import sample_grid
+    from vitvq.train.writers import image_grid, save_png
+
+    tok_dir = os.path.join(workdir, "tokenizer")
+    vim_dir = os.path.join(workdir, "vim")
+    tok_bundle = os.path.join(workdir, "tokenizer_bundle")
+    out_bundle = os.path.join(workdir, "bundle")
+    stage1_config = config.copy_and_resolve_references()
+    vim_config = stage1_config.vim
+    with stage1_config.unlocked():
+        del stage1_config["vim"]
+        stage1_config.trainer = "vitvqgan"
+    start = time.time()
+
+    t = _stage("1/5", f"training the tokenizer ({stage1_config.total_steps} steps) in {tok_dir}")
+    tok_metrics = stage1.train_and_evaluate(stage1_config, tok_dir)
+    logger.info("tokenizer done in %.0f s", time.time() - t)
+
+    _stage("2/5", f"exporting the tokenizer to {tok_bundle}")
+    if jax.process_index() == 0:
+        export(tok_dir, tok_bundle, overwrite=True)
+
+    t = _stage("3/5", f"training the VIM ({vim_config.total_steps} steps) in {vim_dir}")
+    with vim_config.unlocked():
+        vim_config.tokenizer_bundle = tok_bundle
+    vim_metrics = stage2.train_and_evaluate(vim_config, vim_dir)
+    logger.info("VIM done in %.0f s", time.time() - t)
+
+    _stage("4/5", f"exporting tokenizer + VIM to {out_bundle}")
+    if jax.process_index() == 0:
+        export(tok_dir, out_bundle, vim_workdir=vim_dir, overwrite=True)
+
+    _stage("5/5", "sampling and reconstructing from the bundle")
+    result = {f"tokenizer/{k}": v for k, v in tok_metrics.items()}
+    result.update({f"vim/{k}": v for k, v in vim_metrics.items()})
+    if jax.process_index() == 0:
+        sampler = bundle_lib.load_sampler(out_bundle)
+        sc = vim_config.sampling
+        grid = sample_grid(
+            sampler,
+            num_samples=int(sc.num_per_class),
+            labels=None,
+            seed=int(config.seed),
+            temperature=sc.temperature,
+            top_k=sc.top_k,
+            top_p=sc.top_p,
+            cfg_scale=sc.cfg_scale,
+        )
+        save_png(os.path.join(workdir, "samples.png"), grid)
+        batch = next(
+            iter(
+                data_lib.eval_batches(
+                    stage1_config.dataset,
+                    image_size=sampler.image_size,
+                    global_batch_size=16,
+                    num_examples=16,
+                )
+            )
+        )
+        originals = np.round(batch["image"] * 255.0).astype(np.uint8)
+        recons = sampler.tokenizer.reconstruct(originals)
+        save_png(
+            os.path.join(workdir, "reconstructions.png"),
+            image_grid([originals / 255.0, recons / 255.0], max_columns=16),
+        )
+    print(
+        f"done in {time.time() - start:.0f} s:\n"
+        f"  samples          {os.path.join(workdir, 'samples.png')} (one row per class)\n"
+        f"  reconstructions  {os.path.join(workdir, 'reconstructions.png')}\n"
+        f"  bundle           {out_bundle} (vitvq.load_sampler / vitvq.load_tokenizer)\n"
+        f"  runs             {tok_dir}, {vim_dir}",
+        flush=True,
+    )
+    print(json.dumps({"final_eval": result}, sort_keys=True))
+    return result

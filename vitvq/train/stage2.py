@@ -1,0 +1,282 @@
+"""Stage-2 trainer: a VIM over the codes of a frozen tokenizer (`config.tokenizer_bundle`).
+
+The tokenizer's encoder runs inside the jitted step on the augmented images (its weights are
+an argument of the step, never part of the state). Restore order: the workdir's latest
+checkpoint, else `config.init_from` (a bundle with a VIM or another stage-2 workdir), else a
+fresh init.
+"""
+
+import functools
+import json
+import logging
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vitvq import bundle, parallel
+from vitvq import data as data_lib
+from vitvq.checkpoint import Checkpointer
+from vitvq.data.globalize import to_global
+from vitvq.errors import ConfigError
+from vitvq.models.vim import build_vim
+from vitvq.train import loop, writers
+from vitvq.train.optim import make_adam
+from vitvq.train.stage1 import compute_dtype
+from vitvq.train.stage2_step import Stage2Settings, Stage2State, eval_step, train_step
+
+logger = logging.getLogger(__name__)
+
+
+def load_frozen_tokenizer(path: str):
+    """(manifest, ViTVQGAN module, variables as numpy) of a bundle's tokenizer."""
+    if not path:
+        raise ConfigError(
+            "config.tokenizer_bundle is required: a stage-1 bundle (python -m vitvq.export)"
+        )
+    return bundle.load_tokenizer_variables(path)
+
+
+class Stage2:
+    """The VIM, the frozen tokenizer and the jitted functions of one stage-2 run."""
+
+    def __init__(self, config, mesh, tokenizer=None):
+        self.config = config
+        self.mesh = mesh
+        self.rules = parallel.normalize_rules(config.axis_rules, mesh)
+        manifest, self.tokenizer, tok_vars = tokenizer or load_frozen_tokenizer(
+            config.tokenizer_bundle
+        )
+        self.manifest = manifest
+        self.image_size = self.tokenizer.image_size
+        if config.get("image_size") and int(config.image_size) != self.image_size:
+            raise ConfigError(
+                f"config.image_size={config.image_size} but the tokenizer bundle "
+                f"{config.tokenizer_bundle} encodes {self.image_size}x{self.image_size} "
+                "images: leave image_size unset or make it equal"
+            )
+        self.num_classes = int(config.dataset.get("num_classes", 0) or 0)
+        if not 0.0 <= config.class_dropout < 1.0:
+            raise ConfigError(f"class_dropout must be in [0, 1), got {config.class_dropout}")
+        self.settings = Stage2Settings(
+            num_classes=self.num_classes, class_dropout=float(config.class_dropout)
+        )
+        self.model = build_vim(
+            config.model.to_dict(),
+            vocab_size=self.tokenizer.codebook_size,
+            grid_size=self.tokenizer.grid_size,
+            num_classes=self.num_classes,
+            dtype=compute_dtype(config),
+        )
+        self.tx, self.schedule = make_adam(config.optimizer, config.total_steps)
+        self.tok_vars = jax.device_put(tok_vars, parallel.replicated(mesh))
+
+    def init_state(self, rng: jax.Array) -> Stage2State:
+        t = self.tokenizer.grid_size**2
+        n = parallel.batch_ways(self.mesh)
+        tokens = jnp.zeros((n, t), jnp.int32)
+        labels = jnp.zeros((n,), jnp.int32) if self.num_classes else None
+        k_model, k_step = jax.random.split(rng)
+        params = self.model.init({"params": k_model}, tokens, labels)["params"]
+        return Stage2State(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=self.tx.init(params),
+            nonfinite=jnp.zeros((), jnp.int32),
+            rng=jax.random.key_data(k_step),
+        )
+
+    def abstract_state(self):
+        boxed = jax.eval_shape(self.init_state, jax.random.key(0))
+        shardings = parallel.logical_shardings(boxed, self.mesh, self.rules)
+        unboxed = parallel.unbox(boxed)
+        abstract = jax.tree_util.tree_map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), unboxed, shardings
+        )
+        return abstract, shardings
+
+    def create_state(self, seed: int):
+        with parallel.use_mesh(self.mesh, self.rules):
+            return parallel.create_sharded(
+                self.init_state, self.mesh, self.rules, jax.random.key(seed)
+            )
+
+    def jit_train_step(self, shardings):
+        fn = functools.partial(
+            train_step,
+            model=self.model,
+            tokenizer=self.tokenizer,
+            tx=self.tx,
+            settings=self.settings,
+            lr_schedule=self.schedule,
+        )
+        jitted = jax.jit(
+            fn,
+            in_shardings=(
+                shardings,
+                parallel.batch_sharding(self.mesh),
+                parallel.replicated(self.mesh),
+            ),
+            out_shardings=(shardings, parallel.replicated(self.mesh)),
+            donate_argnums=(0,),
+        )
+
+        def run(state, batch, step=None):
+            del step
+            with parallel.use_mesh(self.mesh, self.rules):
+                return jitted(state, batch, self.tok_vars)
+
+        return run
+
+    def jit_eval_step(self):
+        jitted = jax.jit(
+            functools.partial(
+                eval_step, model=self.model, tokenizer=self.tokenizer, settings=self.settings
+            ),
+            out_shardings=parallel.replicated(self.mesh),
+        )
+
+        def run(state, batch):
+            with parallel.use_mesh(self.mesh, self.rules):
+                return jitted(state.params, batch, self.tok_vars)
+
+        return run
+
+    def sample_images(self, params, labels, seed: int) -> np.ndarray:
+        """uint8 [N, H, W, 3] samples with the config's sampling settings."""
+        from vitvq import sampling
+
+        sc = self.config.sampling
+        labels = None if labels is None else jnp.asarray(labels, jnp.int32)
+        n = len(labels) if labels is not None else int(sc.num_samples)
+        tokens = sampling.sample_tokens(
+            self.model,
+            params,
+            jax.random.key(seed),
+            batch_size=n,
+            labels=labels,
+            temperature=sc.temperature,
+            top_k=sc.top_k,
+            top_p=sc.top_p,
+            cfg_scale=sc.cfg_scale if labels is not None else 1.0,
+        )
+        g = self.tokenizer.grid_size
+        codes = jnp.asarray(tokens).reshape(n, g, g)
+        tok = self.tokenizer
+        images = tok.apply(jax.device_get(self.tok_vars), codes, method=tok.decode)
+        return np.asarray(jnp.round(images * 255.0).astype(jnp.uint8))
+
+
+def check_config(config, mesh) -> None:
+    for key in ("batch_size", "eval_batch_size"):
+        try:
+            parallel.validate_batch(config[key], mesh, jax.process_count())
+        except ConfigError as e:
+            raise ConfigError(str(e).replace("config.batch_size", f"config.{key}")) from None
+    if config.total_steps < 0:
+        raise ConfigError(f"total_steps must be >= 0, got {config.total_steps}")
+    for key in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps"):
+        if config[key] <= 0:
+            raise ConfigError(f"{key} must be positive, got {config[key]}")
+    if not config.get("tokenizer_bundle"):
+        raise ConfigError(
+            "config.tokenizer_bundle is required: a stage-1 bundle (python -m vitvq.export)"
+        )
+    data_lib.dataset_info(config.dataset)
+
+
+def _sample_labels(num_classes: int, per_class: int) -> np.ndarray | None:
+    if not num_classes:
+        return None
+    return np.repeat(np.arange(num_classes, dtype=np.int32), per_class)
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, float]:
+    """Trains a VIM as configured; returns the final evaluation metrics."""
+    mesh = parallel.make_mesh(config.mesh)
+    check_config(config, mesh)
+    trainer = Stage2(config, mesh)
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+    abstract, shardings = trainer.abstract_state()
+    checkpointer = Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        max_to_keep=config.keep_checkpoints,
+        save_every_steps=config.checkpoint_every_steps,
+    )
+    restored = checkpointer.restore_latest(abstract)
+    if restored is not None:
+        state, step = restored
+        logger.info("Resumed from the checkpoint of step %d in %s.", step, workdir)
+    else:
+        state, _ = trainer.create_state(config.seed)
+        logger.info("Started from a fresh init (seed %d).", config.seed)
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state.params))
+    logger.info("VIM parameters: %.2fM; mesh %s", n_params / 1e6, dict(mesh.shape))
+    writer = writers.create_writer(workdir)
+    eval_fn = trainer.jit_eval_step()
+
+    def evaluate(state) -> dict[str, float]:
+        sums = {"ce_sum": 0.0, "correct_sum": 0.0, "tokens": 0.0}
+        for host_batch in data_lib.eval_batches(
+            config.dataset,
+            image_size=trainer.image_size,
+            global_batch_size=config.eval_batch_size,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            num_examples=config.eval_num_examples or None,
+        ):
+            out = jax.device_get(eval_fn(state, to_global(host_batch, mesh)))
+            for k in sums:
+                sums[k] += float(out[k])
+        n = max(sums["tokens"], 1.0)
+        loss = sums["ce_sum"] / n
+        result = {
+            "loss": loss,
+            "bits_per_token": loss / math.log(2.0),
+            "accuracy": sums["correct_sum"] / n,
+        }
+        logger.info("eval: %s", ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.items())))
+        return result
+
+    def write_images(state, step: int) -> None:
+        labels = _sample_labels(trainer.num_classes, int(config.sampling.num_per_class))
+        images = trainer.sample_images(state.params, labels, seed=config.seed + step)
+        per_row = int(config.sampling.num_per_class) if labels is not None else 8
+        rows = [images[i : i + per_row] for i in range(0, len(images), per_row)]
+        grid = writers.image_grid([r.astype(np.float32) / 255.0 for r in rows])
+        if jax.process_index() == 0:
+            writers.save_png(os.path.join(workdir, "images", f"samples_{step:07d}.png"), grid)
+        writer.write_images(step, {"samples": grid[None]})
+
+    def batches(start_step: int):
+        return data_lib.train_batches(
+            config.dataset,
+            image_size=trainer.image_size,
+            global_batch_size=config.batch_size,
+            seed=config.seed,
+            start_step=start_step,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+
+    task = loop.Task(
+        state=state,
+        train_step=trainer.jit_train_step(shardings),
+        train_batches=batches,
+        mesh=mesh,
+        evaluate=evaluate,
+        write_images=write_images,
+    )
+    try:
+        result = loop.run(task, loop.LoopSettings.from_config(config), checkpointer, writer)
+    finally:
+        checkpointer.close()
+        writer.close()
+    if result:
+        print(json.dumps({"final_eval": result}, sort_keys=True))
+    return result
