@@ -28,6 +28,45 @@ def _stage(name: str, message: str) -> float:
     return time.time()
 
 
+def _digits_checks(sampler, vim_config) -> dict[str, float]:
+    """Sample recognition by a classifier trained on real digits; the linear probe of the
+    VIM's middle block against the same probe on raw pixels."""
+    from vitvq.data import sources
+    from vitvq.evaluation import linear_probe, sample_quality
+
+    digits = sources.load_digits(sampler.image_size)
+    train_x, train_y = np.stack(digits.train.images), digits.train.labels
+    test_x, test_y = np.stack(digits.eval.images), digits.eval.labels
+    sc = vim_config.sampling
+    recognition = sample_quality.class_recognition(
+        sampler,
+        train_x,
+        train_y,
+        test_x,
+        test_y,
+        per_class=20,
+        temperature=sc.temperature,
+        top_k=sc.top_k,
+        top_p=sc.top_p,
+        cfg_scale=sc.cfg_scale,
+    )
+    block = max(1, sampler.model.transformer.depth // 2)
+    probe = linear_probe.vim_probe(sampler, train_x, train_y, test_x, test_y, block=block)
+    pixels = linear_probe.pixel_probe(train_x, train_y, test_x, test_y)
+    print(
+        f"samples recognized as their class: {recognition['recognized']:.3f} (a logistic "
+        f"regression on real digits; {recognition['real_top1']:.3f} on held-out real digits)\n"
+        f"linear probe, VIM block {block}: {probe['top1']:.3f} top-1; raw pixels: "
+        f"{pixels['top1']:.3f}",
+        flush=True,
+    )
+    out = {f"samples/{k}": v for k, v in recognition.items()}
+    out["probe/vim_top1"] = probe["top1"]
+    out["probe/vim_block"] = float(block)
+    out["probe/pixels_top1"] = pixels["top1"]
+    return out
+
+
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     import jax
 
@@ -99,6 +138,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
             os.path.join(workdir, "reconstructions.png"),
             image_grid([originals / 255.0, recons / 255.0], max_columns=16),
         )
+        if sampler.num_classes and stage1_config.dataset.name == "digits":
+            result.update(_digits_checks(sampler, vim_config))
     print(
         f"done in {time.time() - start:.0f} s:\n"
         f"  samples          {os.path.join(workdir, 'samples.png')} (one row per class)\n"

@@ -1,0 +1,112 @@
+"""Speed of the jitted KV-cache sampler (vitvq.sampling.sample_tokens).
+
+    python benchmarks/sample.py --preset=cpu_sampler --tokens=256 --batch=4
+    python benchmarks/sample.py --width=512 --depth=8 --vocab=8192 --tokens=1024 --batch=4
+
+Builds an unconditional VIM with random weights (no training needed for speed), compiles the
+sampler once, then times whole sampling runs. Reports tokens/s (batch x tokens per second),
+and per decoding step the bytes it must read at least (all weights once, plus the KV cache
+of the filled positions on average) against the machine's copy bandwidth measured in the same
+process (a large array copy), as `bandwidth_fraction`. One JSON object is the last line.
+"""
+
+import argparse
+import json
+import math
+import time
+
+PRESETS = {
+    # issue 7 target 2 / issue 5's measurement: 8 layers, 512 wide, vocab 8192
+    "cpu_sampler": dict(width=512, depth=8, heads=8, mlp=2048, vocab=8192),
+    "tiny": dict(width=64, depth=2, heads=2, mlp=128, vocab=512),
+}
+
+
+def copy_bandwidth(jax, jnp, nbytes: int = 1 << 28) -> float:
+    """Bytes/s of a large device copy (read + write counted)."""
+    x = jnp.ones((nbytes // 4,), jnp.float32)
+    f = jax.jit(lambda a: a * 1.0000001)
+    f(x).block_until_ready()
+    best = math.inf
+    for _ in range(5):
+        t = time.perf_counter()
+        f(x).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * nbytes / best
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu_sampler")
+    parser.add_argument("--tokens", type=int, default=256, help="a square number")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
+    for key in ("width", "depth", "heads", "mlp", "vocab"):
+        parser.add_argument(f"--{key}", type=int, default=None)
+    args = parser.parse_args()
+    shape = dict(PRESETS[args.preset])
+    shape.update({k: getattr(args, k) for k in shape if getattr(args, k) is not None})
+    grid = math.isqrt(args.tokens)
+    if grid * grid != args.tokens:
+        parser.error(f"--tokens must be a square number, got {args.tokens}")
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from vitvq import sampling
+    from vitvq.models.vim import build_vim
+
+    cfg = dict(
+        width=shape["width"],
+        depth=shape["depth"],
+        num_heads=shape["heads"],
+        mlp_dim=shape["mlp"],
+        dropout=0.0,
+    )
+    model = build_vim(cfg, vocab_size=shape["vocab"], grid_size=grid)
+    params = model.init(jax.random.key(0), jnp.zeros((1, args.tokens), jnp.int32))["params"]
+    params = jax.tree_util.tree_map(lambda x: getattr(x, "value", x), params)
+    param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
+
+    def run(seed):
+        return sampling.sample_tokens(
+            model, params, jax.random.key(seed), batch_size=args.batch, temperature=1.0
+        )
+
+    t = time.perf_counter()
+    np.asarray(run(0))
+    compile_s = time.perf_counter() - t
+    times = []
+    for i in range(args.repeats):
+        t = time.perf_counter()
+        np.asarray(run(i + 1))
+        times.append(time.perf_counter() - t)
+    seconds = float(np.median(times))
+    steps = args.tokens
+    head_dim = shape["width"] // shape["heads"]
+    # The cache is fixed-length: every step reads all of it (keys and values, all layers).
+    cache_bytes = 2 * shape["depth"] * args.batch * args.tokens * shape["heads"] * head_dim * 4
+    bytes_per_step = param_bytes + cache_bytes
+    bandwidth = copy_bandwidth(jax, jnp)
+    step_s = seconds / steps
+    result = {
+        "preset": args.preset,
+        **shape,
+        "tokens": args.tokens,
+        "batch": args.batch,
+        "params": int(sum(x.size for x in jax.tree_util.tree_leaves(params))),
+        "compile_seconds": round(compile_s, 2),
+        "seconds_per_sample_batch": round(seconds, 3),
+        "tokens_per_sec": round(args.batch * args.tokens / seconds, 1),
+        "step_ms": round(1e3 * step_s, 3),
+        "bytes_per_step": int(bytes_per_step),
+        "bandwidth_bytes_per_sec": round(bandwidth),
+        "bandwidth_fraction": round(bytes_per_step / step_s / bandwidth, 3),
+        "device": str(jax.devices()[0].device_kind),
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
