@@ -18,10 +18,13 @@ def demo_config(steps: int):
     spec.loader.exec_module(module)
     c = module.get_config()
     c.update(total_steps=steps, eval_every_steps=steps, checkpoint_every_steps=steps)
-    c.update(image_every_steps=steps, log_every_steps=steps, eval_num_examples=99)
+    # 8 fake devices: eval batches must divide over them (the demo's 99 does not).
+    c.update(image_every_steps=steps, log_every_steps=steps, eval_num_examples=96)
+    c.update(eval_batch_size=32)
     c.loss.disc_start_step = steps - 1  # both stage-1 phases run
     c.vim.update(total_steps=steps, eval_every_steps=steps, checkpoint_every_steps=steps)
-    c.vim.update(image_every_steps=steps, log_every_steps=steps, eval_num_examples=99)
+    c.vim.update(image_every_steps=steps, log_every_steps=steps, eval_num_examples=96)
+    c.vim.update(eval_batch_size=32)
     c.vim.model.update(width=32, depth=2, num_heads=2, mlp_dim=64)
     c.vim.sampling.num_per_class = 3
     return c
