@@ -125,6 +125,12 @@ def test_export_tokenizer_and_vim_and_sample(tok_workdir, vim_run, tmp_path):
     images = sampler.sample(4, class_labels=[0, 1, 2, 3], seed=3)
     assert images.shape == (4, 32, 32, 3) and images.dtype == np.uint8
     np.testing.assert_array_equal(images, sampler.sample(4, class_labels=[0, 1, 2, 3], seed=3))
+    # Split over 8 devices (8 samples) or run on one: the same samples.
+    one = vitvq.load_sampler(out, devices=jax.devices()[:1])
+    np.testing.assert_array_equal(
+        sampler.sample_codes(8, class_labels=list(range(8)), seed=1),
+        one.sample_codes(8, class_labels=list(range(8)), seed=1),
+    )
     codes = sampler.sample_codes(4, class_labels=5, top_k=1, seed=0)
     np.testing.assert_array_equal(codes, sampler.sample_codes(4, class_labels=5, top_k=1, seed=9))
     with pytest.raises(InputError, match="class labels must be in"):

@@ -599,6 +599,9 @@ class Sampler:
             top_p=top_p,
             cfg_scale=cfg_scale,
             prefix=None if prefix is None else jnp.asarray(prefix, jnp.int32),
+            # Split over the local devices when the batch divides evenly; the samples are the
+            # same either way (a function of seed, num_samples and labels only).
+            mesh=self.tokenizer._mesh if num_samples % len(self.tokenizer._devices) == 0 else None,
         )
         g = self.tokenizer.grid_size
         return np.asarray(tokens).reshape(num_samples, g, g).astype(np.int32)
