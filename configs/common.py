@@ -167,8 +167,8 @@ def stage2(size: str = "base", **overrides) -> ml_collections.ConfigDict:
     return c
 
 
-def runlocal_stage2(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Shrinks a stage-2 config to run in seconds on a CPU on the bundled digits."""
+def _runlocal_loop(c: ml_collections.ConfigDict) -> None:
+    """The data, batches, steps and intervals both stages' `runlocal` variants share."""
     c.dataset = dataset("digits", num_classes=10)
     c.batch_size = 8
     c.eval_batch_size = 8
@@ -179,6 +179,11 @@ def runlocal_stage2(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.image_every_steps = 4
     c.checkpoint_every_steps = 2
     c.dtype = "float32"
+
+
+def runlocal_stage2(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Shrinks a stage-2 config to run in seconds on a CPU on the bundled digits."""
+    _runlocal_loop(c)
     c.model = ml_collections.ConfigDict(
         dict(width=32, depth=2, num_heads=2, mlp_dim=64, dropout=0.1)
     )
@@ -219,17 +224,8 @@ def optimizer(**overrides) -> ml_collections.ConfigDict:
 
 def runlocal_stage1(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Shrinks a stage-1 config to run in seconds on a CPU on the bundled digits."""
-    c.dataset = dataset("digits", num_classes=10)
+    _runlocal_loop(c)
     c.image_size = 32
-    c.batch_size = 8
-    c.eval_batch_size = 8
-    c.eval_num_examples = 16
-    c.total_steps = 4
-    c.log_every_steps = 2
-    c.eval_every_steps = 4
-    c.image_every_steps = 4
-    c.checkpoint_every_steps = 2
-    c.dtype = "float32"
     c.model.encoder = transformer("S", width=32, depth=1, num_heads=2, mlp_dim=64)
     c.model.decoder = transformer("S", width=32, depth=1, num_heads=2, mlp_dim=64)
     c.model.codebook_size = 64

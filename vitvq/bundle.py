@@ -310,11 +310,7 @@ def load_tokenizer_variables(path: str | os.PathLike, *, verify: bool = True):
         check_tree(stats_flat, stats_expected, f"{manifest['tokenizer']['file']} (vq_stats)")
     else:
         stats_flat = {k: np.zeros(v.shape, np.float32) for k, v in stats_expected.items()}
-    to32 = {
-        k: (v.astype(np.float32) if np.issubdtype(v.dtype, np.floating) else v)
-        for k, v in {**params_flat, **stats_flat}.items()
-    }
-    variables = unflatten_tree(to32)
+    variables = unflatten_tree(_cast({**params_flat, **stats_flat}, "float32"))
     return manifest, model, variables
 
 
@@ -518,11 +514,7 @@ def load_vim_variables(path: str | os.PathLike, manifest=None, *, verify: bool =
     )
     expected = flatten_tree_abstract({"params": abstract["params"]})
     check_tree(tensors, expected, f"{pathlib.Path(path) / manifest['vim']['file']}")
-    to32 = {
-        k: (v.astype(np.float32) if np.issubdtype(v.dtype, np.floating) else v)
-        for k, v in tensors.items()
-    }
-    return model, unflatten_tree(to32)
+    return model, unflatten_tree(_cast(tensors, "float32"))
 
 
 class Sampler:

@@ -8,7 +8,6 @@ Restore order (also in the README): the workdir's latest checkpoint, else the we
 
 import dataclasses
 import functools
-import json
 import logging
 import os
 from typing import Any
@@ -20,14 +19,13 @@ import optax
 
 from vitvq import data as data_lib
 from vitvq import losses, parallel
-from vitvq.checkpoint import Checkpointer
 from vitvq.data.globalize import to_global
 from vitvq.errors import ConfigError
 from vitvq.evaluation.reconstruction import ReconstructionAccumulator
 from vitvq.models.discriminator import Discriminator
 from vitvq.models.perceptual import lpips_fn
 from vitvq.models.vitvqgan import build_vitvqgan
-from vitvq.train import loop, restore, writers
+from vitvq.train import common, loop, restore, writers
 from vitvq.train.optim import make_optimizer
 from vitvq.train.stage1_step import (
     Stage1Settings,
@@ -174,19 +172,10 @@ class Stage1:
 
     def abstract_state(self):
         """(abstract state with shardings, shardings) without allocating anything."""
-        boxed = jax.eval_shape(self.init_state, jax.random.key(0))
-        shardings = parallel.logical_shardings(boxed, self.mesh, self.rules)
-        unboxed = parallel.unbox(boxed)
-        abstract = jax.tree_util.tree_map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), unboxed, shardings
-        )
-        return abstract, shardings
+        return common.abstract_state(self.init_state, self.mesh, self.rules)
 
     def create_state(self, seed: int):
-        with parallel.use_mesh(self.mesh, self.rules):
-            return parallel.create_sharded(
-                self.init_state, self.mesh, self.rules, jax.random.key(seed)
-            )
+        return common.create_state(self.init_state, self.mesh, self.rules, seed)
 
     # --- jitted functions ----------------------------------------------------------------
 
@@ -242,17 +231,6 @@ class Stage1:
         return run
 
 
-def _eval_iter(config, image_size: int):
-    return data_lib.eval_batches(
-        config.dataset,
-        image_size=image_size,
-        global_batch_size=config.eval_batch_size,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        num_examples=config.eval_num_examples or None,
-    )
-
-
 def make_evaluator(trainer: Stage1, config):
     """`evaluate(state)`: reconstruction metrics and codebook usage over the eval split, and
     FID/IS of the reconstructions when `config.inception_weights` names a weights file."""
@@ -268,7 +246,7 @@ def make_evaluator(trainer: Stage1, config):
 
         acc = ReconstructionAccumulator(trainer.model.codebook_size)
         features = FeatureAccumulator(inception) if inception is not None else None
-        for host_batch in _eval_iter(config, config.image_size):
+        for host_batch in common.eval_batches_from(config, config.image_size):
             batch = to_global(host_batch, trainer.mesh)
             out = eval_fn(state, batch)
             recon = out.pop("reconstruction")
@@ -293,7 +271,7 @@ def make_evaluator(trainer: Stage1, config):
 
 def make_image_writer(trainer: Stage1, config, workdir: str, writer, eval_fn):
     def write_images(state, step: int) -> None:
-        host_batch = next(iter(_eval_iter(config, config.image_size)))
+        host_batch = next(iter(common.eval_batches_from(config, config.image_size)))
         batch = to_global(host_batch, trainer.mesh)
         recon = np.asarray(jax.device_get(eval_fn(state, batch)["reconstruction"]))
         images = np.asarray(jax.device_get(batch["image"]))
@@ -309,16 +287,7 @@ def make_image_writer(trainer: Stage1, config, workdir: str, writer, eval_fn):
 
 def check_config(config, mesh) -> None:
     """Validates what can be checked before building anything (ConfigError on a problem)."""
-    for key in ("batch_size", "eval_batch_size"):
-        try:
-            parallel.validate_batch(config[key], mesh, jax.process_count())
-        except ConfigError as e:  # its message says config.batch_size: name the real key
-            raise ConfigError(str(e).replace("config.batch_size", f"config.{key}")) from None
-    if config.total_steps < 0:
-        raise ConfigError(f"total_steps must be >= 0, got {config.total_steps}")
-    for key in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps"):
-        if config[key] <= 0:
-            raise ConfigError(f"{key} must be positive, got {config[key]}")
+    common.check_loop_config(config, mesh)
     trainable_mode(config)
     init_from = config.get("init_from")
     if init_from and not os.path.exists(init_from):
@@ -332,27 +301,18 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     mesh = parallel.make_mesh(config.mesh)
     check_config(config, mesh)
     trainer = Stage1(config, mesh)
-    os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
-
+    common.prepare_workdir(config, workdir)
     abstract, shardings = trainer.abstract_state()
-    checkpointer = Checkpointer(
-        os.path.join(workdir, "checkpoints"),
-        max_to_keep=config.keep_checkpoints,
-        save_every_steps=config.checkpoint_every_steps,
-    )
-    restored = checkpointer.restore_latest(abstract)
-    if restored is not None:
-        state, step = restored
-        logger.info("Resumed from the checkpoint of step %d in %s.", step, workdir)
-    else:
+    checkpointer = common.open_checkpointer(config, workdir)
+
+    def start():
         state, _ = trainer.create_state(config.seed)
         if config.get("init_from"):
-            state = restore.apply_init_from(state, shardings, config.init_from)
-        else:
-            logger.info("Started from a fresh init (seed %d).", config.seed)
+            return restore.apply_init_from(state, shardings, config.init_from)
+        logger.info("Started from a fresh init (seed %d).", config.seed)
+        return state
+
+    state = common.restore_or_start(checkpointer, abstract, start, workdir)
 
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state.params))
     logger.info("generator parameters: %.2fM; mesh %s", n_params / 1e6, dict(mesh.shape))
@@ -361,33 +321,15 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
 
     evaluate, eval_fn = make_evaluator(trainer, config)
 
-    def batches(start_step: int):
-        return data_lib.train_batches(
-            config.dataset,
-            image_size=config.image_size,
-            global_batch_size=config.batch_size,
-            seed=config.seed,
-            start_step=start_step,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-        )
-
     task = loop.Task(
         state=state,
         train_step=trainer.jit_train_step(shardings),
-        train_batches=batches,
+        train_batches=common.train_batches_from(config, config.image_size),
         mesh=mesh,
         evaluate=evaluate,
         write_images=make_image_writer(trainer, config, workdir, writer, eval_fn),
     )
-    try:
-        result = loop.run(task, loop.LoopSettings.from_config(config), checkpointer, writer)
-    finally:
-        checkpointer.close()
-        writer.close()
-    if result:
-        print(json.dumps({"final_eval": result}, sort_keys=True))
-    return result
+    return common.run_loop(task, config, checkpointer, writer)
 
 
 def _flat_hparams(config) -> dict[str, Any]:

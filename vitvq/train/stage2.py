@@ -2,12 +2,11 @@
 
 The tokenizer's encoder runs inside the jitted step on the augmented images (its weights are
 an argument of the step, never part of the state). Restore order: the workdir's latest
-checkpoint, else `config.init_from` (a bundle with a VIM or another stage-2 workdir), else a
-fresh init.
+checkpoint, else a fresh init (`config.init_from` is not supported for stage 2 yet and is
+refused by `check_config`).
 """
 
 import functools
-import json
 import logging
 import math
 import os
@@ -18,11 +17,10 @@ import numpy as np
 
 from vitvq import bundle, parallel
 from vitvq import data as data_lib
-from vitvq.checkpoint import Checkpointer
 from vitvq.data.globalize import to_global
 from vitvq.errors import ConfigError
 from vitvq.models.vim import build_vim
-from vitvq.train import loop, writers
+from vitvq.train import common, loop, writers
 from vitvq.train.optim import make_adam
 from vitvq.train.stage1 import compute_dtype
 from vitvq.train.stage2_step import Stage2Settings, Stage2State, eval_step, train_step
@@ -72,6 +70,10 @@ class Stage2:
         )
         self.tx, self.schedule = make_adam(config.optimizer, config.total_steps)
         self.tok_vars = jax.device_put(tok_vars, parallel.replicated(mesh))
+        tok = self.tokenizer
+        self._decode = jax.jit(  # codes -> uint8 images, for the sample grids
+            lambda v, c: jnp.round(tok.apply(v, c, method=tok.decode) * 255.0).astype(jnp.uint8)
+        )
 
     def init_state(self, rng: jax.Array) -> Stage2State:
         t = self.tokenizer.grid_size**2
@@ -89,19 +91,10 @@ class Stage2:
         )
 
     def abstract_state(self):
-        boxed = jax.eval_shape(self.init_state, jax.random.key(0))
-        shardings = parallel.logical_shardings(boxed, self.mesh, self.rules)
-        unboxed = parallel.unbox(boxed)
-        abstract = jax.tree_util.tree_map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), unboxed, shardings
-        )
-        return abstract, shardings
+        return common.abstract_state(self.init_state, self.mesh, self.rules)
 
     def create_state(self, seed: int):
-        with parallel.use_mesh(self.mesh, self.rules):
-            return parallel.create_sharded(
-                self.init_state, self.mesh, self.rules, jax.random.key(seed)
-            )
+        return common.create_state(self.init_state, self.mesh, self.rules, seed)
 
     def jit_train_step(self, shardings):
         fn = functools.partial(
@@ -163,23 +156,17 @@ class Stage2:
             cfg_scale=sc.cfg_scale if labels is not None else 1.0,
         )
         g = self.tokenizer.grid_size
-        codes = jnp.asarray(tokens).reshape(n, g, g)
-        tok = self.tokenizer
-        images = tok.apply(jax.device_get(self.tok_vars), codes, method=tok.decode)
-        return np.asarray(jnp.round(images * 255.0).astype(jnp.uint8))
+        codes = jax.device_put(jnp.asarray(tokens).reshape(n, g, g), parallel.replicated(self.mesh))
+        return np.asarray(self._decode(self.tok_vars, codes))
 
 
 def check_config(config, mesh) -> None:
-    for key in ("batch_size", "eval_batch_size"):
-        try:
-            parallel.validate_batch(config[key], mesh, jax.process_count())
-        except ConfigError as e:
-            raise ConfigError(str(e).replace("config.batch_size", f"config.{key}")) from None
-    if config.total_steps < 0:
-        raise ConfigError(f"total_steps must be >= 0, got {config.total_steps}")
-    for key in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps"):
-        if config[key] <= 0:
-            raise ConfigError(f"{key} must be positive, got {config[key]}")
+    common.check_loop_config(config, mesh)
+    if config.get("init_from"):
+        raise ConfigError(
+            f"config.init_from={config.init_from}: starting a VIM from other weights is not "
+            "supported yet; leave it unset (a rerun resumes from the workdir's checkpoints)"
+        )
     if not config.get("tokenizer_bundle"):
         raise ConfigError(
             "config.tokenizer_bundle is required: a stage-1 bundle (python -m vitvq.export)"
@@ -198,23 +185,15 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     mesh = parallel.make_mesh(config.mesh)
     check_config(config, mesh)
     trainer = Stage2(config, mesh)
-    os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+    common.prepare_workdir(config, workdir)
     abstract, shardings = trainer.abstract_state()
-    checkpointer = Checkpointer(
-        os.path.join(workdir, "checkpoints"),
-        max_to_keep=config.keep_checkpoints,
-        save_every_steps=config.checkpoint_every_steps,
-    )
-    restored = checkpointer.restore_latest(abstract)
-    if restored is not None:
-        state, step = restored
-        logger.info("Resumed from the checkpoint of step %d in %s.", step, workdir)
-    else:
-        state, _ = trainer.create_state(config.seed)
+    checkpointer = common.open_checkpointer(config, workdir)
+
+    def start():
         logger.info("Started from a fresh init (seed %d).", config.seed)
+        return trainer.create_state(config.seed)[0]
+
+    state = common.restore_or_start(checkpointer, abstract, start, workdir)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state.params))
     logger.info("VIM parameters: %.2fM; mesh %s", n_params / 1e6, dict(mesh.shape))
     writer = writers.create_writer(workdir)
@@ -222,14 +201,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
 
     def evaluate(state) -> dict[str, float]:
         sums = {"ce_sum": 0.0, "correct_sum": 0.0, "tokens": 0.0}
-        for host_batch in data_lib.eval_batches(
-            config.dataset,
-            image_size=trainer.image_size,
-            global_batch_size=config.eval_batch_size,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-            num_examples=config.eval_num_examples or None,
-        ):
+        for host_batch in common.eval_batches_from(config, trainer.image_size):
             out = jax.device_get(eval_fn(state, to_global(host_batch, mesh)))
             for k in sums:
                 sums[k] += float(out[k])
@@ -253,30 +225,12 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
             writers.save_png(os.path.join(workdir, "images", f"samples_{step:07d}.png"), grid)
         writer.write_images(step, {"samples": grid[None]})
 
-    def batches(start_step: int):
-        return data_lib.train_batches(
-            config.dataset,
-            image_size=trainer.image_size,
-            global_batch_size=config.batch_size,
-            seed=config.seed,
-            start_step=start_step,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-        )
-
     task = loop.Task(
         state=state,
         train_step=trainer.jit_train_step(shardings),
-        train_batches=batches,
+        train_batches=common.train_batches_from(config, trainer.image_size),
         mesh=mesh,
         evaluate=evaluate,
         write_images=write_images,
     )
-    try:
-        result = loop.run(task, loop.LoopSettings.from_config(config), checkpointer, writer)
-    finally:
-        checkpointer.close()
-        writer.close()
-    if result:
-        print(json.dumps({"final_eval": result}, sort_keys=True))
-    return result
+    return common.run_loop(task, config, checkpointer, writer)

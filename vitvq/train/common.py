@@ -1,0 +1,118 @@
+"""Plumbing both trainers share: config checks of the loop, sharded state creation, the
+workdir, checkpoint restore and the training batches.
+"""
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+from vitvq import data as data_lib
+from vitvq import parallel
+from vitvq.checkpoint import Checkpointer
+from vitvq.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+def check_loop_config(config, mesh) -> None:
+    """Batches that divide over the mesh, a non-negative step count, positive intervals."""
+    for key in ("batch_size", "eval_batch_size"):
+        try:
+            parallel.validate_batch(config[key], mesh, jax.process_count())
+        except ConfigError as e:  # its message says config.batch_size: name the real key
+            raise ConfigError(str(e).replace("config.batch_size", f"config.{key}")) from None
+    if config.total_steps < 0:
+        raise ConfigError(f"total_steps must be >= 0, got {config.total_steps}")
+    for key in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps"):
+        if config[key] <= 0:
+            raise ConfigError(f"{key} must be positive, got {config[key]}")
+
+
+def abstract_state(init_state: Callable[[jax.Array], Any], mesh, rules):
+    """(abstract state with shardings, shardings) of `init_state`, allocating nothing."""
+    boxed = jax.eval_shape(init_state, jax.random.key(0))
+    shardings = parallel.logical_shardings(boxed, mesh, rules)
+    unboxed = parallel.unbox(boxed)
+    abstract = jax.tree_util.tree_map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), unboxed, shardings
+    )
+    return abstract, shardings
+
+
+def create_state(init_state: Callable[[jax.Array], Any], mesh, rules, seed: int):
+    """(state, shardings): `init_state(key(seed))` created directly on its shardings."""
+    with parallel.use_mesh(mesh, rules):
+        return parallel.create_sharded(init_state, mesh, rules, jax.random.key(seed))
+
+
+def prepare_workdir(config, workdir: str) -> None:
+    """Creates the workdir; process 0 writes the resolved config to `config.json`."""
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+
+
+def open_checkpointer(config, workdir: str) -> Checkpointer:
+    return Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        max_to_keep=config.keep_checkpoints,
+        save_every_steps=config.checkpoint_every_steps,
+    )
+
+
+def restore_or_start(checkpointer: Checkpointer, abstract, start: Callable[[], Any], workdir: str):
+    """The workdir's latest checkpoint, else `start()` (a fresh or initialized state)."""
+    restored = checkpointer.restore_latest(abstract)
+    if restored is None:
+        return start()
+    state, step = restored
+    logger.info("Resumed from the checkpoint of step %d in %s.", step, workdir)
+    return state
+
+
+def train_batches_from(config, image_size: int) -> Callable[[int], Any]:
+    """start step -> this process's training batches of the configured dataset."""
+
+    def batches(start_step: int):
+        return data_lib.train_batches(
+            config.dataset,
+            image_size=image_size,
+            global_batch_size=config.batch_size,
+            seed=config.seed,
+            start_step=start_step,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+
+    return batches
+
+
+def eval_batches_from(config, image_size: int):
+    """This process's batches of one pass over the configured eval split."""
+    return data_lib.eval_batches(
+        config.dataset,
+        image_size=image_size,
+        global_batch_size=config.eval_batch_size,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        num_examples=config.eval_num_examples or None,
+    )
+
+
+def run_loop(task, config, checkpointer: Checkpointer, writer) -> dict[str, float]:
+    """Runs the shared loop, closes the checkpointer and writer, prints the final eval."""
+    from vitvq.train import loop
+
+    try:
+        result = loop.run(task, loop.LoopSettings.from_config(config), checkpointer, writer)
+    finally:
+        checkpointer.close()
+        writer.close()
+    if result:
+        print(json.dumps({"final_eval": result}, sort_keys=True))
+    return result
