@@ -79,8 +79,10 @@ def _cast(flat: dict[str, np.ndarray], dtype: str) -> dict[str, np.ndarray]:
     if dtype not in EXPORT_DTYPES:
         raise InputError(f"export dtype must be one of {EXPORT_DTYPES}, got {dtype!r}")
     target = np.dtype(jnp.bfloat16) if dtype == "bfloat16" else np.dtype(np.float32)
+    # jnp.issubdtype: numpy's does not count bfloat16 as floating (it would stay bf16).
     return {
-        k: (v.astype(target) if np.issubdtype(v.dtype, np.floating) else v) for k, v in flat.items()
+        k: (v.astype(target) if jnp.issubdtype(v.dtype, jnp.floating) else v)
+        for k, v in flat.items()
     }
 
 
