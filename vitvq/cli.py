@@ -66,6 +66,13 @@ def no_extra_args(argv: Sequence[str]) -> None:
         exit_with(f"unexpected arguments {list(argv[1:])} (flags are written --name=value)")
 
 
+def require_flags(*names: str) -> None:
+    """Exits with one error line naming the first of absl's global flags that is unset."""
+    for name in names:
+        if not flags.FLAGS[name].value:
+            exit_with(f"--{name} is required")
+
+
 def parse_flags(argv: Sequence[str]) -> list[str]:
     """`app.run`'s flags_parser for absl's global FLAGS: a bad flag is one line, exit 2."""
     try:

@@ -81,9 +81,7 @@ def run(bundle_path: str, dataset: dict, **options) -> dict[str, float]:
 
 def main(argv):
     cli.no_extra_args(argv)
-    for flag in ("bundle", "dataset"):
-        if not flags.FLAGS[flag].value:
-            cli.exit_with(f"--{flag} is required")
+    cli.require_flags("bundle", "dataset")
     logging.getLogger().setLevel(logging.WARNING)
     with cli.user_errors():
         result = run(

@@ -65,9 +65,10 @@ def export(
         "source": os.path.abspath(workdir),
         "training_config": config.to_dict(),
     }
-    vim, vim_params, classes = None, None, classes_of(config)
     if vim_workdir:
         vim, vim_params, classes = _vim_export(vim_workdir, generator, config)
+    else:
+        vim, vim_params, classes = None, None, classes_of(config)
     path = None
     if jax.process_index() == 0:
         path = bundle.write_bundle(
@@ -154,9 +155,7 @@ def define_flags() -> None:
 
 def main(argv):
     cli.no_extra_args(argv)
-    for flag in ("workdir", "output"):
-        if not flags.FLAGS[flag].value:
-            cli.exit_with(f"--{flag} is required")
+    cli.require_flags("workdir", "output")
     logging.getLogger().setLevel(logging.INFO)
     with cli.user_errors():
         from vitvq import distributed

@@ -77,9 +77,7 @@ def define_flags() -> None:
 
 def main(argv):
     cli.no_extra_args(argv)
-    for flag in ("bundle", "output"):
-        if not flags.FLAGS[flag].value:
-            cli.exit_with(f"--{flag} is required")
+    cli.require_flags("bundle", "output")
     with cli.user_errors():
         from vitvq.bundle import load_sampler
         from vitvq.train.writers import save_png
