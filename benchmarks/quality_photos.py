@@ -11,7 +11,8 @@ coffee; never seen in training):
   of its shorter side (100% = the center crop), on grids with half-side strides, each resized
   to 64x64 (PIL bicubic, antialiased), uint8: a few hundred images, so that codebook usage
   over the set can go far beyond the 64 codes of one image;
-- our PSNR (uint8 in, uint8 out), SSIM, LPIPS, codebook usage on the set and on training crops;
+- our PSNR (uint8 in, uint8 out), SSIM, LPIPS, codebook usage on the set, on random training
+  crops and on the same grid of crops of two training photos (`TRAIN_GRID_PHOTOS`);
 - the thumbnail baseline in the same run: area-downsample to 8x8, bicubic back to 64x64.
 
 Prints progress (with per-batch codebook usage), writes a PNG of originals above
@@ -39,12 +40,18 @@ _OUT = flags.DEFINE_string("out", "runs/quality_photos", "where the PNG goes")
 EVAL_FRACTIONS = (0.25, 0.35, 0.5, 0.7, 1.0)  # crop side / shorter side; 1.0 = center crop
 
 
-def held_out_images(size: int) -> np.ndarray:
-    """uint8 [N, size, size, 3] multi-scale crops of the held-out photos."""
+# Two training photos of about the held-out photos' size: the same multi-scale grid of crops of
+# them tells apart what limits held-out usage, the photos (unseen) or the crops (overlapping
+# crops of two photos repeat their patches).
+TRAIN_GRID_PHOTOS = ("china", "flower")
+
+
+def held_out_images(size: int, names=None) -> np.ndarray:
+    """uint8 [N, size, size, 3] multi-scale crops of the held-out photos (or of `names`)."""
     from vitvq.data import sources
 
     out = []
-    for name in sources.PHOTOS_EVAL:
+    for name in names or sources.PHOTOS_EVAL:
         photo = sources.load_photo(name)
         h, w = photo.shape[:2]
         short = min(h, w)
@@ -165,6 +172,9 @@ def main(argv):
         ]
     )[: len(held_out)]
     train_codes, _ = run_model(train_imgs)
+    grid_codes, _ = run_model(
+        held_out_images(config.image_size, TRAIN_GRID_PHOTOS)[: len(held_out)]
+    )
     k = model.codebook_size
 
     grid = np.concatenate(
@@ -189,6 +199,7 @@ def main(argv):
         "lpips": round(lp, 4),
         "codebook_usage": round(len(np.unique(codes)) / k, 4),
         "codebook_usage_train_crops": round(len(np.unique(train_codes)) / k, 4),
+        "codebook_usage_train_grid": round(len(np.unique(grid_codes)) / k, 4),
         "png": png,
     }
     print(json.dumps(result))

@@ -2,23 +2,32 @@
 
     python benchmarks/sample.py --preset=cpu_sampler --tokens=256 --batch=4
     python benchmarks/sample.py --width=512 --depth=8 --vocab=8192 --tokens=1024 --batch=4
+    python benchmarks/sample.py --preset=vim_base --tokens=1024 --batch=64 --dtype=bfloat16  # GPU
 
 Builds an unconditional VIM with random weights (no training needed for speed), compiles the
 sampler once, then times whole sampling runs. Reports tokens/s (batch x tokens per second),
 and per decoding step the bytes it must read at least (all weights once, plus the whole
 fixed-length KV cache, which every step attends over with a mask) against the machine's
 memory read bandwidth measured in the same process (a sum over a 256 MiB array), as
-`bandwidth_fraction`. One JSON object is the last line.
+`bandwidth_fraction`. `--dtype` is the compute dtype (weights stay float32, the cache takes
+the compute dtype). Needs neither TensorFlow, ml_collections nor clu. One JSON object is the
+last line.
 """
 
 import argparse
 import json
 import math
+import pathlib
+import sys
 import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 PRESETS = {
     # issue 7 target 2 / issue 5's measurement: 8 layers, 512 wide, vocab 8192
     "cpu_sampler": dict(width=512, depth=8, heads=8, mlp=2048, vocab=8192),
+    # VIM-Base (PAPER.md table 2) over 8192 codes: issue 7's GPU suite, 1024 tokens, batch 64
+    "vim_base": dict(width=1536, depth=24, heads=16, mlp=6144, vocab=8192),
     "tiny": dict(width=64, depth=2, heads=2, mlp=128, vocab=512),
 }
 
@@ -43,6 +52,7 @@ def main():
     parser.add_argument("--tokens", type=int, default=256, help="a square number")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     for key in ("width", "depth", "heads", "mlp", "vocab"):
         parser.add_argument(f"--{key}", type=int, default=None)
     args = parser.parse_args()
@@ -66,7 +76,8 @@ def main():
         mlp_dim=shape["mlp"],
         dropout=0.0,
     )
-    model = build_vim(cfg, vocab_size=shape["vocab"], grid_size=grid)
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+    model = build_vim(cfg, vocab_size=shape["vocab"], grid_size=grid, dtype=dtype)
     params = model.init(jax.random.key(0), jnp.zeros((1, args.tokens), jnp.int32))["params"]
     params = jax.tree_util.tree_map(lambda x: getattr(x, "value", x), params)
     param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
@@ -88,7 +99,10 @@ def main():
     steps = args.tokens
     head_dim = shape["width"] // shape["heads"]
     # The cache is fixed-length: every step reads all of it (keys and values, all layers).
-    cache_bytes = 2 * shape["depth"] * args.batch * args.tokens * shape["heads"] * head_dim * 4
+    itemsize = jnp.dtype(dtype).itemsize
+    cache_bytes = (
+        2 * shape["depth"] * args.batch * args.tokens * shape["heads"] * head_dim * itemsize
+    )
     bytes_per_step = param_bytes + cache_bytes
     bandwidth = read_bandwidth(jax, jnp)
     step_s = seconds / steps
@@ -97,6 +111,7 @@ def main():
         **shape,
         "tokens": args.tokens,
         "batch": args.batch,
+        "dtype": args.dtype,
         "params": int(sum(x.size for x in jax.tree_util.tree_leaves(params))),
         "compile_seconds": round(compile_s, 2),
         "seconds_per_sample_batch": round(seconds, 3),

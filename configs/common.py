@@ -26,7 +26,7 @@ DEFAULT_AXIS_RULES = [
     ("patch", None),
     ("classes", None),
     ("conv_in", None),
-    ("conv_out", None),
+    ("conv_out", "fsdp"),  # the discriminator's channels: FSDP shards it too
 ]
 
 
@@ -110,6 +110,10 @@ def stage1(encoder: str = "S", decoder: str = "S", **overrides) -> ml_collection
             perceptual=0.1,
             adversarial=0.1,
             vq=1.0,
+            # Codebook entropy regularizer (not in the paper; 0 = off): mean per-token
+            # entropy minus the entropy of the batch's mean soft assignment.
+            entropy=0.0,
+            entropy_temperature=0.01,  # of the soft assignments softmax(cos / T)
             perceptual_start_step=0,  # LPIPS term switched on at this step
             disc_start_step=0,  # discriminator trained and used from this step
             gan_loss="non_saturating",  # or "hinge"

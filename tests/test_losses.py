@@ -191,3 +191,62 @@ def test_adaptive_generator_weight():
     # No gradient flows through the weight.
     g = jax.grad(lambda a: losses.adaptive_generator_weight(a * nll["kernel"], a * gan))(2.0)
     assert float(g) == 0.0
+
+
+def _numpy_entropy_loss(z, codebook, temperature):
+    """mean token entropy - entropy of the mean assignment, float64, written out."""
+    logits = np.asarray(z, np.float64) @ np.asarray(codebook, np.float64).T / temperature
+    logits -= logits.max(axis=1, keepdims=True)
+    p = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    token = -np.mean(np.sum(p * np.log(p), axis=1))
+    mean_p = p.mean(axis=0)
+    batch = -np.sum(mean_p * np.log(mean_p))
+    return token - batch, token, batch
+
+
+def _unit_rows(rng, n, d):
+    x = rng.normal(size=(n, d))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.mark.parametrize("temperature", [0.05, 0.5])
+def test_codebook_entropy_loss_matches_numpy(temperature):
+    rng = np.random.default_rng(0)
+    z, codebook = _unit_rows(rng, 24, 8).reshape(2, 12, 8), _unit_rows(rng, 16, 8)
+    value, parts = losses.codebook_entropy_loss(jnp.asarray(z), jnp.asarray(codebook), temperature)
+    want, token, batch = _numpy_entropy_loss(z.reshape(-1, 8), codebook, temperature)
+    np.testing.assert_allclose(float(value), want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(float(parts["token_entropy"]), token, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(float(parts["batch_entropy"]), batch, rtol=1e-4, atol=1e-5)
+
+
+def test_codebook_entropy_loss_prefers_spread_sharp_assignments():
+    # Tokens sitting on 8 distinct codes beat the same tokens all sitting on one code.
+    rng = np.random.default_rng(1)
+    codebook = _unit_rows(rng, 8, 16)
+    spread = np.repeat(codebook, 2, axis=0)
+    collapsed = np.repeat(codebook[:1], 16, axis=0)
+    loss = lambda z: float(losses.codebook_entropy_loss(z, codebook, 0.01)[0])  # noqa: E731
+    assert loss(spread) < loss(collapsed) - 1.0
+    # Sharp and spread over all 8 codes: token entropy ~0, batch entropy ~log 8.
+    np.testing.assert_allclose(loss(spread), -math.log(8), atol=1e-3)
+
+
+def test_codebook_entropy_loss_gradient_matches_finite_differences():
+    rng = np.random.default_rng(2)
+    z, codebook = _unit_rows(rng, 6, 4), _unit_rows(rng, 5, 4)
+    grad = np.asarray(jax.grad(lambda z: losses.codebook_entropy_loss(z, codebook, 0.3)[0])(z))
+    h, numeric = 1e-6, np.zeros_like(grad, dtype=np.float64)
+    for idx in np.ndindex(*z.shape):
+        up, down = z.astype(np.float64), z.astype(np.float64)
+        up[idx] += h
+        down[idx] -= h
+        numeric[idx] = (
+            _numpy_entropy_loss(up, codebook, 0.3)[0] - _numpy_entropy_loss(down, codebook, 0.3)[0]
+        ) / (2 * h)
+    np.testing.assert_allclose(grad, numeric, rtol=1e-3, atol=1e-4)
+
+
+def test_codebook_entropy_loss_rejects_bad_temperature():
+    with pytest.raises(ConfigError, match="entropy_temperature"):
+        losses.codebook_entropy_loss(jnp.ones((2, 4)), jnp.ones((3, 4)), 0.0)

@@ -11,7 +11,8 @@ A bundle is a directory:
 Tensor names are the parameter paths joined by "/", e.g. "params/enc/block_0/attn/query_kernel".
 Nothing is pickled: the tensors are safetensors and everything else is JSON. Loading checks
 the format version, each file's sha256, every tensor's presence and shape against the model
-the config describes, and names what is wrong (BundleError).
+the config describes, and names what is wrong (BundleError). A bundle may be a local directory
+or a URL (gs://bucket/bundle, read and written through `vitvq.paths`).
 
 This module uses the models only (no TensorFlow, no training code):
 
@@ -39,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vitvq import paths
 from vitvq.errors import BundleError, InputError
 from vitvq.models import tree as treeutil
 
@@ -66,10 +68,15 @@ def unflatten_tree(flat: Mapping[str, Any]) -> dict[str, Any]:
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with _path(path).open("rb") as f:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _path(path: str | os.PathLike):
+    """A local path as `pathlib.Path` (as given), a URL as `epath.Path` (gs://...)."""
+    return paths.as_path(path) if paths.is_url(path) else pathlib.Path(path)
 
 
 # --- writing -------------------------------------------------------------------------------
@@ -97,8 +104,9 @@ def write_bundle(
     classes: Mapping[str, Any] | None = None,
     dtype: str = "float32",
     overwrite: bool = False,
-) -> pathlib.Path:
-    """Writes a bundle directory atomically and returns its path.
+) -> os.PathLike:
+    """Writes a bundle directory atomically and returns its path (`pathlib.Path`, or an
+    `epath.Path` for a URL).
 
     Args:
         tokenizer: the tokenizer's description: `model` (the config's model block as a
@@ -112,9 +120,13 @@ def write_bundle(
         overwrite: replace an existing bundle at `output` (otherwise an error).
 
     The files are written to a temporary directory next to `output` and renamed into place,
-    so a crash never leaves a half-written bundle under the final name.
+    so a crash never leaves a half-written bundle under the final name. An object store
+    (`output` a URL such as gs://bucket/bundle) has no atomic rename: there the tensor files
+    are uploaded in place and bundle.json last (an old bundle.json is deleted first), so a
+    crash leaves a directory without bundle.json, which no loader accepts as a bundle.
     """
-    output = pathlib.Path(output).absolute()
+    url = paths.is_url(output)
+    output = paths.as_path(output) if url else pathlib.Path(output).absolute()
     if output.exists() and not overwrite:
         raise BundleError(
             f"{output} already exists; choose another --output or pass --overwrite to replace it."
@@ -161,6 +173,10 @@ def write_bundle(
         }
         manifest["training_configs"]["vim"] = vim.get("training_config")
 
+    if url:
+        _write_in_place(output, files, manifest)
+        return output
+
     from safetensors.numpy import save_file
 
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -186,6 +202,26 @@ def write_bundle(
     return output
 
 
+def _manifest_text(manifest: Mapping[str, Any]) -> str:
+    return json.dumps(manifest, indent=2, sort_keys=True, default=_json_default) + "\n"
+
+
+def _write_in_place(output, files: Mapping[str, dict], manifest: dict[str, Any]) -> None:
+    """Writes a bundle at a URL: each file in one upload, bundle.json last (the commit)."""
+    from safetensors.numpy import save
+
+    (output / BUNDLE_JSON).unlink(missing_ok=True)  # an old bundle stops being one first
+    output.mkdir(parents=True, exist_ok=True)
+    for name, flat in files.items():
+        data = save(flat, metadata={"format": FORMAT})
+        section = "tokenizer" if name == TOKENIZER_FILE else "vim"
+        manifest[section]["sha256"] = hashlib.sha256(data).hexdigest()
+        paths.write_bytes(output / name, data)
+    if VIM_FILE not in files:  # an overwritten bundle's VIM would be stale
+        (output / VIM_FILE).unlink(missing_ok=True)
+    paths.write_text(output / BUNDLE_JSON, _manifest_text(manifest))
+
+
 def _json_default(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
@@ -205,7 +241,7 @@ def _version() -> str:
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     """bundle.json of the bundle at `path`, checked for format and version."""
-    path = pathlib.Path(path)
+    path = _path(path)
     if not path.exists():
         raise BundleError(f"bundle {path} does not exist.")
     if not path.is_dir():
@@ -242,20 +278,21 @@ def read_tensors(
     path: str | os.PathLike, section: Mapping[str, Any], *, verify: bool = True
 ) -> dict[str, np.ndarray]:
     """The tensors of one section's file, after checking its sha256 (BundleError if bad)."""
-    file = pathlib.Path(path) / section["file"]
+    file = _path(path) / section["file"]
     if not file.is_file():
         raise BundleError(f"{file} is missing from the bundle.")
+    data = file.read_bytes() if paths.is_url(file) else None  # one download for both uses
     if verify:
-        digest = sha256_file(file)
+        digest = hashlib.sha256(data).hexdigest() if data is not None else sha256_file(file)
         if digest != section["sha256"]:
             raise BundleError(
                 f"{file} is corrupt or was modified: its sha256 is {digest[:16]}..., "
                 f"bundle.json expects {str(section['sha256'])[:16]}.... Re-export or re-copy it."
             )
-    from safetensors.numpy import load_file
+    from safetensors.numpy import load, load_file
 
     try:
-        return load_file(str(file))
+        return load(data) if data is not None else load_file(str(file))
     except Exception as err:  # truncated or garbage file: safetensors' own error types
         raise BundleError(f"{file} is not a readable safetensors file: {err}") from None
 
@@ -306,7 +343,7 @@ def load_tokenizer_variables(path: str | os.PathLike, *, verify: bool = True):
     expected = flatten_tree_abstract({"params": abstract["params"]})
     stats_expected = flatten_tree_abstract({"vq_stats": abstract["vq_stats"]})
     params_flat = {k: v for k, v in tensors.items() if k.startswith("params/")}
-    check_tree(params_flat, expected, f"{pathlib.Path(path) / manifest['tokenizer']['file']}")
+    check_tree(params_flat, expected, f"{_path(path) / manifest['tokenizer']['file']}")
     stats_flat = {k: v for k, v in tensors.items() if k.startswith("vq_stats/")}
     if stats_flat:
         check_tree(stats_flat, stats_expected, f"{manifest['tokenizer']['file']} (vq_stats)")
@@ -515,7 +552,7 @@ def load_vim_variables(path: str | os.PathLike, manifest=None, *, verify: bool =
         lambda: model.init(jax.random.key(0), jnp.zeros((1, t), jnp.int32), labels)
     )
     expected = flatten_tree_abstract({"params": abstract["params"]})
-    check_tree(tensors, expected, f"{pathlib.Path(path) / manifest['vim']['file']}")
+    check_tree(tensors, expected, f"{_path(path) / manifest['vim']['file']}")
     return model, unflatten_tree(_cast(tensors, "float32"))
 
 

@@ -30,7 +30,10 @@ Durability: orbax writes each step to `<step>.orbax-checkpoint-tmp` and renames 
 `<step>` only once every file is written (the rename is the commit), and deletes old steps
 only after the new one is committed. A crash or `kill -9` mid-write therefore leaves the
 previous checkpoint intact; the unfinished directory is never listed as a step and is removed
-when the next `Checkpointer` opens the directory.
+when the next `Checkpointer` opens the directory. On GCS (`gs://bucket/run`; rename is not
+atomic there) orbax writes the step directory in place and commits it by writing
+`commit_success.txt` last; a step without that file is likewise never listed. orbax lists and
+deletes steps on GCS through the google-cloud-storage package (`pip install 'vitvq[gcs]'`).
 
 Asynchronous saves: `save` returns once the arrays are copied off the devices (so the
 caller may donate or delete the state right after), and the files are written by background
@@ -49,6 +52,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from vitvq import paths
 from vitvq.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -99,11 +103,13 @@ class Checkpointer:
             raise ConfigError(
                 f"max_to_keep must be a positive integer or None (keep all), got {max_to_keep!r}."
             )
-        # orbax needs an absolute path (the default workdir, runs/<config>, is relative).
-        self.directory = os.path.abspath(os.fspath(directory))
+        # orbax needs an absolute local path (the default workdir, runs/<config>, is
+        # relative); a URL (gs://bucket/run/checkpoints) is passed on as it is.
+        self.directory = paths.absolute(directory)
         self.save_every_steps = save_every_steps
         self.read_only = read_only
-        if read_only and not os.path.isdir(self.directory):
+        _check_gcs_support(self.directory)
+        if read_only and not paths.is_dir(self.directory):
             raise DataError(f"There is no checkpoint directory {self.directory}.")
         options = ocp.CheckpointManagerOptions(
             # Save on the interval and at preemption only: orbax's default policy would also
@@ -314,6 +320,26 @@ class Checkpointer:
                 f"({len(problems)} differences):\n  {shown}\nThe model or optimizer settings "
                 "differ from the run that wrote it: use its config or a fresh workdir."
             )
+
+
+def _check_gcs_support(directory: str) -> None:
+    """ConfigError up front when orbax could not list or delete checkpoints on GCS.
+
+    To list the steps of a gs:// directory and to delete one (older than the last
+    `max_to_keep`, or unfinished), orbax first asks google-cloud-storage whether the bucket
+    has a hierarchical namespace; without that package it fails with a bare ImportError, or
+    at the first deletion, hours into a run.
+    """
+    if not directory.startswith("gs://"):
+        return
+    try:
+        import google.cloud.storage  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            f"Checkpoints on GCS ({directory}) need the google-cloud-storage package, which "
+            "orbax uses to list and delete checkpoints there: pip install 'vitvq[gcs]' (or "
+            "pip install google-cloud-storage)."
+        ) from None
 
 
 # --- pytree helpers ----------------------------------------------------------------------

@@ -6,7 +6,8 @@ Writes a bundle (vitvq/bundle.py) from a stage-1 run's checkpoint: the generator
 size, codebook size, class names where the dataset has them, and the training step. Arrays are
 read whole from any sharding of the saved run; in a multi-process run every process reads and
 process 0 writes while the others wait. The run's workdir is opened read-only, so a run that
-is still training there is not disturbed.
+is still training there is not disturbed. The workdirs may be URLs (gs://bucket/run); the
+bundle may be too (written in place, bundle.json last; see `vitvq.bundle.write_bundle`).
 
 A user error (missing workdir, no checkpoint, bad flag) prints one line and exits with 2.
 """
@@ -14,12 +15,11 @@ A user error (missing workdir, no checkpoint, bad flag) prints one line and exit
 from __future__ import annotations
 
 import logging
-import os
 
 import jax
 from absl import app, flags
 
-from vitvq import cli
+from vitvq import cli, paths
 from vitvq.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ def export(
         "model": config.model.to_dict(),
         "image_size": int(config.image_size),
         "step": generator["step"],
-        "source": os.path.abspath(workdir),
+        "source": paths.absolute(workdir),
         "training_config": config.to_dict(),
     }
     if vim_workdir:
@@ -100,6 +100,14 @@ def export(
     return path
 
 
+def _is_dir(path: str) -> bool:
+    """Whether `path` (local or URL) is a directory; False when it cannot be reached."""
+    try:
+        return paths.is_dir(path)
+    except (ConfigError, OSError):
+        return False
+
+
 def _vim_export(vim_workdir: str, generator: dict, stage1_config):
     """(vim section, VIM params, classes) of a stage-2 run, checked against the tokenizer."""
     import numpy as np
@@ -116,7 +124,7 @@ def _vim_export(vim_workdir: str, generator: dict, stage1_config):
     state, vim_step = restore.read_checkpoint(vim_workdir)
     codebook = np.asarray(generator["params"]["quantizer"]["codebook"])
     trained_on = config.get("tokenizer_bundle")
-    if trained_on and os.path.isdir(trained_on):
+    if trained_on and _is_dir(trained_on):
         _, _, variables = bundle.load_tokenizer_variables(trained_on)
         if not np.array_equal(variables["params"]["quantizer"]["codebook"], codebook):
             raise ConfigError(
@@ -134,7 +142,7 @@ def _vim_export(vim_workdir: str, generator: dict, stage1_config):
         "step": int(vim_step),
         "vocab_size": int(codebook.shape[0]),
         "num_classes": num_classes,
-        "source": os.path.abspath(vim_workdir),
+        "source": paths.absolute(vim_workdir),
         "training_config": config.to_dict(),
     }
     classes = classes_of(config) if num_classes else classes_of(stage1_config)
@@ -169,6 +177,7 @@ def main(argv):
             vim_workdir=flags.FLAGS.vim_workdir,
             overwrite=flags.FLAGS.overwrite,
         )
+        distributed.finish()  # ended normally: the other processes stop watching this one
         if path is not None:
             print(f"wrote {path}")
 

@@ -1,4 +1,4 @@
-"""Stage-1 losses: pixel, logit-Laplace, adversarial and discriminator penalties.
+"""Stage-1 losses: pixel, logit-Laplace, codebook entropy, adversarial, discriminator penalties.
 
 Pure functions of arrays (no Flax modules). Every loss upcasts its inputs to at least float32
 before doing any math, so a bfloat16 model still gets float32 losses; float64 inputs (used by
@@ -98,6 +98,35 @@ def logit_laplace_nll(
 def logit_laplace_mean(mu: jax.Array, eps: float = 0.1) -> jax.Array:
     """The image shown to people for locations `mu`: clip((sigmoid(mu) - eps) / (1 - 2 eps))."""
     return jnp.clip(unsquash(jax.nn.sigmoid(_float(mu)), eps), 0.0, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Codebook entropy (an optional usage regularizer; not in the ViT-VQGAN paper).
+
+
+def codebook_entropy_loss(
+    latents: jax.Array, codebook: jax.Array, temperature: float
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """mean_t H(p_t) - H(mean_t p_t), with p_t = softmax(<z_t, e_k> / temperature).
+
+    latents: [..., D] l2-normalized encoder outputs; codebook: [K, D] l2-normalized codes.
+    Minimizing it makes each token's soft assignment sharp (first term) and the batch's
+    average assignment spread over the whole codebook (second term), which pulls encoder
+    outputs into unused cells and codes towards unserved latents (the entropy penalty of
+    MaskGIT/MAGVIT-style tokenizers). Entropies are in nats. The [tokens, K] soft assignments
+    are held whole: memory grows with tokens per device x K.
+    """
+    if not temperature > 0:
+        raise ConfigError(f"loss.entropy_temperature must be > 0, got {temperature}")
+    z = _float(latents).reshape(-1, latents.shape[-1])
+    logits = (z @ _float(codebook).T) / temperature  # [N, K]
+    log_p = jax.nn.log_softmax(logits, axis=-1)
+    p = jnp.exp(log_p)
+    token_entropy = -jnp.mean(jnp.sum(p * log_p, axis=-1))
+    mean_p = jnp.mean(p, axis=0)
+    batch_entropy = -jnp.sum(mean_p * jnp.log(jnp.maximum(mean_p, 1e-30)))
+    parts = {"token_entropy": token_entropy, "batch_entropy": batch_entropy}
+    return token_entropy - batch_entropy, parts
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,9 +2,12 @@
 
     python -m vitvq.main --config=configs/vitvq_base.py --workdir=DIR
 
-Parses flags, starts JAX's distributed runtime when more than one process is configured,
-logs the topology and hands (config, workdir) to the trainer that `config.trainer` names.
-A user error (bad config, missing data) prints one line and exits with status 2.
+Parses flags, starts JAX's distributed runtime when more than one process is configured
+(`--coordinator/--num_processes/--process_id` or VITVQ_* variables, SLURM, Cloud TPU VMs: see
+vitvq/distributed.py), logs the topology and hands (config, workdir) to the trainer that
+`config.trainer` names. A user error (bad config, missing data, inconsistent multi-process
+settings) prints one line and exits with status 2; a process whose peer died prints one line
+and exits with status 3 (`distributed.PEER_FAILURE_EXIT_CODE`).
 """
 
 import logging
@@ -20,6 +23,27 @@ from vitvq.errors import ConfigError, VitvqError
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Where checkpoints, metrics and images go (default: runs/<config name>)."
+)
+# Multi-process runs (vitvq/distributed.py); TPU VMs and SLURM need none of these.
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator",
+    None,
+    f"HOST:PORT of process 0's coordinator, the same on every process of a multi-process "
+    f"run (env {distributed.ENV_COORDINATOR}).",
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, f"Processes in the run (env {distributed.ENV_NUM_PROCESSES})."
+)
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id",
+    None,
+    f"This process's id, 0 .. num_processes - 1 (env {distributed.ENV_PROCESS_ID}).",
+)
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+    "heartbeat_timeout",
+    None,
+    f"Seconds without a heartbeat after which a process counts as dead and the others stop "
+    f"(default {distributed.DEFAULT_HEARTBEAT_TIMEOUT}; env {distributed.ENV_HEARTBEAT_TIMEOUT}).",
 )
 
 
@@ -102,7 +126,12 @@ def main(argv):
     for handler in logging.getLogger().handlers:
         handler.addFilter(_quiet_libraries)
     try:
-        distributed.initialize_if_configured()
+        distributed.initialize_if_configured(
+            coordinator=_COORDINATOR.value,
+            num_processes=_NUM_PROCESSES.value,
+            process_id=_PROCESS_ID.value,
+            heartbeat_timeout=_HEARTBEAT_TIMEOUT.value,
+        )
         distributed.log_topology()
         trainers = _trainers()
         if config.trainer not in trainers:
@@ -110,9 +139,13 @@ def main(argv):
                 f"unknown config.trainer {config.trainer!r}; expected one of {sorted(trainers)}"
             )
         trainers[config.trainer](config, workdir)
+        distributed.finish()  # the other processes stop watching this one
     except VitvqError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Exception as e:
+        distributed.exit_if_peer_failure(e)  # one line and exit status 3 when a peer is gone
+        raise
 
 
 if __name__ == "__main__":

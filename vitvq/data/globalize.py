@@ -45,3 +45,17 @@ def to_global(host_batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]
     if len(sizes) > 1:
         raise InputError(f"batch entries have different leading sizes {sorted(sizes, key=str)}.")
     return jax.tree_util.tree_map_with_path(one, dict(host_batch))
+
+
+def to_host(array: jax.Array) -> np.ndarray:
+    """The whole of a global array as numpy, on every process (the reverse of `to_global`).
+
+    A batch-sharded array of a multi-process run lives partly on other hosts: it is gathered
+    (a collective: every process must call this, in the same order). Arrays that are on this
+    process whole or fully replicated are copied without communication.
+    """
+    if array.is_fully_addressable or array.is_fully_replicated:
+        return np.asarray(jax.device_get(array))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))

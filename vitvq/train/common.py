@@ -4,14 +4,13 @@ workdir, checkpoint restore and the training batches.
 
 import json
 import logging
-import os
 from collections.abc import Callable
 from typing import Any
 
 import jax
 
 from vitvq import data as data_lib
-from vitvq import parallel
+from vitvq import parallel, paths
 from vitvq.checkpoint import Checkpointer
 from vitvq.errors import ConfigError
 
@@ -50,16 +49,16 @@ def create_state(init_state: Callable[[jax.Array], Any], mesh, rules, seed: int)
 
 
 def prepare_workdir(config, workdir: str) -> None:
-    """Creates the workdir; process 0 writes the resolved config to `config.json`."""
-    os.makedirs(workdir, exist_ok=True)
+    """Creates the workdir (a local path or a URL such as gs://bucket/run); process 0 writes
+    the resolved config to `config.json` (atomically: a resumed run never leaves it torn)."""
+    paths.makedirs(workdir)
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+        paths.write_text(paths.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
 
 
 def open_checkpointer(config, workdir: str) -> Checkpointer:
     return Checkpointer(
-        os.path.join(workdir, "checkpoints"),
+        paths.join(workdir, "checkpoints"),
         max_to_keep=config.keep_checkpoints,
         save_every_steps=config.checkpoint_every_steps,
     )
@@ -106,10 +105,15 @@ def eval_batches_from(config, image_size: int):
 
 def run_loop(task, config, checkpointer: Checkpointer, writer) -> dict[str, float]:
     """Runs the shared loop, closes the checkpointer and writer, prints the final eval."""
+    from vitvq import distributed
     from vitvq.train import loop
 
     try:
         result = loop.run(task, loop.LoopSettings.from_config(config), checkpointer, writer)
+    except Exception as e:
+        # Another process is gone: exit now; closing would wait for it at a barrier.
+        distributed.exit_if_peer_failure(e)
+        raise
     finally:
         checkpointer.close()
         writer.close()

@@ -9,7 +9,7 @@
   else a fresh init).
 
 Other runs' checkpoints are opened read-only: a run still training in that workdir is never
-disturbed.
+disturbed. Every path may be local or a URL (gs://bucket/run; see `vitvq.paths`).
 """
 
 from __future__ import annotations
@@ -17,14 +17,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pathlib
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 
-from vitvq import bundle
+from vitvq import bundle, paths
 from vitvq.checkpoint import Checkpointer
 from vitvq.errors import ConfigError, DataError
 
@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 def load_workdir_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
     """The config a training run wrote to `workdir/config.json`."""
-    path = pathlib.Path(workdir) / "config.json"
+    path = paths.as_path(workdir) / "config.json"
     if not path.is_file():
         raise DataError(
             f"{path} is missing: {workdir} is not a vitvq training workdir (python -m "
@@ -45,7 +45,7 @@ def load_workdir_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict
         raise DataError(f"{path} is not a readable config: {err}") from None
 
 
-def _checkpoint_location(path: pathlib.Path) -> tuple[pathlib.Path, int | None]:
+def _checkpoint_location(path: epath.Path) -> tuple[epath.Path, int | None]:
     """(checkpoints directory, step or None for the newest) for a workdir/checkpoints/step."""
     if (path / "checkpoints").is_dir():
         return path / "checkpoints", None
@@ -61,7 +61,7 @@ def _checkpoint_location(path: pathlib.Path) -> tuple[pathlib.Path, int | None]:
 
 def read_checkpoint(path: str | os.PathLike, step: int | None = None) -> tuple[dict, int]:
     """(the saved state as a dict of arrays on one local device, its step)."""
-    directory, found_step = _checkpoint_location(pathlib.Path(path))
+    directory, found_step = _checkpoint_location(paths.as_path(path))
     step = found_step if step is None else step
     ckpt = Checkpointer(directory, save_every_steps=1, read_only=True)
     try:
@@ -76,7 +76,7 @@ def read_generator(path: str | os.PathLike, step: int | None = None) -> dict[str
     Returns {"params", "vq_stats", "step", "ema": bool, "kind": "bundle" | "checkpoint"}; the
     trees are numpy. EMA parameters are taken when the run kept them.
     """
-    path = pathlib.Path(path)
+    path = paths.as_path(path)
     if (path / bundle.BUNDLE_JSON).is_file():
         if step is not None:
             raise ConfigError("a step cannot be chosen when reading a bundle")

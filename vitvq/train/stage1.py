@@ -18,8 +18,8 @@ import numpy as np
 import optax
 
 from vitvq import data as data_lib
-from vitvq import losses, parallel
-from vitvq.data.globalize import to_global
+from vitvq import losses, parallel, paths
+from vitvq.data.globalize import to_global, to_host
 from vitvq.errors import ConfigError
 from vitvq.evaluation.reconstruction import ReconstructionAccumulator
 from vitvq.models.discriminator import Discriminator
@@ -77,6 +77,11 @@ def settings_from_config(config) -> Stage1Settings:
     loss, restart = config.loss, config.codebook_restart
     if restart.every_steps > 0 and restart.threshold <= 0:
         raise ConfigError(f"codebook_restart.threshold must be > 0, got {restart.threshold}")
+    if loss.get("entropy", 0.0) < 0 or loss.get("entropy_temperature", 0.01) <= 0:
+        raise ConfigError(
+            "loss.entropy must be >= 0 and loss.entropy_temperature > 0, got "
+            f"{loss.get('entropy')} and {loss.get('entropy_temperature')}"
+        )
     if loss.r1_gamma > 0 and loss.r1_every < 1:
         raise ConfigError(f"loss.r1_every must be >= 1, got {loss.r1_every}")
     if not 0.0 <= config.ema_decay < 1.0:
@@ -87,6 +92,9 @@ def settings_from_config(config) -> Stage1Settings:
         perceptual=loss.perceptual,
         adversarial=loss.adversarial,
         vq=loss.vq,
+        # Absent from configs saved before the entropy term existed: off.
+        entropy=loss.get("entropy", 0.0),
+        entropy_temperature=loss.get("entropy_temperature", 0.01),
         perceptual_start_step=loss.perceptual_start_step,
         disc_start_step=loss.disc_start_step,
         gan_loss=loss.gan_loss,
@@ -179,6 +187,27 @@ class Stage1:
 
     # --- jitted functions ----------------------------------------------------------------
 
+    def train_step_jit(self, shardings, step: int):
+        """The step of `step`'s phase, jitted (not yet compiled) with the state's shardings:
+        `(state, batch, perceptual) -> (state, metrics)`, the state donated. Call or lower it
+        under `parallel.use_mesh(self.mesh, self.rules)`."""
+        step_fn = functools.partial(
+            train_step,
+            model=self.model,
+            disc=self.disc,
+            tx=self.tx,
+            disc_tx=self.disc_tx,
+            settings=phase_settings(self.settings, step),
+            lr_schedule=self.schedule,
+        )
+        replicated = parallel.replicated(self.mesh)
+        return jax.jit(
+            step_fn,
+            in_shardings=(shardings, parallel.batch_sharding(self.mesh), replicated),
+            out_shardings=(shardings, replicated),
+            donate_argnums=(0,),
+        )
+
     def jit_train_step(self, shardings):
         """`run(state, batch, step=None)`: the step compiled for `step`'s phase of training.
 
@@ -186,34 +215,16 @@ class Stage1:
         when first needed. `step` is the Python int of `state.step` (read from the device
         when not given).
         """
-        batch_sharding = parallel.batch_sharding(self.mesh)
         compiled = {}
-
-        def jitted_for(settings):
-            if settings not in compiled:
-                step_fn = functools.partial(
-                    train_step,
-                    model=self.model,
-                    disc=self.disc,
-                    tx=self.tx,
-                    disc_tx=self.disc_tx,
-                    settings=settings,
-                    lr_schedule=self.schedule,
-                )
-                compiled[settings] = jax.jit(
-                    step_fn,
-                    in_shardings=(shardings, batch_sharding, parallel.replicated(self.mesh)),
-                    out_shardings=(shardings, parallel.replicated(self.mesh)),
-                    donate_argnums=(0,),
-                )
-            return compiled[settings]
 
         def run(state, batch, step: int | None = None):
             if step is None:
                 step = int(jax.device_get(state.step))
-            jitted = jitted_for(phase_settings(self.settings, step))
+            settings = phase_settings(self.settings, step)
+            if settings not in compiled:
+                compiled[settings] = self.train_step_jit(shardings, step)
             with parallel.use_mesh(self.mesh, self.rules):
-                return jitted(state, batch, self.train_perceptual)
+                return compiled[settings](state, batch, self.train_perceptual)
 
         return run
 
@@ -254,8 +265,8 @@ def make_evaluator(trainer: Stage1, config):
             acc.update(out["per_example"], out["mask"], out["code_counts"], out["batch_codes_used"])
             if features is not None:
                 real = np.asarray(out["mask"]) > 0
-                images = np.asarray(jax.device_get(batch["image"]))[real]
-                recon = np.asarray(jax.device_get(recon))[real]
+                images = to_host(batch["image"])[real]  # gathered from all processes
+                recon = to_host(recon)[real]
                 features.update(
                     np.round(images * 255.0).astype(np.uint8),
                     np.round(recon * 255.0).astype(np.uint8),
@@ -273,8 +284,8 @@ def make_image_writer(trainer: Stage1, config, workdir: str, writer, eval_fn):
     def write_images(state, step: int) -> None:
         host_batch = next(iter(common.eval_batches_from(config, config.image_size)))
         batch = to_global(host_batch, trainer.mesh)
-        recon = np.asarray(jax.device_get(eval_fn(state, batch)["reconstruction"]))
-        images = np.asarray(jax.device_get(batch["image"]))
+        recon = to_host(eval_fn(state, batch)["reconstruction"])
+        images = to_host(batch["image"])  # gathered from all processes
         grid = writers.image_grid([images, recon])
         if jax.process_index() == 0:
             writers.save_png(
@@ -290,7 +301,7 @@ def check_config(config, mesh) -> None:
     common.check_loop_config(config, mesh)
     trainable_mode(config)
     init_from = config.get("init_from")
-    if init_from and not os.path.exists(init_from):
+    if init_from and not paths.exists(init_from):  # a local path or a URL (gs://...)
         raise ConfigError(f"config.init_from={init_from} does not exist")
     info = data_lib.dataset_info(config.dataset)  # unknown or missing datasets fail here
     logger.info("dataset: %s", info)

@@ -3,6 +3,7 @@
 One step updates the generator (encoder, quantizer, decoder) and the discriminator:
 
   generator:     l2 * L2 + logit_laplace * NLL + perceptual * LPIPS + adversarial * L_G + vq * L_VQ
+                 (+ entropy * codebook entropy, optional, off by default)
   discriminator: L_D (+ LeCam) (+ lazy R1 every `r1_every` steps, scaled by r1_every * gamma/2)
 
 The LPIPS and GAN terms are switched on at configured steps. A step whose losses, gradients or
@@ -22,7 +23,7 @@ from flax import struct
 from vitvq import losses
 from vitvq.evaluation import metrics as eval_metrics
 from vitvq.evaluation.reconstruction import masked_code_counts
-from vitvq.models.quantizer import restart_dead_codes, usage_statistics
+from vitvq.models.quantizer import l2_normalize, restart_dead_codes, usage_statistics
 
 
 @struct.dataclass
@@ -50,6 +51,8 @@ class Stage1Settings:
     perceptual: float = 0.1
     adversarial: float = 0.1
     vq: float = 1.0
+    entropy: float = 0.0  # codebook entropy regularizer weight (0 = off)
+    entropy_temperature: float = 0.01
     perceptual_start_step: int = 0
     disc_start_step: int = 0
     gan_loss: str = "non_saturating"
@@ -174,6 +177,13 @@ def train_step(
         )
         terms = {"l2": losses.l2_loss(recon, images), "vq": aux["vq_loss"]}
         weights = {"l2": s.l2, "vq": s.vq}
+        if s.entropy > 0:
+            codebook = l2_normalize(params["quantizer"]["codebook"])
+            terms["entropy"], entropy_parts = losses.codebook_entropy_loss(
+                aux["latents"], codebook, s.entropy_temperature
+            )
+            weights["entropy"] = s.entropy
+            aux = {**aux, **{f"entropy_{k}": v for k, v in entropy_parts.items()}}
         if s.logit_laplace > 0 and model.output == "sigmoid":
             terms["logit_laplace"] = losses.logit_laplace_nll(
                 images, aux["decoder_logits"], eps=model.logit_laplace_eps
@@ -206,6 +216,9 @@ def train_step(
     metrics["lr"] = lr_schedule(step)
     for k in ("codes_used", "codebook_usage", "perplexity"):
         metrics[f"vq/{k}"] = aux[k]
+    for k in ("token_entropy", "batch_entropy"):
+        if f"entropy_{k}" in aux:
+            metrics[f"vq/{k}"] = aux[f"entropy_{k}"]
 
     disc_params, disc_opt_state = state.disc_params, state.disc_opt_state
     lecam_ema = state.lecam_ema

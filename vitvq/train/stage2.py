@@ -96,7 +96,10 @@ class Stage2:
     def create_state(self, seed: int):
         return common.create_state(self.init_state, self.mesh, self.rules, seed)
 
-    def jit_train_step(self, shardings):
+    def train_step_jit(self, shardings):
+        """The step jitted (not yet compiled) with the state's shardings: `(state, batch,
+        tokenizer variables) -> (state, metrics)`, the state donated. Call or lower it under
+        `parallel.use_mesh(self.mesh, self.rules)`."""
         fn = functools.partial(
             train_step,
             model=self.model,
@@ -105,16 +108,16 @@ class Stage2:
             settings=self.settings,
             lr_schedule=self.schedule,
         )
-        jitted = jax.jit(
+        replicated = parallel.replicated(self.mesh)
+        return jax.jit(
             fn,
-            in_shardings=(
-                shardings,
-                parallel.batch_sharding(self.mesh),
-                parallel.replicated(self.mesh),
-            ),
-            out_shardings=(shardings, parallel.replicated(self.mesh)),
+            in_shardings=(shardings, parallel.batch_sharding(self.mesh), replicated),
+            out_shardings=(shardings, replicated),
             donate_argnums=(0,),
         )
+
+    def jit_train_step(self, shardings):
+        jitted = self.train_step_jit(shardings)
 
         def run(state, batch, step=None):
             del step

@@ -1,8 +1,12 @@
-"""Metric and image outputs of a run: clu writers, `metrics.jsonl`, PNG grids."""
+"""Metric and image outputs of a run: clu writers, `metrics.jsonl`, PNG grids.
 
+The workdir may be a local path or a URL (gs://bucket/run): files go through `vitvq.paths`,
+and clu's TensorBoard writer reaches URLs through tf.io.gfile itself.
+"""
+
+import io
 import json
 import math
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -11,21 +15,22 @@ import numpy as np
 from clu import metric_writers
 from PIL import Image
 
+from vitvq import paths
+
 
 class JsonlWriter(metric_writers.MetricWriter):
     """Appends one JSON object per written step to `path`: {"step": 100, "train/loss": ...}."""
 
     def __init__(self, path: str):
         self._path = path
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        paths.makedirs(paths.as_path(path).parent)
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]):
         row = {"step": int(step)}
         for key, value in scalars.items():
             value = float(np.asarray(value))
             row[key] = value if math.isfinite(value) else str(value)
-        with open(self._path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        paths.append_text(self._path, json.dumps(row) + "\n")
 
     def write_summaries(self, step, values, metadata=None):
         pass
@@ -63,9 +68,7 @@ def create_writer(workdir: str) -> metric_writers.MetricWriter:
     )
     if not lead:
         return default
-    return metric_writers.MultiWriter(
-        [default, JsonlWriter(os.path.join(workdir, "metrics.jsonl"))]
-    )
+    return metric_writers.MultiWriter([default, JsonlWriter(paths.join(workdir, "metrics.jsonl"))])
 
 
 def image_grid(rows: list[np.ndarray], max_columns: int = 8) -> np.ndarray:
@@ -81,9 +84,8 @@ def image_grid(rows: list[np.ndarray], max_columns: int = 8) -> np.ndarray:
 
 
 def save_png(path: str, image: np.ndarray) -> None:
-    """Writes a uint8 [H, W, 3] image atomically (write to a temporary name, then rename)."""
-    if os.path.dirname(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    Image.fromarray(image).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    """Writes a uint8 [H, W, 3] image atomically (locally: a temporary name, then rename; on
+    an object store such as gs://: one upload), creating its directory."""
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    paths.write_bytes(path, buffer.getvalue())

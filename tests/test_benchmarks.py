@@ -1,0 +1,276 @@
+"""Tests of the benchmark scripts in benchmarks/ (run as users run them; timings never asserted).
+
+- `gpu_suite.sh --smoke` runs train_step.py (stage 1 and stage 2), sample.py and
+  code_search.py on tiny presets with TensorFlow, ml_collections and clu blocked (as on a bare
+  accelerator machine): every JSON has its keys with sane values, and the table is printed;
+- the presets build the step the trainers compile: same state (structure, shapes, dtypes,
+  shardings) and the same FLOPs as `Stage1`/`Stage2` for the same config, and the hand count
+  is within a few tens of percent of XLA's count;
+- input.py reads generated JPEGs through the folder and TFDS paths;
+- `--config.KEY=VALUE` overrides are typed like the values they replace;
+- `bash -n` and shellcheck pass on gpu_suite.sh.
+"""
+
+import importlib.util
+import json
+import math
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+BENCH = REPO / "benchmarks"
+
+BLOCKER = """
+import importlib.abc, sys
+BLOCKED = ("tensorflow", "tensorflow_datasets", "ml_collections", "clu")
+class _Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError(f"{name} is blocked: a bare accelerator machine lacks it")
+sys.meta_path.insert(0, _Block())
+"""
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _env(blocked_dir=None):
+    """The environment of a benchmark subprocess: one CPU device (no fake devices)."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["JAX_PLATFORMS"] = "cpu"
+    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    if blocked_dir is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(blocked_dir), env.get("PYTHONPATH")]))
+    return env
+
+
+def _last_json(text):
+    return json.loads(text.strip().splitlines()[-1])
+
+
+def _positive(result, *keys):
+    for key in keys:
+        value = result[key]
+        assert isinstance(value, int | float) and math.isfinite(value) and value > 0, (key, value)
+
+
+def test_gpu_suite_smoke_without_tf_ml_collections_clu(tmp_path):
+    blocked = tmp_path / "site"
+    blocked.mkdir()
+    (blocked / "sitecustomize.py").write_text(BLOCKER)
+    # The blocker works: the benchmarks really run without these modules.
+    probe = subprocess.run(
+        [sys.executable, "-c", "import ml_collections"],
+        env=_env(blocked),
+        capture_output=True,
+        text=True,
+    )
+    assert probe.returncode != 0 and "blocked" in probe.stderr
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        ["bash", str(BENCH / "gpu_suite.sh"), "--smoke"],
+        env={**_env(blocked), "OUT": str(out), "PYTHON": sys.executable},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    table = (out / "table.md").read_text()
+    assert proc.stdout.rstrip().endswith(f"results: {out}")
+    assert table.splitlines()[0].startswith("| benchmark |") and "failed" not in table
+
+    for name, stage in (("stage1_ss", 1), ("vim_base", 2)):
+        r = json.loads((out / f"{name}.json").read_text())
+        assert r["stage"] == stage and r["platform"] == "cpu" and r["batch"] == 4
+        _positive(
+            r,
+            "images_per_sec",
+            "flops_per_step",
+            "flops_per_step_hand",
+            "achieved_flops_per_sec",
+            "peak_flops_per_sec",
+            "mfu",
+            "peak_memory_bytes",
+            "max_rss_bytes",
+        )
+        assert 0 < r["mfu"] < 1.5 and 0 < r["mfu_hand"] < 1.5
+        assert r["flops_source"] == "cost_analysis"
+        # XLA also counts elementwise work and the optimizer: a little above the hand count.
+        assert 0.9 < r["flops_ratio_cost_to_hand"] < 1.5
+        assert r["peak_matmul"] == "2048^3 float32" and math.isfinite(r["loss"])
+        assert r["memory_analysis_bytes"]["peak_estimate"] == r["peak_memory_bytes"]
+
+    s = json.loads((out / "sample_vim_base.json").read_text())
+    _positive(s, "tokens_per_sec", "bandwidth_bytes_per_sec", "bytes_per_step")
+    c = json.loads((out / "code_search.json").read_text())
+    assert c["same_indices"]
+    assert c["chunked"]["holds_full_matrix"] is False and c["unchunked"]["holds_full_matrix"]
+    _positive(c, "chunked_ms", "unchunked_ms", "chunked_temp_bytes", "unchunked_temp_bytes")
+
+
+def _trees_match(a, b):
+    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
+        assert (x.shape, x.dtype, x.sharding) == (y.shape, y.dtype, y.sharding)
+
+
+def _config(name, arg=None):
+    """The ConfigDict of configs/NAME (what the trainers take)."""
+    spec = importlib.util.spec_from_file_location(f"config_{name}", REPO / "configs" / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def test_stage1_benchmark_builds_the_trainers_step():
+    """With the GAN and the EMA on (LPIPS off: its weights load slowly), on 8 devices."""
+    from vitvq import parallel
+    from vitvq.train import common
+    from vitvq.train.stage1 import Stage1
+
+    ts = _load("train_step")
+    config = _config("vitvq_small.py", "runlocal")
+    config.loss.perceptual = 0.0
+    config.eval_lpips = False
+    config.ema_decay = 0.999
+    mesh = parallel.make_mesh(config.mesh)
+    trainer = Stage1(config, mesh)
+    abstract, shardings = trainer.abstract_state()
+    build = ts.build_stage1(config.to_dict(), mesh, trainer.rules, None)
+    info = build[4]
+    assert info["phase"] == {"perceptual_on": False, "gan_on": True, "r1_now": False}
+    size = config.image_size
+    batch = {
+        "image": jax.ShapeDtypeStruct(
+            (8, size, size, 3), jnp.float32, sharding=parallel.batch_sharding(mesh)
+        )
+    }
+    init_state, step_fn, extra, hand, info = build
+    ours, our_shardings = common.abstract_state(init_state, mesh, trainer.rules)
+    _trees_match(abstract, ours)
+    with parallel.use_mesh(mesh, trainer.rules):
+        jitted = trainer.train_step_jit(shardings, info["phase_step"])
+        theirs = jitted.lower(abstract, batch, trainer.train_perceptual)
+        mine = ts.jit_step(step_fn, our_shardings, mesh).lower(ours, batch, extra)
+    assert mine.cost_analysis()["flops"] == theirs.cost_analysis()["flops"]
+
+
+def test_stage2_benchmark_builds_the_trainers_step():
+    from vitvq import parallel
+    from vitvq.models.vitvqgan import build_vitvqgan
+    from vitvq.train import common
+    from vitvq.train.stage2 import Stage2
+
+    ts = _load("train_step")
+    config = _config("vim_base.py", "runlocal")
+    tcfg = _config("vitvq_small.py", "runlocal")
+    tokenizer = build_vitvqgan(tcfg.model.to_dict(), tcfg.image_size)
+    size = tokenizer.image_size
+    tok_vars = parallel.unbox(
+        tokenizer.init(jax.random.key(0), jnp.zeros((1, size, size, 3), jnp.float32))
+    )
+    mesh = parallel.make_mesh(config.mesh)
+    trainer = Stage2(config, mesh, tokenizer=(None, tokenizer, tok_vars))
+    abstract, shardings = trainer.abstract_state()
+    build = ts.build_stage2(config.to_dict(), mesh, trainer.rules, tokenizer=(tokenizer, tok_vars))
+    sharding = parallel.batch_sharding(mesh)
+    batch = {
+        "image": jax.ShapeDtypeStruct((8, size, size, 3), jnp.float32, sharding=sharding),
+        "label": jax.ShapeDtypeStruct((8,), jnp.int32, sharding=sharding),
+    }
+    init_state, step_fn, extra, hand, info = build
+    ours, our_shardings = common.abstract_state(init_state, mesh, trainer.rules)
+    _trees_match(abstract, ours)
+    with parallel.use_mesh(mesh, trainer.rules):
+        theirs = trainer.train_step_jit(shardings).lower(abstract, batch, trainer.tok_vars)
+        mine = ts.jit_step(step_fn, our_shardings, mesh).lower(ours, batch, extra)
+    assert mine.cost_analysis()["flops"] == theirs.cost_analysis()["flops"]
+    assert info["num_classes"] == 10 and info["tokens_per_image"] == tokenizer.grid_size**2
+
+
+def test_config_overrides_are_typed():
+    ts = _load("train_step")
+    cfg = ts.load_config_file(
+        str(REPO / "configs" / "photos.py"),
+        [
+            "--config.batch_size=4",
+            "--config.optimizer.lr=0.01",
+            "--config.dtype=bfloat16",
+            "--config.model.encoder.depth=2",
+            "--config.dataset.crop_scale=(0.5, 1.0)",
+            "--config.mesh.data=1",
+        ],
+    )
+    assert cfg["batch_size"] == 4 and cfg["optimizer"]["lr"] == 0.01
+    assert cfg["dtype"] == "bfloat16" and cfg["model"]["encoder"]["depth"] == 2
+    assert tuple(cfg["dataset"]["crop_scale"]) == (0.5, 1.0) and cfg["mesh"]["data"] == 1
+    with pytest.raises(SystemExit, match="unknown config key"):
+        ts.load_config_file(str(REPO / "configs" / "photos.py"), ["--config.nope=1"])
+
+
+def test_hand_count_of_a_transformer_block_matches_xla():
+    """The transformer formula against XLA's count of one block's forward (no elementwise
+    work to speak of: within 5%)."""
+    from vitvq.models.layers import TransformerBlock
+
+    ts = _load("train_step")
+    b, t, d, m = 2, 64, 128, 512
+    block = TransformerBlock(num_heads=4, mlp_dim=m)
+    x = jnp.zeros((b, t, d))
+    params = block.init(jax.random.key(0), x)
+    flops = jax.jit(block.apply).lower(params, x).cost_analysis()["flops"]
+    hand = ts.transformer_flops(b, t, d, 1, m)
+    assert 1.0 <= flops / hand < 1.05
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
+def test_gpu_suite_shellcheck():
+    subprocess.run(["bash", "-n", str(BENCH / "gpu_suite.sh")], check=True)
+    subprocess.run(["shellcheck", str(BENCH / "gpu_suite.sh")], check=True)
+
+
+def test_gpu_suite_bad_option():
+    proc = subprocess.run(
+        ["bash", str(BENCH / "gpu_suite.sh"), "--nope"], capture_output=True, text=True
+    )
+    assert proc.returncode == 2 and "unknown option '--nope'" in proc.stderr
+
+
+def test_input_benchmark_folder_and_tfds(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "input.py"),
+            "--images=12",
+            "--width=80",
+            "--height=64",
+            "--size=32",
+            "--batch=4",
+            "--batches=2",
+            "--warmup=1",
+        ],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    r = _last_json(proc.stdout)
+    for path in ("folder", "tfds"):
+        _positive(r[path], "images_per_sec", "images_per_sec_per_core")
+    _positive(r, "images_per_sec_per_core", "cores", "mean_jpeg_bytes")
+    assert r["images_per_sec_per_core"] == min(
+        r["folder"]["images_per_sec_per_core"], r["tfds"]["images_per_sec_per_core"]
+    )

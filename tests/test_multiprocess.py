@@ -1,0 +1,398 @@
+"""Multi-process training on localhost: real JAX processes (gloo collectives, 4 fake CPU
+devices each) started by `launch/local_pod.sh` or directly, as users run them.
+
+- A 2-process x 4-device run of the runlocal stage-1 and stage-2 configs logs the same losses
+  at every step as a 1-process x 8-device run with the same global batch, and evaluates the
+  same; process 0 alone writes the metrics, config and images.
+- Checkpoints cross over: a 2-process run's checkpoint resumes in a 1-process run and the
+  other way round, and the resumed steps repeat the uninterrupted runs' losses.
+- A process killed with SIGKILL makes the survivor print one `error:` line naming what
+  happened and exit with `distributed.PEER_FAILURE_EXIT_CODE` within a bounded time, without
+  help from a launcher.
+- Inconsistent multi-process settings are one-line errors with exit status 2.
+
+Compilation dominates on a small CPU, and one process compiles on one core: the module runs
+its training runs in one fixture, two single-process runs side by side, with LLVM's cheaper
+optimization level (the same for both sides of every comparison) and a persistent
+compilation cache for single-process runs (multi-process CPU runs switch it off).
+"""
+
+import json
+import os
+import pathlib
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from vitvq import distributed
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+LOCAL_POD = REPO / "launch" / "local_pod.sh"
+STAGE1 = [f"--config={REPO / 'configs' / 'vitvq_base.py'}:runlocal", "--config.log_every_steps=1"]
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+RTOL = 1e-5
+# The survivor of a killed process must be gone this soon: it notices the coordinator's loss
+# at once and a silent worker after HEARTBEAT seconds; the rest is slack for a busy machine.
+HEARTBEAT = 5
+DEATH_BOUND = 60
+RUN_TIMEOUT = 900
+
+_CACHE = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _compilation_cache(tmp_path_factory):
+    """One persistent compilation cache for the module's subprocesses."""
+    _CACHE["dir"] = str(tmp_path_factory.mktemp("jax_cache"))
+    yield
+    _CACHE.clear()
+
+
+def _env(devices: int | None) -> dict:
+    """A clean environment: fake CPU devices (None: local_pod.sh sets them), the repo."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VITVQ_", "SLURM_"))}
+    xla = [FAST_COMPILE]
+    if devices is not None:
+        xla.append(f"--xla_force_host_platform_device_count={devices}")
+    env.update(
+        XLA_FLAGS=" ".join(xla),
+        JAX_PLATFORMS="cpu",
+        TF_CPP_MIN_LOG_LEVEL="2",
+        PYTHON=sys.executable,
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])),
+    )
+    if "dir" in _CACHE:
+        env["JAX_COMPILATION_CACHE_DIR"] = _CACHE["dir"]
+    return env
+
+
+def _readable(output: str, limit: int = 8000) -> str:
+    """The end of a run's output without C++ stack frames and per-step metric lines."""
+    noise = re.compile(r"^(\[p\d\] )?(\s+@ |Extension modules|.*logging_writer\.py)")
+    return "\n".join(line for line in output.splitlines() if not noise.match(line))[-limit:]
+
+
+class Run:
+    """A training run in a subprocess, its output (stdout and stderr) in `WORKDIR.log`."""
+
+    def __init__(self, argv, env, workdir, what: str):
+        self.what = what
+        self.log = pathlib.Path(f"{workdir}.log")
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "w") as f:
+            self.proc = subprocess.Popen(
+                [*argv, f"--workdir={workdir}"], cwd=REPO, env=env, stdout=f, stderr=f
+            )
+
+    def wait(self) -> str:
+        """Waits for the run; its output; fails the test when it did not succeed."""
+        rc = self.proc.wait(timeout=RUN_TIMEOUT)
+        output = self.log.read_text()
+        assert rc == 0, f"{self.what} exited {rc}:\n{_readable(output)}"
+        return output
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()  # local_pod.sh passes it on to its processes
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def pod(args, workdir) -> Run:
+    """`launch/local_pod.sh 2 ARGS --workdir=WORKDIR` (2 processes x 4 devices)."""
+    return Run(["bash", str(LOCAL_POD), "2", *args], _env(None), workdir, "local_pod.sh 2")
+
+
+def single(args, workdir) -> Run:
+    """`python -m vitvq.main ARGS --workdir=WORKDIR` (1 process x 8 devices)."""
+    return Run([sys.executable, "-m", "vitvq.main", *args], _env(8), workdir, "1-process run")
+
+
+def losses(workdir, key: str = "train/loss/total") -> dict[int, float]:
+    """step -> `key` from the workdir's metrics.jsonl (written by process 0 only)."""
+    out = {}
+    with open(pathlib.Path(workdir) / "metrics.jsonl") as f:
+        for line in f:
+            row = json.loads(line)
+            if key in row:
+                assert row["step"] not in out, f"step {row['step']} logged twice"
+                out[row["step"]] = row[key]
+    return out
+
+
+def assert_same_losses(got: dict, want: dict, steps):
+    for step in steps:
+        assert step in got and step in want, (step, sorted(got), sorted(want))
+        assert got[step] == pytest.approx(want[step], rel=RTOL), (step, got, want)
+
+
+def final_evals(output: str) -> list[dict]:
+    """The `{"final_eval": ...}` line of every process."""
+    rows = [line.split("] ", 1)[-1] for line in output.splitlines() if '{"final_eval"' in line]
+    return [json.loads(row)["final_eval"] for row in rows]
+
+
+def copy_checkpoint(src_workdir, step: int, dst_workdir) -> None:
+    """A new workdir whose only checkpoint is `src_workdir`'s of `step` (as if that run had
+    stopped there)."""
+    shutil.copytree(
+        pathlib.Path(src_workdir) / "checkpoints" / str(step),
+        pathlib.Path(dst_workdir) / "checkpoints" / str(step),
+    )
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Every training run of the module: {name: workdir}, {name: output}."""
+    from bundle_helpers import make_tokenizer_bundle
+
+    root = tmp_path_factory.mktemp("runs")
+    bundle_path, _ = make_tokenizer_bundle(root / "tokenizer")
+    stage2 = [
+        f"--config={REPO / 'configs' / 'vim_base.py'}:runlocal",
+        f"--config.tokenizer_bundle={bundle_path}",
+        "--config.log_every_steps=1",
+    ]
+    names = ("s1_single", "s2_single", "s1_pod", "s2_pod", "pod_then_single", "single_then_pod")
+    workdirs = {name: root / name for name in names}
+    out, started = {}, []
+
+    def together(**named):
+        started.extend(named.values())
+        out.update({name: run.wait() for name, run in named.items()})
+
+    try:
+        together(
+            s1_single=single(STAGE1, workdirs["s1_single"]),
+            s2_single=single(stage2, workdirs["s2_single"]),
+        )
+        together(s1_pod=pod(STAGE1, workdirs["s1_pod"]))
+        together(s2_pod=pod(stage2, workdirs["s2_pod"]))
+        # Each stage-1 run's step-2 checkpoint, resumed by the other process count.
+        copy_checkpoint(workdirs["s1_pod"], 2, workdirs["pod_then_single"])
+        copy_checkpoint(workdirs["s1_single"], 2, workdirs["single_then_pod"])
+        together(
+            single_then_pod=pod(STAGE1, workdirs["single_then_pod"]),
+            pod_then_single=single(STAGE1, workdirs["pod_then_single"]),
+        )
+    finally:
+        for run in started:
+            run.stop()
+    return workdirs, out
+
+
+def check_pod_against_single(workdirs, out, stage: str, keys, image: str):
+    pod_dir, single_dir = workdirs[f"{stage}_pod"], workdirs[f"{stage}_single"]
+    for key in keys:
+        got, want = losses(pod_dir, key), losses(single_dir, key)
+        assert sorted(got) == [1, 2, 3, 4], key
+        assert_same_losses(got, want, [1, 2, 3, 4])
+    log = out[f"{stage}_pod"]
+    for i in (0, 1):  # the topology, once per process
+        lines = [
+            line for line in log.splitlines() if f"process {i} of 2 (coordinator 127.0.0.1:" in line
+        ]
+        assert len(lines) == 1 and lines[0].startswith(f"[p{i}]"), _readable(log)
+        assert "4 local / 8 global devices" in lines[0]
+    # Both processes evaluated the same (padded eval batches), as one process does.
+    pod_evals, single_evals = final_evals(log), final_evals(out[f"{stage}_single"])
+    assert len(pod_evals) == 2 and pod_evals[0] == pod_evals[1]
+    assert pod_evals[0] == pytest.approx(single_evals[0], rel=1e-4)
+    # Process 0 alone wrote the outputs: one metrics row per step (checked above), the
+    # config, the images.
+    assert (pod_dir / "config.json").exists()
+    assert [p.name for p in (pod_dir / "images").glob("*.png")] == [image]
+
+
+def test_stage1_two_processes_match_one(runs):
+    keys = ("train/loss/total", "train/disc/loss")
+    check_pod_against_single(*runs, "s1", keys, "reconstructions_0000004.png")
+
+
+def test_stage2_two_processes_match_one(runs):
+    check_pod_against_single(*runs, "s2", ["train/loss"], "samples_0000004.png")
+
+
+@pytest.mark.parametrize("name", ["pod_then_single", "single_then_pod"])
+def test_stage1_checkpoints_resume_across_process_counts(runs, name):
+    workdirs, out = runs
+    assert "Resumed from the checkpoint of step 2" in out[name]
+    resumed = losses(workdirs[name])
+    assert sorted(resumed) == [3, 4]
+    assert_same_losses(resumed, losses(workdirs["s1_single"]), [3, 4])
+    assert_same_losses(resumed, losses(workdirs["s1_pod"]), [3, 4])
+    assert sorted(int(p.name) for p in (workdirs[name] / "checkpoints").iterdir()) == [2, 4]
+
+
+# --- a process dies --------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_process(i: int, port: int, workdir, log):
+    args = [
+        *STAGE1,
+        # Cheap steps: no LPIPS, no GAN; a long run that is killed long before its end.
+        "--config.loss.perceptual=0",
+        "--config.loss.adversarial=0",
+        "--config.total_steps=100000",
+        "--config.checkpoint_every_steps=100000",
+        "--config.eval_every_steps=100000",
+        "--config.image_every_steps=100000",
+        f"--workdir={workdir}",
+        f"--heartbeat_timeout={HEARTBEAT}",
+    ]
+    env = _env(4)
+    env.update(
+        VITVQ_COORDINATOR=f"127.0.0.1:{port}", VITVQ_NUM_PROCESSES="2", VITVQ_PROCESS_ID=str(i)
+    )
+    return subprocess.Popen(
+        [sys.executable, "-u", "-m", "vitvq.main", *args],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def _wait_until(ready, procs, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert all(p.poll() is None for p in procs), "a process ended before the kill"
+        if ready():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"not ready to kill within {timeout} s")
+
+
+def _training(workdir, step: int):
+    """Ready once process 0 has logged `step`: the processes are inside the training loop."""
+    metrics = pathlib.Path(workdir) / "metrics.jsonl"
+
+    def ready() -> bool:
+        if not metrics.exists():
+            return False
+        for line in metrics.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] >= step:
+                    return True
+            except ValueError:  # a line being written
+                pass
+        return False
+
+    return ready
+
+
+# JAX's own reaction to a lost coordinator (a C++ abort, exit status -6): it can come first
+# when the survivor's main thread holds the interpreter lock as process 0 dies.
+JAX_FATAL = "Terminating process because the JAX distributed service detected fatal errors"
+
+
+@pytest.mark.parametrize(
+    "victim, says",
+    [
+        (1, "process 1 stopped, so process 0 of 2 stops too (no sign of life for 5 s)"),
+        (0, "lost contact with the coordinator (process 0 at 127.0.0.1:"),
+    ],
+    ids=["worker_dies", "coordinator_dies"],
+)
+def test_survivor_of_a_killed_process_exits_with_a_clear_error(tmp_path, victim, says):
+    """SIGKILL mid-training, no launcher: the survivor itself notices and exits in time."""
+    port, workdir = _free_port(), tmp_path / "run"
+    survivor_log = tmp_path / f"process_{1 - victim}.log"
+    logs = [open(tmp_path / f"process_{i}.log", "w") for i in range(2)]
+    procs = [_start_process(i, port, workdir, logs[i]) for i in range(2)]
+    survivor = procs[1 - victim]
+    try:
+        _wait_until(_training(workdir, 3), procs)
+        killed_at = time.monotonic()
+        procs[victim].send_signal(signal.SIGKILL)
+        try:
+            rc = survivor.wait(timeout=DEATH_BOUND)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the survivor still runs {DEATH_BOUND} s after its peer was killed")
+        elapsed = time.monotonic() - killed_at
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for f in logs:
+            f.close()
+    log = survivor_log.read_text()
+    print(f"\nthe survivor of process {victim} exited with {rc} after {elapsed:.1f} s")
+    errors = [line for line in log.splitlines() if line.startswith("error:")]
+    if victim == 0 and rc != distributed.PEER_FAILURE_EXIT_CODE:
+        assert rc != 0 and JAX_FATAL in log and "leader task" in log, _readable(log)
+        assert elapsed < 10  # at once, not after a heartbeat timeout
+        return
+    assert rc == distributed.PEER_FAILURE_EXIT_CODE, _readable(log)
+    assert len(errors) == 1 and "multi-process run stopped" in errors[0], _readable(log)
+    assert says in errors[0]
+    assert f"process {1 - victim} of 2 stops too" in errors[0]
+    if victim == 0:
+        assert elapsed < 10
+
+
+# --- settings --------------------------------------------------------------------------------
+
+BAD_SETTINGS = [
+    (["--num_processes=2", "--process_id=0"], {}, "needs the coordinator's address"),
+    (["--coordinator=localhost:1", "--num_processes=2", "--process_id=2"], {}, "not in [0, 2)"),
+    (["--coordinator=localhost"], {"VITVQ_NUM_PROCESSES": "2"}, "not HOST:PORT"),
+    (["--coordinator=localhost:1234", "--num_processes=2"], {}, "needs --process_id"),
+    ([], {"VITVQ_NUM_PROCESSES": "two"}, "VITVQ_NUM_PROCESSES='two' is not an integer"),
+    (["--process_id=1"], {}, "needs the number of processes"),
+    (["--heartbeat_timeout=0"], {}, "--heartbeat_timeout=0 must be at least 1"),
+]
+
+
+@pytest.mark.parametrize("flags, env, says", BAD_SETTINGS)
+def test_inconsistent_settings_are_one_line_errors(tmp_path, flags, env, says):
+    proc = subprocess.run(
+        [sys.executable, "-m", "vitvq.main", *STAGE1, f"--workdir={tmp_path / 'w'}", *flags],
+        cwd=REPO,
+        env={**_env(1), **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("error:") and says in lines[-1], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "w").exists()
+
+
+def test_settings_resolution():
+    resolve = distributed.resolve
+    assert resolve(environ={}, on_tpu_vm=False).mode == "single"
+    assert resolve(environ={}, on_tpu_vm=True).mode == "tpu"
+    s = resolve("h:1", 2, 1, environ={}, on_tpu_vm=False)
+    assert (s.mode, s.coordinator, s.num_processes, s.process_id) == ("explicit", "h:1", 2, 1)
+    env = {"VITVQ_COORDINATOR": "h:2", "VITVQ_NUM_PROCESSES": "4", "VITVQ_PROCESS_ID": "3"}
+    assert resolve(environ=env).process_id == 3
+    assert resolve(process_id=0, environ=env).process_id == 0  # a flag wins over the env
+    assert resolve(environ={**env, "VITVQ_HEARTBEAT_TIMEOUT": "7"}).heartbeat_timeout == 7
+    slurm = {"SLURM_JOB_ID": "5", "SLURM_NTASKS": "4"}
+    assert resolve(environ=slurm, on_tpu_vm=False).mode == "slurm"
+    assert resolve(environ={**slurm, "SLURM_NTASKS": "1"}, on_tpu_vm=False).mode == "single"
+    assert resolve(environ={**slurm, "VITVQ_DISTRIBUTED": "0"}).mode == "single"
+    assert resolve(environ={"VITVQ_DISTRIBUTED": "1"}, on_tpu_vm=False).mode == "auto"
+    assert resolve(num_processes=1, environ={}).mode == "single"
+    assert resolve(environ={}, on_tpu_vm=False).heartbeat_timeout == (
+        distributed.DEFAULT_HEARTBEAT_TIMEOUT
+    )
