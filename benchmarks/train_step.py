@@ -435,7 +435,8 @@ def build_stage1(cfg, mesh, rules, phase_step):
     from vitvq.models.discriminator import Discriminator, discriminator_channels
     from vitvq.models.vitvqgan import build_vitvqgan
     from vitvq.train.optim import make_optimizer
-    from vitvq.train.stage1_step import Stage1State, phase_settings, train_step
+    from vitvq.train.stage1_step import init_state as init_stage1_state
+    from vitvq.train.stage1_step import phase_settings, train_step
 
     dtype = _dtype(jnp, cfg["dtype"])
     size = cfg["image_size"]
@@ -460,25 +461,16 @@ def build_stage1(cfg, mesh, rules, phase_step):
 
         perceptual = jax.device_put(lpips_fn(dtype), parallel.replicated(mesh))
 
-    def init_state(rng):
-        dummy = jnp.zeros((parallel.batch_ways(mesh), size, size, 3), jnp.float32)
-        k_model, k_disc, k_step = jax.random.split(rng, 3)
-        variables = model.init({"params": k_model}, dummy)
-        params = variables["params"]
-        disc_params = disc.init(k_disc, dummy)["params"] if use_gan else {}
-        zero = jnp.zeros((), jnp.float32)
-        return Stage1State(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            opt_state=tx.init(params),
-            vq_stats=variables["vq_stats"],
-            disc_params=disc_params,
-            disc_opt_state=disc_tx.init(disc_params) if use_gan else {},
-            ema_params=params if settings.ema_decay > 0 else {},
-            lecam_ema={"real": zero, "fake": zero},
-            nonfinite=jnp.zeros((), jnp.int32),
-            rng=jax.random.key_data(k_step),
-        )
+    init_state = functools.partial(
+        init_stage1_state,
+        model=model,
+        disc=disc,
+        tx=tx,
+        disc_tx=disc_tx,
+        ema=settings.ema_decay > 0,
+        image_size=size,
+        batch=parallel.batch_ways(mesh),
+    )
 
     step_fn = functools.partial(
         train_step,
@@ -525,7 +517,8 @@ def build_stage2(cfg, mesh, rules, tokenizer_spec=None, tokenizer=None):
     from vitvq.models.vim import build_vim
     from vitvq.models.vitvqgan import build_vitvqgan
     from vitvq.train.optim import make_adam
-    from vitvq.train.stage2_step import Stage2Settings, Stage2State, train_step
+    from vitvq.train.stage2_step import Stage2Settings, train_step
+    from vitvq.train.stage2_step import init_state as init_stage2_state
 
     dtype = _dtype(jnp, cfg["dtype"])
     if tokenizer is not None:
@@ -553,19 +546,14 @@ def build_stage2(cfg, mesh, rules, tokenizer_spec=None, tokenizer=None):
     )
     tx, schedule = make_adam(Attr(cfg["optimizer"]), cfg["total_steps"])
 
-    def init_state(rng):
-        n = parallel.batch_ways(mesh)
-        tokens = jnp.zeros((n, tokenizer.grid_size**2), jnp.int32)
-        labels = jnp.zeros((n,), jnp.int32) if num_classes else None
-        k_model, k_step = jax.random.split(rng)
-        params = model.init({"params": k_model}, tokens, labels)["params"]
-        return Stage2State(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            opt_state=tx.init(params),
-            nonfinite=jnp.zeros((), jnp.int32),
-            rng=jax.random.key_data(k_step),
-        )
+    init_state = functools.partial(
+        init_stage2_state,
+        model=model,
+        tx=tx,
+        num_tokens=tokenizer.grid_size**2,
+        num_classes=num_classes,
+        batch=parallel.batch_ways(mesh),
+    )
 
     step_fn = functools.partial(
         train_step,

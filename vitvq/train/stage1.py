@@ -25,7 +25,7 @@ from vitvq.evaluation.reconstruction import ReconstructionAccumulator
 from vitvq.models.discriminator import Discriminator
 from vitvq.models.perceptual import lpips_fn
 from vitvq.models.vitvqgan import build_vitvqgan
-from vitvq.train import common, loop, restore, writers
+from vitvq.train import common, loop, restore, stage1_step, writers
 from vitvq.train.optim import make_optimizer
 from vitvq.train.stage1_step import (
     Stage1Settings,
@@ -158,24 +158,15 @@ class Stage1:
 
     def init_state(self, rng: jax.Array) -> Stage1State:
         """A fresh state with logically annotated (boxed) parameters."""
-        size = self.config.image_size
-        dummy = jnp.zeros((parallel.batch_ways(self.mesh), size, size, 3), jnp.float32)
-        k_model, k_disc, k_step = jax.random.split(rng, 3)
-        variables = self.model.init({"params": k_model}, dummy)
-        params = variables["params"]
-        disc_params = self.disc.init(k_disc, dummy)["params"] if self.use_gan else {}
-        zero = jnp.zeros((), jnp.float32)
-        return Stage1State(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            opt_state=self.tx.init(params),
-            vq_stats=variables["vq_stats"],
-            disc_params=disc_params,
-            disc_opt_state=self.disc_tx.init(disc_params) if self.use_gan else {},
-            ema_params=params if self.settings.ema_decay > 0 else {},
-            lecam_ema={"real": zero, "fake": zero},
-            nonfinite=jnp.zeros((), jnp.int32),
-            rng=jax.random.key_data(k_step),
+        return stage1_step.init_state(
+            rng,
+            model=self.model,
+            disc=self.disc,
+            tx=self.tx,
+            disc_tx=self.disc_tx,
+            ema=self.settings.ema_decay > 0,
+            image_size=self.config.image_size,
+            batch=parallel.batch_ways(self.mesh),
         )
 
     def abstract_state(self):

@@ -71,6 +71,39 @@ class Stage1Settings:
     r1_now: bool = True  # a lazy-R1 step (step % r1_every == 0)
 
 
+def init_state(
+    rng: jax.Array,
+    *,
+    model: nn.Module,
+    disc: nn.Module | None,
+    tx: optax.GradientTransformation,
+    disc_tx: optax.GradientTransformation | None,
+    ema: bool,
+    image_size: int,
+    batch: int,
+) -> Stage1State:
+    """A fresh state (parameters logically annotated, i.e. boxed), initialized on a zero
+    batch of `batch` images; `disc` None means no discriminator."""
+    dummy = jnp.zeros((batch, image_size, image_size, 3), jnp.float32)
+    k_model, k_disc, k_step = jax.random.split(rng, 3)
+    variables = model.init({"params": k_model}, dummy)
+    params = variables["params"]
+    disc_params = disc.init(k_disc, dummy)["params"] if disc is not None else {}
+    zero = jnp.zeros((), jnp.float32)
+    return Stage1State(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        vq_stats=variables["vq_stats"],
+        disc_params=disc_params,
+        disc_opt_state=disc_tx.init(disc_params) if disc is not None else {},
+        ema_params=params if ema else {},
+        lecam_ema={"real": zero, "fake": zero},
+        nonfinite=jnp.zeros((), jnp.int32),
+        rng=jax.random.key_data(k_step),
+    )
+
+
 def phase_settings(settings: Stage1Settings, step: int) -> Stage1Settings:
     """The settings of the step compiled for `step`.
 

@@ -20,7 +20,7 @@ from vitvq import data as data_lib
 from vitvq.data.globalize import to_global
 from vitvq.errors import ConfigError
 from vitvq.models.vim import build_vim
-from vitvq.train import common, loop, writers
+from vitvq.train import common, loop, stage2_step, writers
 from vitvq.train.optim import make_adam
 from vitvq.train.stage1 import compute_dtype
 from vitvq.train.stage2_step import Stage2Settings, Stage2State, eval_step, train_step
@@ -76,18 +76,13 @@ class Stage2:
         )
 
     def init_state(self, rng: jax.Array) -> Stage2State:
-        t = self.tokenizer.grid_size**2
-        n = parallel.batch_ways(self.mesh)
-        tokens = jnp.zeros((n, t), jnp.int32)
-        labels = jnp.zeros((n,), jnp.int32) if self.num_classes else None
-        k_model, k_step = jax.random.split(rng)
-        params = self.model.init({"params": k_model}, tokens, labels)["params"]
-        return Stage2State(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            opt_state=self.tx.init(params),
-            nonfinite=jnp.zeros((), jnp.int32),
-            rng=jax.random.key_data(k_step),
+        return stage2_step.init_state(
+            rng,
+            model=self.model,
+            tx=self.tx,
+            num_tokens=self.tokenizer.grid_size**2,
+            num_classes=self.num_classes,
+            batch=parallel.batch_ways(self.mesh),
         )
 
     def abstract_state(self):

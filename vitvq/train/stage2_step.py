@@ -35,6 +35,30 @@ class Stage2Settings:
     class_dropout: float = 0.1  # rate at which labels become the null class (id num_classes)
 
 
+def init_state(
+    rng: jax.Array,
+    *,
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    num_tokens: int,
+    num_classes: int,
+    batch: int,
+) -> Stage2State:
+    """A fresh state (parameters logically annotated, i.e. boxed), initialized on a zero
+    batch of `batch` code sequences of `num_tokens` (with labels when `num_classes`)."""
+    tokens = jnp.zeros((batch, num_tokens), jnp.int32)
+    labels = jnp.zeros((batch,), jnp.int32) if num_classes else None
+    k_model, k_step = jax.random.split(rng)
+    params = model.init({"params": k_model}, tokens, labels)["params"]
+    return Stage2State(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        nonfinite=jnp.zeros((), jnp.int32),
+        rng=jax.random.key_data(k_step),
+    )
+
+
 def _all_finite(tree) -> jax.Array:
     leaves = jax.tree_util.tree_leaves(tree)
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
