@@ -46,25 +46,8 @@ Bad options exit with status 2 and one line naming the option.
 EOF
 }
 
-die() {
-  echo "error: $*" >&2
-  exit 2
-}
-
-# Quotes each argument for a POSIX shell (only where needed) and joins them with spaces.
-quote() {
-  local arg escaped words=()
-  local q="'\\''"
-  for arg in "$@"; do
-    if [[ "$arg" =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then
-      words+=("$arg")
-    else
-      escaped="${arg//\'/$q}"
-      words+=("'${escaped}'")
-    fi
-  done
-  echo "${words[*]}"
-}
+# shellcheck source=launch/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 # --- options -------------------------------------------------------------------------------
 name="" zone="" project="" accelerator_type="" version="" config="" workdir=""

