@@ -15,6 +15,7 @@ import jax
 import numpy as np
 import pytest
 import remote_fs
+from jax_cache import persistent_compilation_cache
 from PIL import Image
 
 from vitvq import bundle, paths
@@ -201,22 +202,8 @@ def test_bundle_at_a_url(tmp_path, monkeypatch, bucket):
 @pytest.fixture
 def compilation_cache(tmp_path):
     """A persistent compilation cache: the resumed run reuses the first run's compiles."""
-    from jax.experimental.compilation_cache import compilation_cache as cc
-
-    names = (
-        "jax_compilation_cache_dir",
-        "jax_persistent_cache_min_compile_time_secs",
-        "jax_persistent_cache_min_entry_size_bytes",
-    )
-    saved = {name: getattr(jax.config, name) for name in names}
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    cc.set_cache_dir(str(tmp_path / "jax_cache"))
-    cc.reset_cache()  # the cache is set up at the first compile of the process: redo it
-    yield
-    for name, value in saved.items():
-        jax.config.update(name, value)
-    cc.reset_cache()
+    with persistent_compilation_cache(str(tmp_path / "jax_cache")):
+        yield
 
 
 def test_train_resume_and_export_from_a_url_workdir(

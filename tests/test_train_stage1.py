@@ -23,6 +23,7 @@ import jax
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
+from jax_cache import persistent_compilation_cache
 from PIL import Image
 
 from vitvq import data as data_lib
@@ -140,22 +141,8 @@ def check_run_outputs(workdir, result, *, total_steps):
 @pytest.fixture(scope="module", autouse=True)
 def compilation_cache(tmp_path_factory):
     """A persistent compilation cache for this module: the runs of one config compile once."""
-    from jax.experimental.compilation_cache import compilation_cache as cc
-
-    names = (
-        "jax_compilation_cache_dir",
-        "jax_persistent_cache_min_compile_time_secs",
-        "jax_persistent_cache_min_entry_size_bytes",
-    )
-    saved = {name: getattr(jax.config, name) for name in names}
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    cc.set_cache_dir(str(tmp_path_factory.mktemp("jax_cache")))
-    cc.reset_cache()  # the cache is set up at the first compile of the process: redo it
-    yield
-    for name, value in saved.items():
-        jax.config.update(name, value)
-    cc.reset_cache()
+    with persistent_compilation_cache(str(tmp_path_factory.mktemp("jax_cache"))):
+        yield
 
 
 class BatchTap:
