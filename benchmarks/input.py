@@ -1,6 +1,7 @@
 """Host input pipeline throughput: JPEG decode + random crop at 256, folder and TFDS paths.
 
     python benchmarks/input.py [--images=256] [--batch=64] [--batches=20] [--paths=folder,tfds]
+        [--epoch_timing] [--corrupt=FRACTION]
 
 Writes `--images` JPEGs of `--width` x `--height` (512x384, quality 90) cut from the bundled
 photographs (random crops of 40-100% of a photo, resized, mirrored at random) into a temporary
@@ -17,10 +18,32 @@ images/s and images/s per core (`os.sched_getaffinity`: the cores this process m
 which tf.data's autotuned parallelism spreads over). The top-level `images_per_sec_per_core`
 is the slower path's. One JSON object is the last line. Needs TensorFlow (and
 tensorflow-datasets for the tfds path): it measures the CPU host, not an accelerator.
+
+Broken files (`--corrupt=FRACTION`, folder path only): after the JPEGs are written, that
+fraction of the images (chosen with a fixed seed, one in each of equal stretches of the
+training files, so spread over the folder) is replaced by broken files, cycling over four
+kinds: an empty file; a truncated JPEG (its first half); a text file named .jpg; and a JPEG
+with a second start-of-frame marker written over the middle of its entropy-coded data (it
+still ends with the end-of-image marker, so only TensorFlow's decoder finds it: "Invalid JPEG
+file structure: two SOF markers", which costs a rebuild of the tf.data pipeline). The first
+three kinds are found from the bytes (`vitvq.data.screen.sniff`). The JSON adds
+`corrupt_fraction`, `corrupt_files` and `skipped_images` (`screen.skipped_images()`: the
+unreadable files the pipeline found and skipped).
+
+`--epoch_timing` (folder and tfds): no untimed warmup batches; the first pass over the
+training split, ceil(training images / batch) batches from the start of the pipeline (where
+broken files are discovered), is timed on its own as `first_epoch_images_per_sec` (with
+`first_epoch_seconds` and `epoch_batches`; `startup_seconds` then equals
+`first_epoch_seconds`), then `--batches` later batches as usual (`images_per_sec`). The
+cost of 5% broken files in a 10k-image folder:
+
+    python benchmarks/input.py --paths=folder --images=10000 --width=320 --height=256 \
+        --batch=64 --epoch_timing --corrupt=0.05     # and the same with --corrupt=0
 """
 
 import argparse
 import json
+import math
 import os
 import pathlib
 import sys
@@ -32,6 +55,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 PATHS = ("folder", "tfds")
+CORRUPTIONS = ("empty", "truncated_jpeg", "text_named_jpg", "jpeg_two_sof_markers")
 
 
 def write_jpegs(root: pathlib.Path, count: int, width: int, height: int, seed: int = 0):
@@ -60,6 +84,49 @@ def write_jpegs(root: pathlib.Path, count: int, width: int, height: int, seed: i
         crop.save(path, format="JPEG", quality=90)
         paths.append(path)
     return paths
+
+
+def _entropy_coded_start(data: bytes) -> int:
+    """Offset of the first byte after the last start-of-scan segment of a JPEG."""
+    sos = data.rfind(b"\xff\xda")
+    return sos + 2 + int.from_bytes(data[sos + 2 : sos + 4], "big")
+
+
+def broken_bytes(kind: str, data: bytes) -> bytes:
+    """A broken version of the JPEG `data` of one of the CORRUPTIONS kinds."""
+    if kind == "empty":
+        return b""
+    if kind == "truncated_jpeg":
+        return data[: len(data) // 2]
+    if kind == "text_named_jpg":
+        return b"<html><body>404 Not Found</body></html>\n"
+    if kind == "jpeg_two_sof_markers":
+        # A second SOF0 marker (with a length) over the middle of the scan data: libjpeg stops
+        # with "two SOF markers". The file keeps its end-of-image marker after the scan.
+        start = _entropy_coded_start(data)
+        middle = (start + len(data) - 2) // 2
+        marker = b"\xff\xc0\x00\x11"
+        return data[:middle] + marker + data[middle + len(marker) :]
+    raise ValueError(f"unknown corruption {kind!r}")
+
+
+def corrupt_files(train_files: list[str], count: int, seed: int = 0) -> dict[str, str]:
+    """Replaces `count` of `train_files` by broken files, one chosen at random in each of
+    `count` equal stretches of the (sorted) list, cycling over CORRUPTIONS; returns
+    {path: kind}."""
+    rng = np.random.default_rng(seed)
+    files = sorted(train_files)
+    edges = np.linspace(0, len(files), count + 1).astype(int)
+    broken = {}
+    for i in range(count):
+        path = files[int(rng.integers(edges[i], edges[i + 1]))]
+        kind = CORRUPTIONS[i % len(CORRUPTIONS)]
+        with open(path, "rb") as f:
+            data = f.read()
+        with open(path, "wb") as f:
+            f.write(broken_bytes(kind, data))
+        broken[path] = kind
+    return broken
 
 
 def build_tfds(files, data_dir: str) -> str:
@@ -106,13 +173,41 @@ def dataset_config(path: str, root: str, data_dir: str, tfds_name: str | None) -
     return dict(base, name="tfds", tfds_name=tfds_name, data_dir=data_dir)
 
 
-def time_path(config: dict, args) -> dict:
+def folder_train_files(root: str) -> list[str]:
+    """The files of a folder that the pipeline trains on (the held-out ones excluded)."""
+    from vitvq.data import records
+
+    base = dataset_config("folder", root, "", None)
+    source = records.FolderSource(
+        root,
+        train_split=base["train_split"],
+        eval_split=base["eval_split"],
+        eval_fraction=base["eval_fraction"],
+    )
+    return [source.describe("train", i) for i in range(source.size("train"))]
+
+
+def time_path(config: dict, args, train_images: int) -> dict:
     from vitvq import data
 
     t = time.perf_counter()
     batches = data.train_batches(config, image_size=args.size, global_batch_size=args.batch, seed=0)
-    for _ in range(args.warmup):
-        batch = next(batches)
+    epoch = {}
+    if args.epoch_timing:
+        # From the start of the pipeline, one pass over the training split timed on its own
+        # (where broken files are found), then `--batches` later batches.
+        num_batches = math.ceil(train_images / args.batch)
+        for _ in range(num_batches):
+            batch = next(batches)
+        epoch_s = time.perf_counter() - t
+        epoch = {
+            "epoch_batches": num_batches,
+            "first_epoch_seconds": round(epoch_s, 2),
+            "first_epoch_images_per_sec": round(num_batches * args.batch / epoch_s, 1),
+        }
+    else:
+        for _ in range(args.warmup):
+            batch = next(batches)
     startup_s = time.perf_counter() - t
     t = time.perf_counter()
     for _ in range(args.batches):
@@ -126,6 +221,7 @@ def time_path(config: dict, args) -> dict:
         "images_per_sec_per_core": round(images_per_sec / cores, 1),
         "startup_seconds": round(startup_s, 2),
         "timed_seconds": round(seconds, 2),
+        **epoch,
     }
 
 
@@ -138,14 +234,34 @@ def main():
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--batches", type=int, default=20, help="timed batches per path")
     parser.add_argument("--warmup", type=int, default=2, help="untimed batches per path")
-    parser.add_argument("--paths", default=",".join(PATHS))
+    parser.add_argument(
+        "--paths", default=None, help=f"default: {','.join(PATHS)} (folder with --corrupt)"
+    )
+    parser.add_argument(
+        "--corrupt",
+        type=float,
+        default=0.0,
+        help="fraction of the images replaced by broken files (folder path only)",
+    )
+    parser.add_argument(
+        "--epoch_timing",
+        action="store_true",
+        help="time the first pass over the data on its own (no warmup batches)",
+    )
     args = parser.parse_args()
+    if not 0.0 <= args.corrupt < 1.0:
+        parser.error("--corrupt must be in [0, 1)")
+    if args.paths is None:
+        args.paths = "folder" if args.corrupt > 0 else ",".join(PATHS)
     paths = [p for p in args.paths.split(",") if p]
     if not paths or set(paths) - set(PATHS):
         parser.error(f"--paths must list some of {PATHS}")
+    if args.corrupt > 0 and paths != ["folder"]:
+        parser.error("--corrupt needs --paths=folder (broken files go into the folder only)")
     if min(args.width, args.height) < args.size:
         parser.error("--width and --height must be at least --size")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from vitvq.data import screen
 
     with tempfile.TemporaryDirectory(prefix="vitvq_input_") as tmp:
         root = pathlib.Path(tmp) / "jpegs"
@@ -160,8 +276,19 @@ def main():
             t = time.perf_counter()
             tfds_name = build_tfds(files, data_dir)
             build_s = round(time.perf_counter() - t, 2)
+        train_images = {"tfds": len(files)}
+        broken = {}
+        if "folder" in paths:
+            train_files = folder_train_files(str(root))
+            train_images["folder"] = len(train_files)
+            if args.corrupt > 0:
+                count = min(len(train_files), round(args.corrupt * args.images))
+                broken = corrupt_files(train_files, count)
+                kinds = {k: list(broken.values()).count(k) for k in CORRUPTIONS}
+                print(f"replaced {len(broken)} of {len(files)} JPEGs: {kinds}", file=sys.stderr)
         results = {
-            p: time_path(dataset_config(p, str(root), data_dir, tfds_name), args) for p in paths
+            p: time_path(dataset_config(p, str(root), data_dir, tfds_name), args, train_images[p])
+            for p in paths
         }
 
     result = {
@@ -177,6 +304,9 @@ def main():
         "tfds_build_seconds": build_s,
         **{f"{p}": r for p, r in results.items()},
         "images_per_sec_per_core": min(r["images_per_sec_per_core"] for r in results.values()),
+        "corrupt_fraction": args.corrupt,
+        "corrupt_files": len(broken),
+        "skipped_images": screen.skipped_images(),
     }
     print(json.dumps(result))
 

@@ -274,3 +274,67 @@ def test_input_benchmark_folder_and_tfds(tmp_path):
     assert r["images_per_sec_per_core"] == min(
         r["folder"]["images_per_sec_per_core"], r["tfds"]["images_per_sec_per_core"]
     )
+
+
+def test_input_benchmark_corrupt_files_are_skipped_and_timed(tmp_path):
+    """A tenth of 40 JPEGs broken (one of each kind): all four found in the first epoch."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "input.py"),
+            "--images=40",
+            "--corrupt=0.1",
+            "--paths=folder",
+            "--batch=8",
+            "--batches=2",
+            "--epoch_timing",
+            "--width=64",
+            "--height=64",
+            "--size=32",
+        ],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    r = _last_json(proc.stdout)
+    assert r["corrupt_fraction"] == 0.1 and r["corrupt_files"] == 4 and r["skipped_images"] == 4
+    # 39 training files (one held out): one pass is 5 batches of 8.
+    assert r["folder"]["epoch_batches"] == 5
+    _positive(r["folder"], "first_epoch_images_per_sec", "first_epoch_seconds", "images_per_sec")
+    # The sniff finds three kinds; the JPEG with a second SOF marker only TensorFlow finds.
+    assert proc.stderr.count("Skipping unreadable image") == 4
+    assert "TensorFlow cannot decode it" in proc.stderr
+
+
+def test_input_benchmark_corrupt_needs_the_folder_path(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "input.py"), "--corrupt=0.1", "--paths=folder,tfds"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2 and "--corrupt needs --paths=folder" in proc.stderr
+
+
+def test_sigterm_benchmark_100m_preset_is_about_100m_parameters():
+    """The `100m` preset's overrides give a valid config of ~100M generator parameters
+    (the run itself takes minutes on a CPU)."""
+    from vitvq import config_check
+    from vitvq.models.vitvqgan import build_vitvqgan
+
+    sigterm = _load("sigterm")
+    config_file, overrides, _, _ = sigterm.PRESETS["100m"]
+    path, _, arg = config_file.partition(":")
+    config = _load("train_step").load_config_file(f"{REPO / path}:{arg}", overrides)
+    config_check.validate(config, num_devices=1)
+    assert not config["loss"]["perceptual"]
+    assert config["checkpoint_every_steps"] >= config["total_steps"] // 2
+    size = config["image_size"]
+    model = build_vitvqgan(config["model"], size)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
+    count = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes["params"]))
+    assert 95e6 < count < 110e6, count

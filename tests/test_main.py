@@ -62,6 +62,68 @@ BAD_INVOCATIONS = [
     ("missing_config", ["--config=configs/nope.py"], 1, ["configs/nope.py", "No such file"]),
     ("no_config", None, 1, ["--config is required"]),
     ("positional_argument", ["extra"], 1, ["unexpected arguments", "extra"]),
+    # vitvq/config_check.py: the one line names the full key, the value and what is allowed.
+    ("negative_lr", ["--config.optimizer.lr=-0.001"], 1, ["config.optimizer.lr=-0.001", "> 0"]),
+    (
+        "heads_not_dividing_width",
+        ["--config.model.encoder.num_heads=3"],
+        1,
+        ["config.model.encoder.num_heads=3", "divisor of config.model.encoder.width=32"],
+    ),
+    (
+        "codebook_size_1",
+        ["--config.model.codebook_size=1"],
+        1,
+        ["config.model.codebook_size=1", "an integer >= 2"],
+    ),
+    (
+        "dropout_out_of_range",
+        ["--config.model.decoder.dropout=1.5"],
+        1,
+        ["config.model.decoder.dropout=1.5", "a number in [0, 1)"],
+    ),
+    (
+        "unknown_dtype",
+        ["--config.dtype=float64"],
+        1,
+        ["config.dtype='float64'", "'bfloat16', 'float16', 'float32'"],
+    ),
+    (
+        "keep_checkpoints_0",
+        ["--config.keep_checkpoints=0"],
+        1,
+        ["config.keep_checkpoints=0", ">= 1"],
+    ),
+    (
+        "two_rest_axes",
+        ["--config.mesh.data=-1", "--config.mesh.fsdp=-1"],
+        8,
+        ["config.mesh={'data': -1, 'fsdp': -1, 'tensor': 1}", "at most one axis -1"],
+    ),
+    (
+        "crop_scale_out_of_range",
+        ["--config.dataset.crop_scale=(0.0,1.0)"],
+        1,
+        ["config.dataset.crop_scale=(0.0, 1.0)", "0 < lo <= hi <= 1"],
+    ),
+    (
+        "image_size_not_power_of_two",  # divisible by the patch, but the discriminator halves it
+        ["--config.image_size=48"],
+        1,
+        ["config.image_size=48", "a power of two >= 8", "config.loss.adversarial=0"],
+    ),
+    (
+        "vim_top_p",
+        [f"--config={REPO / 'configs' / 'vim_base.py'}:runlocal", "--config.sampling.top_p=0"],
+        1,
+        ["config.sampling.top_p=0.0", "a number in (0, 1]"],
+    ),
+    (
+        "pipeline_vim_heads",
+        [f"--config={REPO / 'configs' / 'demo.py'}", "--config.vim.model.num_heads=3"],
+        1,
+        ["config.vim.model.num_heads=3", "divisor of config.vim.model.width=128"],
+    ),
 ]
 
 

@@ -29,7 +29,7 @@ from PIL import Image
 from vitvq import data as data_lib
 from vitvq import parallel
 from vitvq.checkpoint import Checkpointer
-from vitvq.data import sources
+from vitvq.data import screen, sources
 from vitvq.data.globalize import to_global
 from vitvq.train import loop, stage1
 
@@ -377,10 +377,20 @@ def image_folder(tmp_path):
 
 
 def test_folder_end_to_end(image_folder, tmp_path):
+    # Two unreadable training files (vitvq.data.screen): skipped, counted, training goes on.
+    (image_folder / "chelsea" / "broken.jpg").write_bytes(b"")
+    (image_folder / "coffee" / "notes.png").write_text("not an image")
+    screen.forget_unreadable()
     config = make_config()
     config.dataset.update(name="folder", path=str(image_folder), num_classes=2)
     result = stage1.train_and_evaluate(config, str(tmp_path / "run"))
     check_run_outputs(tmp_path / "run", result, total_steps=TOTAL)
+    assert sorted(pathlib.Path(p).name for p in screen.unreadable_records()) == [
+        "broken.jpg",
+        "notes.png",
+    ]
+    final = [r for r in read_metrics(tmp_path / "run") if "data/skipped_images" in r][-1]
+    assert final["step"] == TOTAL and final["data/skipped_images"] == 2
 
 
 def test_tfds_imagenet_end_to_end(tmp_path):
@@ -416,6 +426,7 @@ def test_nan_batches_stop_the_run_keeping_the_last_good_checkpoint(tap, tmp_path
         assert_trees_equal(getattr(latest, part), getattr(good, part))
     (row,) = [r for r in read_metrics(workdir) if "train/nonfinite_steps" in r]
     assert row["step"] == 3 and row["train/nonfinite_steps"] == 1
+    assert row["train/skipped_steps"] == 1 and int(latest.skipped) == 2
     assert row["train/loss/total"] == "nan"
 
 

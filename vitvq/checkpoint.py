@@ -42,6 +42,7 @@ threads. `wait()` or `close()` (also on leaving a `with` block) blocks until the
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Iterable
@@ -52,8 +53,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from vitvq import paths
-from vitvq.errors import ConfigError, DataError
+from vitvq import paths, preemption
+from vitvq.errors import ConfigError, DataError, StorageError, VitvqError
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +109,7 @@ class Checkpointer:
         self.directory = paths.absolute(directory)
         self.save_every_steps = save_every_steps
         self.read_only = read_only
+        self._writing: int | None = None  # the step of the newest started save
         _check_gcs_support(self.directory)
         if read_only and not paths.is_dir(self.directory):
             raise DataError(f"There is no checkpoint directory {self.directory}.")
@@ -154,9 +156,10 @@ class Checkpointer:
         """True once every process has seen the preemption notice (multi-host safe).
 
         Call it every step with the same `step` on all processes; when it returns True,
-        save with `force=True`, `wait()` and exit.
+        save with `force=True`, `wait()` and exit. In a single-process run a SIGTERM caught
+        by `vitvq.preemption` counts as the notice.
         """
-        return self._manager.reached_preemption(step)
+        return preemption.requested() or self._manager.reached_preemption(step)
 
     # --- saving --------------------------------------------------------------------------
 
@@ -173,17 +176,41 @@ class Checkpointer:
         step = int(step)
         if step in self._manager.all_steps():
             return False
-        return self._manager.save(
-            step, args=ocp.args.Composite(**{ITEM: ocp.args.StandardSave(state)}), force=force
-        )
+        with self._storage_errors():  # also reports a failed earlier asynchronous save
+            started = self._manager.save(
+                step, args=ocp.args.Composite(**{ITEM: ocp.args.StandardSave(state)}), force=force
+            )
+        if started:
+            self._writing = step
+        return started
 
     def wait(self) -> None:
-        """Blocks until every started save is committed (re-raises a background failure)."""
-        self._manager.wait_until_finished()
+        """Blocks until every started save is committed; a failed write (disk full, no
+        permission) raises StorageError naming the step and the checkpoints still intact."""
+        with self._storage_errors():
+            self._manager.wait_until_finished()
+
+    @contextlib.contextmanager
+    def _storage_errors(self):
+        try:
+            yield
+        except VitvqError:
+            raise
+        except Exception as e:  # orbax and tensorstore raise many types for one failed write
+            written = sorted(s for s in self._manager.all_steps() if s != self._writing)
+            reason = " ".join(str(e).split())
+            if len(reason) > 400:  # tensorstore: the cause (e.g. "File too large") comes last
+                reason = f"{reason[:150]} ... {reason[-200:]}"
+            raise StorageError(
+                f"cannot write the checkpoint of step {self._writing} to {self.directory}: "
+                f"{reason}. The checkpoints already there (steps {written}) are intact; free "
+                "space or fix permissions and restart with the same command to resume."
+            ) from e
 
     def close(self) -> None:
         """Waits for pending saves and releases orbax's threads."""
-        self._manager.close()
+        with self._storage_errors():
+            self._manager.close()
 
     def __enter__(self) -> Checkpointer:
         return self

@@ -24,3 +24,7 @@ class DataError(VitvqError):
 
 class BundleError(VitvqError):
     """An exported bundle is missing, corrupt or of an unsupported version."""
+
+
+class StorageError(VitvqError):
+    """A checkpoint or output file could not be written (disk full, no permission, quota)."""

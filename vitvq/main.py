@@ -17,7 +17,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from vitvq import distributed
+from vitvq import distributed, preemption
 from vitvq.errors import ConfigError, VitvqError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
@@ -138,7 +138,11 @@ def main(argv):
             raise ConfigError(
                 f"unknown config.trainer {config.trainer!r}; expected one of {sorted(trainers)}"
             )
-        trainers[config.trainer](config, workdir)
+        import jax
+
+        # SIGTERM from here on: checkpoint after the step in flight and exit 0.
+        with preemption.sigterm_checkpoints(jax.process_count()):
+            trainers[config.trainer](config, workdir)
         distributed.finish()  # the other processes stop watching this one
     except VitvqError as e:
         print(f"error: {e}", file=sys.stderr)

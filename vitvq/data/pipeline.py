@@ -23,7 +23,7 @@ import math
 
 import numpy as np
 
-from vitvq.data import preprocess, sources
+from vitvq.data import preprocess, screen, sources
 from vitvq.errors import ConfigError, DataError
 
 KNOWN_SOURCES = ("digits", "photos", "folder", "tfds", "synthetic")
@@ -321,13 +321,38 @@ def _array_eval(split: sources.ArraySplit, plan, num_batches: int, size: int):
 
 
 def _record_batches(source, role: str, plan, num_batches: int | None, local: int, example_fn):
-    """tf.data over a record source: read in Python threads, decode/crop in parallel."""
+    """tf.data over a record source: read and screen in Python threads, decode/crop in parallel.
+
+    Unreadable records are skipped (see `vitvq.data.screen`); when TensorFlow fails on one
+    the sniff let through, the pipeline is rebuilt from that batch with it marked.
+    """
+    op_error = preprocess.import_tf().errors.OpError
+    screened = screen.Screen(source, role)
+    first = 0
+    while True:
+        dataset = _record_dataset(screened, plan, first, num_batches, local, example_fn)
+        batch = first
+        iterator = dataset.as_numpy_iterator()
+        try:
+            for values in iterator:
+                yield values
+                batch += 1
+            return
+        except op_error as e:
+            indices, _, mask = plan(batch)
+            if not screened.mark_undecodable(indices, mask):
+                raise DataError(f"reading the {role} data failed: {e.message}") from e
+            first = batch  # rebuild from the failed batch, the culprits now skipped
+
+
+def _record_dataset(screened, plan, first: int, num_batches: int | None, local: int, example_fn):
     tf = preprocess.import_tf()
 
     def generate():
-        for batch in itertools.count() if num_batches is None else range(num_batches):
+        stop = None if num_batches is None else num_batches
+        for batch in itertools.count(first) if stop is None else range(first, stop):
             indices, params, mask = plan(batch)
-            encoded, labels = source.read(role, indices)
+            encoded, labels, mask = screened.read(indices, mask)
             yield np.asarray(encoded, dtype=object), labels, params, mask
 
     signature = (
@@ -341,31 +366,4 @@ def _record_batches(source, role: str, plan, num_batches: int | None, local: int
     dataset = dataset.batch(local, drop_remainder=True).prefetch(2)
     options = tf.data.Options()
     options.deterministic = True
-    return _with_diagnosis(dataset.with_options(options), source, role, plan)
-
-
-def _with_diagnosis(dataset, source, role: str, plan):
-    """Yields numpy batches; a decoding failure becomes a DataError naming the record."""
-    tf = preprocess.import_tf()
-    iterator = dataset.as_numpy_iterator()
-    for batch in itertools.count():
-        try:
-            values = next(iterator)
-        except StopIteration:
-            return
-        except tf.errors.OpError as e:
-            _raise_bad_record(source, role, plan(batch))
-            raise DataError(f"reading the {role} data failed: {e.message}") from e
-        yield values
-
-
-def _raise_bad_record(source, role: str, batch_plan) -> None:
-    indices = batch_plan[0]
-    indices = indices[indices >= 0]
-    encoded, _ = source.read(role, indices)  # raises DataError for unreadable files
-    bad = preprocess.find_undecodable(encoded)
-    if bad is not None:
-        raise DataError(
-            f"cannot decode image {source.describe(role, int(indices[bad]))}: it is not a "
-            "valid image; remove or replace it"
-        )
+    return dataset.with_options(options)

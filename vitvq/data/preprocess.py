@@ -147,14 +147,3 @@ def tf_eval_example(size: int):
         return {"image": image, "label": label, "mask": mask}
 
     return fn
-
-
-def find_undecodable(encoded: list[bytes]) -> int | None:
-    """The position of the first record TensorFlow cannot decode as an image, else None."""
-    tf = import_tf()
-    for position, record in enumerate(encoded):
-        try:
-            tf.io.decode_image(record, channels=3, expand_animations=False)
-        except tf.errors.OpError:
-            return position
-    return None

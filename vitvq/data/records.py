@@ -142,18 +142,18 @@ class FolderSource:
         """The file of one example."""
         return self._files[role][index]
 
-    def _read_one(self, role: str, index: int) -> bytes:
+    def _read_one(self, role: str, index: int) -> bytes | OSError:
         if index < 0:
             return b""
-        path = self._files[role][index]
         try:
-            with open(path, "rb") as f:
+            with open(self._files[role][index], "rb") as f:
                 return f.read()
-        except OSError as e:
-            raise DataError(f"cannot read image file {path}: {e}") from e
+        except OSError as e:  # screened out (and logged) by vitvq.data.screen
+            return e
 
     def read(self, role: str, indices: np.ndarray):
-        """Encoded bytes and labels of the given examples (negative index: padding)."""
+        """Encoded bytes and labels of the given examples (negative index: padding); a file
+        that cannot be read gives its OSError instead of bytes."""
         encoded = _read_all(lambda i: self._read_one(role, i), indices)
         labels = np.where(indices >= 0, self._labels[role][np.maximum(indices, 0)], 0)
         return encoded, labels.astype(np.int32)

@@ -50,10 +50,21 @@ def create_state(init_state: Callable[[jax.Array], Any], mesh, rules, seed: int)
 
 def prepare_workdir(config, workdir: str) -> None:
     """Creates the workdir (a local path or a URL such as gs://bucket/run); process 0 writes
-    the resolved config to `config.json` (atomically: a resumed run never leaves it torn)."""
-    paths.makedirs(workdir)
-    if jax.process_index() == 0:
-        paths.write_text(paths.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+    the resolved config to `config.json` (atomically: a resumed run never leaves it torn).
+
+    A workdir that cannot be created or written is a ConfigError, before anything compiles.
+    """
+    try:
+        paths.makedirs(workdir)
+        if jax.process_index() == 0:
+            text = config.to_json_best_effort(indent=2)
+            paths.write_text(paths.join(workdir, "config.json"), text)
+    except OSError as e:
+        reason = f"[Errno {e.errno}] {e.strerror}" if e.strerror else str(e)
+        raise ConfigError(
+            f"cannot write to the workdir {paths.absolute(workdir)} ({reason}): choose a "
+            "writable --workdir"
+        ) from e
 
 
 def open_checkpointer(config, workdir: str) -> Checkpointer:

@@ -17,6 +17,8 @@ import jax
 import numpy as np
 from clu import periodic_actions
 
+from vitvq import preemption
+from vitvq.data import screen
 from vitvq.data.globalize import to_global
 from vitvq.errors import VitvqError
 
@@ -70,8 +72,15 @@ def run(task: Task, settings: LoopSettings, checkpointer, writer) -> dict[str, f
     """Trains from `task.state.step` to `settings.total_steps`; returns the last eval metrics.
 
     Raises TrainingStopped after `max_consecutive_nonfinite` skipped steps in a row; returns
-    early (after a checkpoint) when a preemption notice arrives.
+    early (after a checkpoint) when a preemption notice (or, in a single process, SIGTERM:
+    `vitvq.preemption`) arrives.
     """
+    preemption.note_stopped(None)
+    with preemption.sigterm_checkpoints(jax.process_count()):
+        return _run(task, settings, checkpointer, writer)
+
+
+def _run(task: Task, settings: LoopSettings, checkpointer, writer) -> dict[str, float]:
     state = task.state
     step = int(jax.device_get(state.step))
     total = settings.total_steps
@@ -104,10 +113,14 @@ def run(task: Task, settings: LoopSettings, checkpointer, writer) -> dict[str, f
             )
         if _due(done_step, settings.log_every_steps) or done_step == total:
             values = jax.device_get(metrics)
-            writer.write_scalars(
-                done_step, {f"train/{k}": np.asarray(v) for k, v in values.items()}
-            )
+            scalars = {f"train/{k}": np.asarray(v) for k, v in values.items()}
+            scalars["data/skipped_images"] = screen.skipped_images()  # unreadable files
+            writer.write_scalars(done_step, scalars)
 
+    if preemption.requested():  # during startup: the state is the saved one (or a fresh init)
+        logger.warning("Preemption notice before step %d: exiting without training.", step)
+        preemption.note_stopped(step)
+        return final_eval
     while step < total:
         batch = to_global(next(batches), task.mesh)
         state, metrics = task.train_step(state, batch, step)
@@ -126,6 +139,7 @@ def run(task: Task, settings: LoopSettings, checkpointer, writer) -> dict[str, f
             checkpointer.save(step, state, force=True)
             checkpointer.wait()
             logger.warning("Preemption notice at step %d: checkpoint written, exiting.", step)
+            preemption.note_stopped(step)
             return final_eval
         if task.evaluate is not None and (_due(step, settings.eval_every_steps) or step == total):
             final_eval = task.evaluate(state)

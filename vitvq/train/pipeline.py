@@ -18,6 +18,7 @@ import time
 
 import numpy as np
 
+from vitvq import config_check, preemption
 from vitvq.train import stage1, stage2
 
 logger = logging.getLogger(__name__)
@@ -67,6 +68,15 @@ def _digits_checks(sampler, vim_config) -> dict[str, float]:
     return out
 
 
+def _preempted(what: str) -> bool:
+    """True when the stage just run stopped for a preemption: the pipeline stops too (the
+    same command resumes that stage)."""
+    step = preemption.stopped_at()
+    if step is not None:
+        _stage("preempted", f"the {what} run stopped at step {step}; run the command again")
+    return step is not None
+
+
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     import jax
 
@@ -76,6 +86,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     from vitvq.sample import sample_grid
     from vitvq.train.writers import image_grid, save_png
 
+    # Both stages' keys now: a bad VIM value must not wait for the tokenizer's training.
+    config_check.validate(config, trainer="pipeline", num_devices=jax.device_count())
     tok_dir = os.path.join(workdir, "tokenizer")
     vim_dir = os.path.join(workdir, "vim")
     tok_bundle = os.path.join(workdir, "tokenizer_bundle")
@@ -89,6 +101,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
 
     t = _stage("1/5", f"training the tokenizer ({stage1_config.total_steps} steps) in {tok_dir}")
     tok_metrics = stage1.train_and_evaluate(stage1_config, tok_dir)
+    if _preempted("tokenizer"):
+        return {}
     logger.info("tokenizer done in %.0f s", time.time() - t)
 
     _stage("2/5", f"exporting the tokenizer to {tok_bundle}")
@@ -99,6 +113,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     with vim_config.unlocked():
         vim_config.tokenizer_bundle = tok_bundle
     vim_metrics = stage2.train_and_evaluate(vim_config, vim_dir)
+    if _preempted("VIM"):
+        return {}
     logger.info("VIM done in %.0f s", time.time() - t)
 
     _stage("4/5", f"exporting tokenizer + VIM to {out_bundle}")

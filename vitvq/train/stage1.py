@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from vitvq import config_check, losses, parallel, paths
 from vitvq import data as data_lib
-from vitvq import losses, parallel, paths
 from vitvq.data.globalize import to_global, to_host
 from vitvq.errors import ConfigError
 from vitvq.evaluation.reconstruction import ReconstructionAccumulator
@@ -37,10 +37,11 @@ from vitvq.train.stage1_step import (
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# config.dtype: the compute dtype (the names are vitvq/config_check.py's).
+DTYPES = {name: getattr(jnp, name) for name in config_check.DTYPES}
 # config.trainable: which generator parameters train. "decoder": the encoder and the quantizer
 # (its projection and codebook) are frozen, the code projection up and the decoder train.
-TRAINABLE = ("all", "decoder")
+TRAINABLE = config_check.TRAINABLE
 FROZEN_FOR_DECODER = ("enc", "quantizer")
 
 
@@ -289,17 +290,26 @@ def make_image_writer(trainer: Stage1, config, workdir: str, writer, eval_fn):
 
 def check_config(config, mesh) -> None:
     """Validates what can be checked before building anything (ConfigError on a problem)."""
+    config_check.validate(config, trainer="vitvqgan")  # every key's type, range and relations
     common.check_loop_config(config, mesh)
     trainable_mode(config)
     init_from = config.get("init_from")
     if init_from and not paths.exists(init_from):  # a local path or a URL (gs://...)
         raise ConfigError(f"config.init_from={init_from} does not exist")
+    weights = config.get("inception_weights")
+    if weights and not os.path.isfile(weights):  # read when evaluating: fail before training
+        raise ConfigError(
+            f"config.inception_weights={weights} does not exist; allowed: None (no FID) or the "
+            "safetensors file of scripts/convert_inception_weights.py"
+        )
     info = data_lib.dataset_info(config.dataset)  # unknown or missing datasets fail here
     logger.info("dataset: %s", info)
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     """Trains a ViT-VQGAN as configured; returns the final evaluation metrics."""
+    # The keys (the mesh against the devices too) before anything is built.
+    config_check.validate(config, trainer="vitvqgan", num_devices=jax.device_count())
     mesh = parallel.make_mesh(config.mesh)
     check_config(config, mesh)
     trainer = Stage1(config, mesh)

@@ -39,6 +39,7 @@ class Stage1State:
     ema_params: Any  # EMA of `params` ({} when EMA is off)
     lecam_ema: Any  # {"real": [], "fake": []} EMAs of the discriminator's logits
     nonfinite: jax.Array  # int32 [], consecutive skipped (non-finite) steps
+    skipped: jax.Array  # int32 [], all skipped steps of the run (resumes included)
     rng: jax.Array  # uint32 [2] raw key data; the step folds the step number into it
 
 
@@ -100,6 +101,7 @@ def init_state(
         ema_params=params if ema else {},
         lecam_ema={"real": zero, "fake": zero},
         nonfinite=jnp.zeros((), jnp.int32),
+        skipped=jnp.zeros((), jnp.int32),
         rng=jax.random.key_data(k_step),
     )
 
@@ -305,8 +307,10 @@ def train_step(
         ema_params=_select(finite, ema_params, state.ema_params),
         lecam_ema=_select(finite, lecam_ema, state.lecam_ema),
         nonfinite=jnp.where(finite, 0, state.nonfinite + 1).astype(jnp.int32),
+        skipped=jnp.where(finite, state.skipped, state.skipped + 1).astype(jnp.int32),
     )
     metrics["nonfinite_steps"] = new_state.nonfinite
+    metrics["skipped_steps"] = new_state.skipped
     return new_state, metrics
 
 

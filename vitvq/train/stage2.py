@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vitvq import bundle, parallel
+from vitvq import bundle, config_check, parallel
 from vitvq import data as data_lib
 from vitvq.data.globalize import to_global
 from vitvq.errors import ConfigError
@@ -159,6 +159,8 @@ class Stage2:
 
 
 def check_config(config, mesh) -> None:
+    """Validates what can be checked before building anything (ConfigError on a problem)."""
+    config_check.validate(config, trainer="vim")  # every key's type, range and relations
     common.check_loop_config(config, mesh)
     if config.get("init_from"):
         raise ConfigError(
@@ -180,6 +182,8 @@ def _sample_labels(num_classes: int, per_class: int) -> np.ndarray | None:
 
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     """Trains a VIM as configured; returns the final evaluation metrics."""
+    # The keys (the mesh against the devices too) before anything is built.
+    config_check.validate(config, trainer="vim", num_devices=jax.device_count())
     mesh = parallel.make_mesh(config.mesh)
     check_config(config, mesh)
     trainer = Stage2(config, mesh)

@@ -26,6 +26,7 @@ class Stage2State:
     params: Any  # VIM parameters
     opt_state: Any
     nonfinite: jax.Array  # int32 [], consecutive skipped (non-finite) steps
+    skipped: jax.Array  # int32 [], all skipped steps of the run (resumes included)
     rng: jax.Array  # uint32 [2]
 
 
@@ -55,6 +56,7 @@ def init_state(
         params=params,
         opt_state=tx.init(params),
         nonfinite=jnp.zeros((), jnp.int32),
+        skipped=jnp.zeros((), jnp.int32),
         rng=jax.random.key_data(k_step),
     )
 
@@ -122,6 +124,7 @@ def train_step(
         params=select(params, state.params),
         opt_state=select(opt_state, state.opt_state),
         nonfinite=jnp.where(finite, 0, state.nonfinite + 1).astype(jnp.int32),
+        skipped=jnp.where(finite, state.skipped, state.skipped + 1).astype(jnp.int32),
     )
     metrics = {
         "loss": loss,
@@ -130,6 +133,7 @@ def train_step(
         "grad_norm": optax.global_norm(grads),
         "lr": lr_schedule(step),
         "nonfinite_steps": new_state.nonfinite,
+        "skipped_steps": new_state.skipped,
     }
     return new_state, metrics
 

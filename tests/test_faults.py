@@ -1,0 +1,282 @@
+"""Real faults injected into real training runs (`python -m vitvq.main` subprocesses):
+
+- SIGKILL at several moments, one of them while an asynchronous checkpoint is being
+  written: each restart with the same command resumes from the last committed checkpoint
+  (never a partial one), and the finished run's final state equals an uninterrupted run's,
+  bit for bit. The uninterrupted run is made twice: same config and seed, identical states.
+- SIGTERM: the run checkpoints the step in flight and exits 0 within a bound; the restart
+  continues from exactly that step.
+- An unwritable workdir is a one-line error at start; a disk that fills up (a file-size
+  limit: the kernel refuses writes with EFBIG) is a one-line error at save time, and the
+  previous checkpoint stays valid.
+- A workdir whose checkpoint was written by another config (other widths, codebook size) is
+  a one-line error naming the parameters whose shapes differ.
+
+Subprocesses share a persistent compilation cache and LLVM's cheapest optimization level.
+"""
+
+import json
+import os
+import pathlib
+import re
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from vitvq.checkpoint import Checkpointer
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CONFIG = f"--config={REPO / 'configs' / 'vitvq_small.py'}:runlocal"
+TOTAL = 40
+ARGS = [
+    CONFIG,
+    f"--config.total_steps={TOTAL}",
+    "--config.checkpoint_every_steps=4",
+    "--config.log_every_steps=4",
+    f"--config.eval_every_steps={TOTAL}",
+    f"--config.image_every_steps={TOTAL}",
+    "--config.loss.perceptual=0.0",
+    "--config.loss.r1_gamma=0.0",  # one compiled step, not two
+    # Wider than runlocal so that a checkpoint write lasts long enough to be caught.
+    "--config.model.encoder.width=128",
+    "--config.model.decoder.width=128",
+]
+SIGTERM_BOUND = 60  # seconds from SIGTERM to exit: a step, a checkpoint, shutdown, slack
+TIMEOUT = 600
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("VITVQ_", "SLURM_"))}
+    environment.update(
+        XLA_FLAGS="--xla_backend_optimization_level=0",
+        JAX_PLATFORMS="cpu",
+        TF_CPP_MIN_LOG_LEVEL="2",
+        JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    )
+    return environment
+
+
+def _argv(workdir, extra):
+    return [sys.executable, "-m", "vitvq.main", *ARGS, *extra, f"--workdir={workdir}"]
+
+
+def start(env, workdir, *extra) -> subprocess.Popen:
+    """A run in the background, its output appended to WORKDIR.log (one per restart)."""
+    log = open(f"{workdir}.log", "a")
+    return subprocess.Popen(
+        _argv(workdir, extra), cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
+    )
+
+
+def run(env, workdir, *extra, preexec_fn=None) -> tuple[int, str]:
+    """A run to its end: (exit status, output). The output goes through a pipe, which a
+    file-size limit set by `preexec_fn` does not cut short."""
+    proc = subprocess.run(
+        _argv(workdir, extra),
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=TIMEOUT,
+        preexec_fn=preexec_fn,
+    )
+    return proc.returncode, proc.stdout
+
+
+def committed_steps(workdir) -> list[int]:
+    directory = pathlib.Path(workdir) / "checkpoints"
+    if not directory.exists():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+
+def partial_writes(workdir) -> list[str]:
+    directory = pathlib.Path(workdir) / "checkpoints"
+    if not directory.exists():
+        return []
+    return [p.name for p in directory.iterdir() if "tmp" in p.name]
+
+
+def final_state(workdir, step: int = TOTAL):
+    with Checkpointer(
+        pathlib.Path(workdir) / "checkpoints", save_every_steps=1, read_only=True
+    ) as ckpt:
+        tree, saved = ckpt.restore_as_saved(step)
+    assert saved == step
+    return jax.tree_util.tree_map(np.asarray, tree)
+
+
+def assert_bitwise_equal(a, b):
+    leaves_a, tree_a = jax.tree_util.tree_flatten_with_path(a)
+    leaves_b, tree_b = jax.tree_util.tree_flatten_with_path(b)
+    assert [p for p, _ in leaves_a] == [p for p, _ in leaves_b]
+    for (path, x), (_, y) in zip(leaves_a, leaves_b, strict=True):
+        assert x.dtype == y.dtype and x.shape == y.shape, jax.tree_util.keystr(path)
+        assert np.array_equal(x, y, equal_nan=True), jax.tree_util.keystr(path)
+
+
+def error_line(log: str) -> str:
+    errors = [line for line in log.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in log, log[-3000:]
+    return errors[0]
+
+
+def wait_for(condition, proc, timeout=TIMEOUT, poll=0.002):
+    """Polls `condition()` until true; False if the process ended first."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return True
+        if proc.poll() is not None:
+            return condition()
+        time.sleep(poll)
+    raise TimeoutError("condition not reached")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(env, tmp_path_factory):
+    """Two uninterrupted runs of the same config and seed, side by side."""
+    root = tmp_path_factory.mktemp("straight")
+    procs = [start(env, root / f"run{k}") for k in range(2)]
+    for k, proc in enumerate(procs):
+        assert proc.wait(timeout=TIMEOUT) == 0, (root / f"run{k}.log").read_text()[-3000:]
+    return [final_state(root / f"run{k}") for k in range(2)], root / "run0"
+
+
+def test_same_config_and_seed_give_bit_identical_states(uninterrupted):
+    (first, second), _ = uninterrupted
+    assert_bitwise_equal(first, second)
+
+
+def test_sigkill_at_random_moments_then_restart_finishes_identically(env, uninterrupted, tmp_path):
+    workdir = tmp_path / "killed"
+    rng = np.random.default_rng(0)
+    kills = []
+    for attempt in range(3):
+        before = max(committed_steps(workdir), default=0)
+        proc = start(env, workdir)
+        if attempt == 0:
+            # Kill while the first asynchronous checkpoint is being written.
+            caught = wait_for(lambda: partial_writes(workdir), proc)
+            proc.kill()
+            assert caught, "the run ended before a checkpoint write could be caught"
+            seen = partial_writes(workdir)
+        else:
+            # Kill at a random moment once this restart has trained a little further.
+            wait_for(lambda: max(committed_steps(workdir), default=0) > before, proc)  # noqa: B023
+            time.sleep(rng.uniform(0.0, 0.5))
+            proc.kill()
+            seen = partial_writes(workdir)
+        proc.wait(timeout=60)
+        kills.append((committed_steps(workdir), seen, proc.returncode))
+    assert kills[0][1], "no partial write was caught"  # killed mid-write
+    assert all(rc == -signal.SIGKILL for _, _, rc in kills if rc != 0)
+
+    rc, log = run(env, workdir)  # the same command, to the end
+    assert rc == 0, log[-3000:]
+    resumed = [int(s) for s in re.findall(r"Resumed from the checkpoint of step (\d+)", log)]
+    committed_at_kill = [max(steps) if steps else None for steps, _, _ in kills]
+    # Every restart after a kill resumed from the newest committed step, never a partial one.
+    assert resumed == [s for s in committed_at_kill if s is not None][-len(resumed) :]
+    assert not partial_writes(workdir)
+    assert_bitwise_equal(final_state(workdir), uninterrupted[0][0])
+
+
+def test_sigterm_checkpoints_the_current_step_and_exits_0(env, tmp_path):
+    workdir = tmp_path / "preempted"
+    proc = start(env, workdir, "--config.total_steps=100000", "--config.keep_checkpoints=2")
+    assert wait_for(lambda: committed_steps(workdir), proc), "the run ended early"
+    time.sleep(0.3)
+    sent = time.time()
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=SIGTERM_BOUND)
+    took = time.time() - sent
+    log = pathlib.Path(f"{workdir}.log").read_text()
+    assert proc.returncode == 0, log[-3000:]
+    assert took < SIGTERM_BOUND
+    (step,) = map(int, re.findall(r"Preemption notice at step (\d+): checkpoint written", log))
+    assert committed_steps(workdir)[-1] == step
+    assert not partial_writes(workdir)
+
+    rc, log = run(env, workdir, f"--config.total_steps={step + 2}", "--config.log_every_steps=1")
+    assert rc == 0, log[-3000:]
+    assert f"Resumed from the checkpoint of step {step} in" in log
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    trained = [r["step"] for r in rows if "train/loss/total" in r]
+    assert trained[-2:] == [step + 1, step + 2]  # the resumed steps, each logged once
+
+
+def test_unwritable_workdir_is_a_clear_error_at_start(env, tmp_path):
+    if os.geteuid() == 0:
+        # root ignores permission bits: a regular file where the workdir's parent should be
+        # is a workdir no one can create.
+        parent = tmp_path / "file"
+        parent.write_text("")
+    else:
+        parent = tmp_path / "readonly"
+        parent.mkdir()
+        parent.chmod(0o500)
+    rc, log = run(env, parent / "run")
+    assert "Compiling" not in log and "generator parameters" not in log  # before building
+    assert rc == 2, log[-3000:]
+    line = error_line(log)
+    assert "workdir" in line and str(parent / "run") in line
+
+
+def _limit_file_size(limit: int):
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() fails with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def _copy_of_finished_run(uninterrupted, workdir):
+    """A copy of an uninterrupted run's workdir (checkpoints of steps TOTAL-8..TOTAL)."""
+    shutil.copytree(uninterrupted[1], workdir)
+    return workdir
+
+
+def test_disk_full_at_save_time_keeps_the_previous_checkpoint(env, uninterrupted, tmp_path):
+    workdir = _copy_of_finished_run(uninterrupted, tmp_path / "full")
+    before = committed_steps(workdir)
+    # The resumed run may not write files over 256 KiB: the checkpoint's data files are
+    # bigger (300-450 KiB), its metrics and events files smaller.
+    rc, log = run(
+        env,
+        workdir,
+        f"--config.total_steps={TOTAL + 4}",
+        preexec_fn=_limit_file_size(256 * 1024),
+    )
+    assert rc == 2, log[-3000:]
+    # One line from vitvq; orbax's background threads may add their own tracebacks.
+    (line,) = [line for line in log.splitlines() if line.startswith("error: ")]
+    assert f"cannot write the checkpoint of step {TOTAL + 4}" in line, line
+    assert "File too large" in line and "are intact" in line, line
+    # The newest checkpoint stays (orbax may already have retired the oldest of the three
+    # it keeps when the new save started).
+    assert committed_steps(workdir)[-1] == TOTAL and set(committed_steps(workdir)) <= set(before)
+    assert_bitwise_equal(final_state(workdir, TOTAL), uninterrupted[0][0])
+
+
+def test_checkpoint_of_another_config_names_the_differing_shapes(env, uninterrupted, tmp_path):
+    workdir = _copy_of_finished_run(uninterrupted, tmp_path / "changed")
+    rc, log = run(
+        env, workdir, f"--config.total_steps={TOTAL + 4}", "--config.model.codebook_size=32"
+    )
+    assert rc == 2, log[-3000:]
+    error_line(log)
+    message = log[log.index("error: ") :]
+    assert "does not match the train state" in message, message
+    assert re.search(r"codebook\S*: checkpoint shape \(64, 8\) != state shape \(32, 8\)", message)

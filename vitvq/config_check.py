@@ -1,0 +1,541 @@
+"""Checks every training config value before anything is built or compiled.
+
+`validate(config)` walks declarative tables of rules: one row per key (its type, range or
+allowed values), plus the checks that relate keys (heads that divide the width, a patch
+that divides the image, the mesh against the device count, ...). The first bad value raises
+a `ConfigError` whose message is one line that names the full key, the value and what is
+allowed, e.g.
+
+    config.model.encoder.num_heads=5 is invalid: width 32 is not divisible by 5 heads;
+    allowed: a divisor of config.model.encoder.width=32 (1, 2, 4, 8, 16, 32)
+
+(on one line). Keys a config does not have are skipped unless the trainer reads them
+without a default (then they are reported as missing): configs differ by trainer, and
+configs written before a key existed still load. ml_collections already checks the types of
+overrides; these rules add ranges, choices and the relations between keys.
+
+Trainers (`config.trainer`): "vitvqgan" (stage 1, vitvq/train/stage1.py), "vim" (stage 2,
+vitvq/train/stage2.py) and "pipeline" (vitvq/train/pipeline.py: the top-level keys are a
+stage-1 config, `config.vim` a stage-2 config).
+"""
+
+import dataclasses
+import math
+import numbers
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from vitvq.data.pipeline import KNOWN_SOURCES
+from vitvq.errors import ConfigError
+from vitvq.losses import GAN_LOSS_KINDS
+from vitvq.models.vim import VIM_CONFIG_KEYS, VIM_PRESETS
+from vitvq.models.vit import POSEMB_KINDS
+from vitvq.models.vitvqgan import OUTPUT_KINDS
+from vitvq.parallel import MESH_AXES
+
+TRAINERS = ("vitvqgan", "vim", "pipeline")
+# config.dtype (vitvq.train.stage1.DTYPES maps these names to jnp types) and config.trainable
+# (vitvq.train.stage1 reads both from here).
+DTYPES = ("bfloat16", "float16", "float32")
+TRAINABLE = ("all", "decoder")
+IN_MEMORY_SOURCES = ("digits", "photos", "synthetic")  # the sources dataset.crop_scale applies to
+MAX_SEED = 2**32 - 1  # jax.random.key keeps the low 32 bits: larger seeds alias smaller ones
+
+_MISSING = object()
+
+
+# --- value specs ---------------------------------------------------------------------------
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _fmt(x) -> str:
+    """A bound or choice as a message shows it: 0.5, 1, 'hinge', None."""
+    return repr(x) if not isinstance(x, float) else f"{x:g}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Int:
+    """An integer in [lo, hi] (either bound optional), or one of `also` (e.g. -1, None)."""
+
+    lo: int | None = None
+    hi: int | None = None
+    also: tuple = ()
+    note: str = ""  # what the extra values mean, e.g. "-1: the rest of the devices"
+
+    def ok(self, value) -> bool:
+        if value in self.also and (value is None or _is_int(value)):
+            return True
+        if not _is_int(value):
+            return False
+        return (self.lo is None or value >= self.lo) and (self.hi is None or value <= self.hi)
+
+    def allowed(self) -> str:
+        if self.lo is not None and self.hi is not None:
+            text = f"an integer in [{self.lo}, {self.hi}]"
+        elif self.lo is not None:
+            text = f"an integer >= {self.lo}"
+        elif self.hi is not None:
+            text = f"an integer <= {self.hi}"
+        else:
+            text = "an integer"
+        if self.also:
+            text += " or " + " or ".join(_fmt(a) for a in self.also)
+        return f"{text} ({self.note})" if self.note else text
+
+
+@dataclasses.dataclass(frozen=True)
+class Real:
+    """A finite number in the interval from lo to hi (open ends where `*_open`)."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    note: str = ""
+
+    def ok(self, value) -> bool:
+        if not _is_real(value) or not math.isfinite(value):
+            return False
+        if self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo):
+            return False
+        if self.hi is not None and (value >= self.hi if self.hi_open else value > self.hi):
+            return False
+        return True
+
+    def allowed(self) -> str:
+        if self.lo is not None and self.hi is not None:
+            left, right = "(" if self.lo_open else "[", ")" if self.hi_open else "]"
+            text = f"a number in {left}{_fmt(self.lo)}, {_fmt(self.hi)}{right}"
+        elif self.lo is not None:
+            text = f"a finite number {'>' if self.lo_open else '>='} {_fmt(self.lo)}"
+        elif self.hi is not None:
+            text = f"a finite number {'<' if self.hi_open else '<='} {_fmt(self.hi)}"
+        else:
+            text = "a finite number"
+        return f"{text} ({self.note})" if self.note else text
+
+
+@dataclasses.dataclass(frozen=True)
+class OneOf:
+    choices: tuple
+
+    def ok(self, value) -> bool:
+        return isinstance(value, str | int | float | type(None)) and value in self.choices
+
+    def allowed(self) -> str:
+        return "one of " + ", ".join(_fmt(c) for c in self.choices)
+
+
+@dataclasses.dataclass(frozen=True)
+class Fractions:
+    """None, or a pair (lo, hi) with 0 < lo <= hi <= 1."""
+
+    def ok(self, value) -> bool:
+        if value is None:
+            return True
+        if not isinstance(value, tuple | list) or len(value) != 2:
+            return False
+        lo, hi = value
+        return _is_real(lo) and _is_real(hi) and 0 < lo <= hi <= 1
+
+    def allowed(self) -> str:
+        return "None or a pair (lo, hi) with 0 < lo <= hi <= 1 (fractions of the shorter side)"
+
+
+@dataclasses.dataclass(frozen=True)
+class Bool:
+    def ok(self, value) -> bool:
+        return isinstance(value, bool)
+
+    def allowed(self) -> str:
+        return "True or False"
+
+
+@dataclasses.dataclass(frozen=True)
+class Text:
+    """A non-empty string; where `optional`, also None or "" (unset)."""
+
+    optional: bool = False
+    note: str = ""
+
+    def ok(self, value) -> bool:
+        if self.optional and value in (None, ""):
+            return True
+        return isinstance(value, str) and bool(value)
+
+    def allowed(self) -> str:
+        text = "a non-empty string" + (" or None (unset)" if self.optional else "")
+        return f"{text} ({self.note})" if self.note else text
+
+
+Spec = Int | Real | OneOf | Fractions | Bool | Text
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """`key` (dotted, relative to the config) must satisfy `spec`.
+
+    required: the trainer reads the key without a default, so a missing key is an error.
+    when: the rule applies only when `when(config)` is true (e.g. a threshold that only
+      matters when the feature it belongs to is on); `reason` says so in the message.
+    """
+
+    key: str
+    spec: Spec
+    required: bool = False
+    when: Callable[[Any], bool] | None = None
+    reason: str = ""  # why `when` makes the key matter, added to the message
+
+
+def _get(config, key: str, default=_MISSING):
+    """The value at dotted `key` (references resolved), or `default` when absent."""
+    node = config
+    for part in key.split("."):
+        if node is None or not hasattr(node, "get"):
+            return default
+        try:
+            node = node.get(part, _MISSING)
+        except (KeyError, AttributeError):
+            return default
+        if node is _MISSING:
+            return default
+    return node
+
+
+def _fail(path: str, value, allowed: str, reason: str = "") -> None:
+    shown = repr(dict(value.items())) if hasattr(value, "items") else repr(value)
+    reason = f": {reason}" if reason else ""
+    raise ConfigError(f"{path}={shown} is invalid{reason}; allowed: {allowed}")
+
+
+def _apply(rules: Sequence[Rule], config, prefix: str) -> None:
+    for rule in rules:
+        if rule.when is not None and not rule.when(config):
+            continue
+        value = _get(config, rule.key)
+        path = f"{prefix}.{rule.key}"
+        if value is _MISSING:
+            if rule.required:
+                reason = f" ({rule.reason})" if rule.reason else ""
+                raise ConfigError(f"{path} is missing{reason}; allowed: {rule.spec.allowed()}")
+            continue
+        if not rule.spec.ok(value):
+            _fail(path, value, rule.spec.allowed(), rule.reason)
+
+
+# --- rule tables ---------------------------------------------------------------------------
+
+POSITIVE = Int(lo=1)
+NON_NEGATIVE = Int(lo=0)
+WEIGHT = Real(lo=0.0)  # a loss weight (0 = off)
+DECAY = Real(lo=0.0, hi=1.0, hi_open=True)  # an EMA decay or a probability below 1
+ADAM_BETA = Real(lo=0.0, hi=1.0, hi_open=True)
+RATE = Real(lo=0.0, lo_open=True)
+
+# Both trainers' loop, data and parallelism keys (vitvq/train/common.py, loop.py, data/).
+LOOP_RULES = (
+    Rule("trainer", OneOf(TRAINERS)),
+    Rule("seed", Int(lo=0, hi=MAX_SEED), required=True),
+    Rule("total_steps", NON_NEGATIVE, required=True),
+    Rule("batch_size", POSITIVE, required=True),
+    Rule("eval_batch_size", POSITIVE, required=True),
+    Rule("log_every_steps", POSITIVE, required=True),
+    Rule("eval_every_steps", POSITIVE, required=True),
+    Rule("checkpoint_every_steps", POSITIVE, required=True),
+    Rule("image_every_steps", Int(lo=0, note="0: only at the end")),
+    Rule("eval_num_examples", Int(lo=0, note="0: the whole split")),
+    Rule("keep_checkpoints", Int(lo=1, also=(None,), note="None: keep all"), required=True),
+    Rule("max_consecutive_nonfinite", POSITIVE),
+    Rule("dtype", OneOf(DTYPES), required=True),
+    Rule("init_from", Text(optional=True, note="a bundle or checkpoint directory")),
+    Rule("inception_weights", Text(optional=True, note="converted InceptionV3 safetensors")),
+    Rule("eval_lpips", Bool()),
+    *(
+        Rule(f"mesh.{axis}", Int(lo=1, also=(-1,), note="-1: the rest of the devices"))
+        for axis in MESH_AXES
+    ),
+    Rule("dataset.name", OneOf(KNOWN_SOURCES), required=True),
+    Rule("dataset.num_classes", Int(lo=0, note="0: unconditional")),
+    Rule("dataset.crop_scale", Fractions()),
+    Rule("dataset.eval_fraction", Real(lo=0.0, hi=1.0, hi_open=True)),
+    Rule("dataset.shuffle_buffer", NON_NEGATIVE),
+    Rule("dataset.train_split", Text()),
+    Rule("dataset.eval_split", Text()),
+    Rule(
+        "dataset.path",
+        Text(note="a directory of images"),
+        required=True,
+        when=lambda c: _get(c, "dataset.name") == "folder",
+        reason="required when dataset.name='folder'",
+    ),
+    Rule(
+        "dataset.tfds_name",
+        Text(note="a TFDS dataset name, e.g. 'imagenet2012'"),
+        required=True,
+        when=lambda c: _get(c, "dataset.name") == "tfds",
+        reason="required when dataset.name='tfds'",
+    ),
+)
+
+
+def _transformer_rules(block: str, required: bool) -> tuple[Rule, ...]:
+    return (
+        Rule(f"{block}.width", POSITIVE, required=required),
+        Rule(f"{block}.depth", POSITIVE, required=required),
+        Rule(f"{block}.num_heads", POSITIVE, required=required),
+        Rule(f"{block}.mlp_dim", POSITIVE, required=required),
+        Rule(f"{block}.dropout", DECAY),
+    )
+
+
+def _optimizer_rules(block: str, *, stage2: bool, required: bool = True) -> tuple[Rule, ...]:
+    """The keys of make_optimizer (stage 1) or make_adam (stage 2) in vitvq/train/optim.py."""
+    rules = (
+        Rule(f"{block}.lr", RATE, required=required),
+        # Stage 2 decays exponentially towards end_lr (a ratio end_lr / lr): it must be > 0.
+        Rule(f"{block}.end_lr", RATE if stage2 else WEIGHT, required=required),
+        # Both schedules clamp the warmup to total_steps: any count >= 0 works.
+        Rule(f"{block}.warmup_steps", NON_NEGATIVE, required=required),
+        Rule(f"{block}.b1", ADAM_BETA, required=required),
+        Rule(f"{block}.b2", ADAM_BETA, required=required),
+        Rule(f"{block}.weight_decay", WEIGHT, required=required and not stage2),
+        Rule(f"{block}.grad_clip_norm", Real(lo=0.0, note="0: off")),
+    )
+    if stage2:
+        return (*rules, Rule(f"{block}.decay_start_step", NON_NEGATIVE, required=required))
+    return (*rules, Rule(f"{block}.codebook_lr_multiplier", WEIGHT))
+
+
+def _gan_on(config) -> bool:
+    return _is_real(w := _get(config, "loss.adversarial", 0.0)) and w > 0
+
+
+STAGE1_RULES = (
+    Rule("trainable", OneOf(TRAINABLE)),
+    Rule("image_size", POSITIVE, required=True),
+    Rule("model.patch_size", POSITIVE, required=True),
+    Rule("model.codebook_size", Int(lo=2), required=True),
+    Rule("model.code_dim", POSITIVE, required=True),
+    Rule("model.beta", WEIGHT),
+    Rule("model.output", OneOf(OUTPUT_KINDS)),
+    Rule("model.logit_laplace_eps", Real(lo=0.0, hi=0.5, hi_open=True)),
+    Rule("model.posemb", OneOf(POSEMB_KINDS)),
+    Rule("model.search_chunk_size", Int(lo=0, note="0: all codes at once")),
+    Rule("model.usage_decay", DECAY),
+    *_transformer_rules("model.encoder", required=True),
+    *_transformer_rules("model.decoder", required=True),
+    Rule("discriminator.base_channels", POSITIVE, required=True, when=_gan_on),
+    Rule("discriminator.max_channels", POSITIVE, required=True, when=_gan_on),
+    Rule("discriminator.channel_multiplier", POSITIVE),
+    *(
+        Rule(f"loss.{k}", WEIGHT, required=True)
+        for k in ("l2", "logit_laplace", "perceptual", "adversarial", "vq", "r1_gamma", "lecam")
+    ),
+    Rule("loss.entropy", WEIGHT),
+    Rule("loss.entropy_temperature", RATE),
+    Rule("loss.perceptual_start_step", NON_NEGATIVE, required=True),
+    Rule("loss.disc_start_step", NON_NEGATIVE, required=True),
+    Rule("loss.gan_loss", OneOf(GAN_LOSS_KINDS), required=True),
+    Rule(
+        "loss.r1_every",
+        POSITIVE,
+        required=True,
+        when=lambda c: _is_real(g := _get(c, "loss.r1_gamma", 0.0)) and g > 0,
+    ),
+    Rule("loss.lecam_decay", DECAY, required=True),
+    *_optimizer_rules("optimizer", stage2=False),
+    # Read only with the GAN on (loss.adversarial > 0); checked whenever present.
+    *_optimizer_rules("disc_optimizer", stage2=False, required=False),
+    Rule("ema_decay", Real(lo=0.0, hi=1.0, hi_open=True, note="0: off"), required=True),
+    Rule("codebook_restart.every_steps", Int(lo=0, note="0: off"), required=True),
+    Rule(
+        "codebook_restart.threshold",
+        RATE,
+        required=True,
+        when=lambda c: _is_int(n := _get(c, "codebook_restart.every_steps", 0)) and n > 0,
+    ),
+    Rule("codebook_restart.start_step", NON_NEGATIVE, required=True),
+    Rule("codebook_restart.stop_step", Int(lo=-1, note="-1: never"), required=True),
+)
+
+STAGE2_RULES = (
+    # The tokenizer bundle fixes the image size; set, it must be the same (checked later).
+    Rule("image_size", Int(lo=1, also=(None,), note="None: the tokenizer's")),
+    Rule("tokenizer_bundle", Text(optional=True, note="a stage-1 bundle directory")),
+    Rule("model.preset", OneOf(tuple(sorted(VIM_PRESETS)))),
+    *_transformer_rules("model", required=False),
+    Rule("class_dropout", DECAY, required=True),
+    *_optimizer_rules("optimizer", stage2=True),
+    Rule("sampling.temperature", Real(lo=0.0, note="0: greedy"), required=True),
+    Rule("sampling.top_k", Int(lo=0, note="0: off"), required=True),
+    Rule("sampling.top_p", Real(lo=0.0, hi=1.0, lo_open=True, note="1: off"), required=True),
+    Rule("sampling.cfg_scale", Real(lo=0.0, note="1: off"), required=True),
+    Rule("sampling.num_per_class", POSITIVE, required=True),
+    Rule("sampling.num_samples", POSITIVE),
+)
+
+
+# --- checks that relate keys ---------------------------------------------------------------
+
+
+def _divisors(n: int) -> str:
+    small = [d for d in range(1, n + 1) if n % d == 0]
+    return ", ".join(str(d) for d in small[:12]) + (", ..." if len(small) > 12 else "")
+
+
+def _check_heads(width, heads, path: str, width_path: str) -> None:
+    if _is_int(width) and _is_int(heads) and width > 0 and heads > 0 and width % heads:
+        _fail(
+            path,
+            heads,
+            f"a divisor of {width_path}={width} ({_divisors(width)})",
+            f"width {width} is not divisible by {heads} heads",
+        )
+
+
+def _check_stage1_relations(config, prefix: str) -> None:
+    for block in ("encoder", "decoder"):
+        _check_heads(
+            _get(config, f"model.{block}.width"),
+            _get(config, f"model.{block}.num_heads"),
+            f"{prefix}.model.{block}.num_heads",
+            f"{prefix}.model.{block}.width",
+        )
+    image_size, patch = _get(config, "image_size"), _get(config, "model.patch_size")
+    if image_size % patch:  # both are positive integers (the tables ran first)
+        _fail(
+            f"{prefix}.model.patch_size",
+            patch,
+            f"a divisor of {prefix}.image_size={image_size} ({_divisors(image_size)})",
+            f"image_size {image_size} is not divisible by patch_size {patch}",
+        )
+    if _gan_on(config) and (image_size < 8 or image_size & (image_size - 1)):
+        _fail(
+            f"{prefix}.image_size",
+            image_size,
+            f"a power of two >= 8 (8, 16, 32, ...), or {prefix}.loss.adversarial=0 (no GAN)",
+            "the discriminator halves the image down to 4x4",
+        )
+
+
+def _check_stage2_relations(config, prefix: str) -> None:
+    model = _get(config, "model", None)
+    if model is None or not hasattr(model, "keys"):
+        raise ConfigError(f"{prefix}.model is missing; allowed: a VIM model block")
+    unknown = sorted(set(model.keys()) - set(VIM_CONFIG_KEYS))
+    if unknown:
+        raise ConfigError(
+            f"{prefix}.model has unknown keys {unknown}; allowed: {', '.join(VIM_CONFIG_KEYS)}"
+        )
+    preset = _get(config, "model.preset", None)
+    sizes = dataclasses.asdict(VIM_PRESETS[preset]) if preset is not None else {}
+    sizes.update({k: v for k, v in model.items() if v is not None})
+    for key in ("width", "depth", "num_heads", "mlp_dim"):
+        if key not in sizes:
+            raise ConfigError(
+                f"{prefix}.model.{key} is missing; allowed: {POSITIVE.allowed()}, or set "
+                f"{prefix}.model.preset (one of {', '.join(sorted(VIM_PRESETS))})"
+            )
+    _check_heads(
+        sizes["width"],
+        sizes["num_heads"],
+        f"{prefix}.model.num_heads",
+        f"{prefix}.model.width",
+    )
+
+
+def _check_mesh(config, prefix: str, num_devices: int | None) -> None:
+    mesh = _get(config, "mesh")
+    path = f"{prefix}.mesh"
+    if mesh is _MISSING or mesh is None or not hasattr(mesh, "items"):
+        raise ConfigError(
+            f"{path} is missing; allowed: sizes of the axes {', '.join(MESH_AXES)} "
+            "(one of them may be -1: the rest of the devices)"
+        )
+    sizes = dict(mesh.items())
+    unknown = sorted(set(sizes) - set(MESH_AXES))
+    if unknown:
+        _fail(path, mesh, f"the axes {', '.join(MESH_AXES)}", f"unknown axes {unknown}")
+    rest = [axis for axis in MESH_AXES if sizes.get(axis, 1) == -1]
+    if len(rest) > 1:
+        _fail(
+            path,
+            mesh,
+            "at most one axis -1 (the rest of the devices), the others positive",
+            f"{len(rest)} axes ({', '.join(rest)}) are -1",
+        )
+    if num_devices is None:
+        return
+    fixed = math.prod(sizes.get(axis, 1) for axis in MESH_AXES if sizes.get(axis, 1) != -1)
+    if rest and num_devices % fixed:
+        _fail(
+            path,
+            mesh,
+            f"axes whose fixed sizes multiply to a divisor of {num_devices} (the device count)",
+            f"the other axes multiply to {fixed}, which does not divide the {num_devices} "
+            f"devices, so axis {rest[0]!r} cannot be -1",
+        )
+    if not rest and fixed != num_devices:
+        _fail(
+            path,
+            mesh,
+            f"sizes that multiply to {num_devices}, or one axis -1 (the rest of the devices)",
+            f"it multiplies to {fixed} but there are {num_devices} devices",
+        )
+
+
+def _check_dataset_relations(config, prefix: str) -> None:
+    name = _get(config, "dataset.name")
+    crop_scale = _get(config, "dataset.crop_scale", None)
+    if crop_scale is not None and name not in IN_MEMORY_SOURCES:
+        _fail(
+            f"{prefix}.dataset.crop_scale",
+            crop_scale,
+            f"None for dataset.name={name!r} (crop_scale applies to the in-memory sources "
+            f"{', '.join(IN_MEMORY_SOURCES)})",
+        )
+
+
+# --- entry point ---------------------------------------------------------------------------
+
+
+def validate(
+    config,
+    *,
+    trainer: str | None = None,
+    num_devices: int | None = None,
+    prefix: str = "config",
+) -> None:
+    """Raises ConfigError (one line: key, value, what is allowed) on the first bad value.
+
+    trainer: the rules of "vitvqgan", "vim" or "pipeline" (default: `config.trainer`).
+    num_devices: also checks that `config.mesh` fits this many devices.
+    prefix: how the config is named in messages ("config.vim" for a pipeline's VIM block).
+    """
+    trainer = trainer if trainer is not None else _get(config, "trainer", "vitvqgan")
+    if trainer not in TRAINERS:
+        _fail(f"{prefix}.trainer", trainer, OneOf(TRAINERS).allowed())
+    _apply(LOOP_RULES, config, prefix)
+    _check_mesh(config, prefix, num_devices)
+    _check_dataset_relations(config, prefix)
+    if trainer == "vim":
+        _apply(STAGE2_RULES, config, prefix)
+        _check_stage2_relations(config, prefix)
+        return
+    _apply(STAGE1_RULES, config, prefix)
+    _check_stage1_relations(config, prefix)
+    if trainer == "pipeline":
+        vim = _get(config, "vim", None)
+        if vim is None or not hasattr(vim, "items"):
+            raise ConfigError(
+                f"{prefix}.vim is missing; allowed: a stage-2 (VIM) config block, as in "
+                "configs/demo.py"
+            )
+        validate(vim, trainer="vim", num_devices=num_devices, prefix=f"{prefix}.vim")
