@@ -34,7 +34,13 @@ from vitvq import distributed
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LOCAL_POD = REPO / "launch" / "local_pod.sh"
-STAGE1 = [f"--config={REPO / 'configs' / 'vitvq_base.py'}:runlocal", "--config.log_every_steps=1"]
+STAGE1 = [
+    f"--config={REPO / 'configs' / 'vitvq_base.py'}:runlocal",
+    "--config.log_every_steps=1",
+    # No lazy R1: its step is a second compile in every process (multi-process CPU runs have
+    # no compilation cache); tests/test_main.py's CLI run covers it.
+    "--config.loss.r1_gamma=0.0",
+]
 FAST_COMPILE = "--xla_backend_optimization_level=0"
 RTOL = 1e-5
 # The survivor of a killed process must be gone this soon: it notices the coordinator's loss

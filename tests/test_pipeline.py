@@ -21,7 +21,9 @@ def demo_config(steps: int):
     # 8 fake devices: eval batches must divide over them (the demo's 99 does not).
     c.update(image_every_steps=steps, log_every_steps=steps, eval_num_examples=96)
     c.update(eval_batch_size=32)
-    c.loss.disc_start_step = steps - 1  # both stage-1 phases run
+    # The GAN phase stays off (one compiled stage-1 step): tests/test_main.py's CLI run and
+    # tests/test_train_stage1.py cover it.
+    c.loss.disc_start_step = 10 * steps
     c.vim.update(total_steps=steps, eval_every_steps=steps, checkpoint_every_steps=steps)
     c.vim.update(image_every_steps=steps, log_every_steps=steps, eval_num_examples=96)
     c.vim.update(eval_batch_size=32)

@@ -133,12 +133,18 @@ def main(argv):
             heartbeat_timeout=_HEARTBEAT_TIMEOUT.value,
         )
         distributed.log_topology()
-        trainers = _trainers()
-        if config.trainer not in trainers:
-            raise ConfigError(
-                f"unknown config.trainer {config.trainer!r}; expected one of {sorted(trainers)}"
-            )
         import jax
+
+        from vitvq import config_check
+
+        if config.trainer not in config_check.TRAINERS:
+            raise ConfigError(
+                f"unknown config.trainer {config.trainer!r}; expected one of "
+                f"{sorted(config_check.TRAINERS)}"
+            )
+        # Every value, before the trainers (and TensorFlow) are even imported.
+        config_check.validate(config, trainer=config.trainer, num_devices=jax.device_count())
+        trainers = _trainers()
 
         # SIGTERM from here on: checkpoint after the step in flight and exit 0.
         with preemption.sigterm_checkpoints(jax.process_count()):
