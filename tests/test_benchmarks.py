@@ -338,3 +338,40 @@ def test_sigterm_benchmark_100m_preset_is_about_100m_parameters():
     shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
     count = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes["params"]))
     assert 95e6 < count < 110e6, count
+
+
+def test_matmul_shapes_bound_is_consistent(tmp_path):
+    """Tiny shapes: every product has a positive rate, and the bound adds up its products."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "matmul_shapes.py"),
+            "--width=32",
+            "--mlp=64",
+            "--heads=2",
+            "--tokens=16",
+            "--batch=4",
+            "--depth=1",
+            "--codebook=64",
+            "--code_dim=8",
+            "--peak_size=256",
+        ],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    r = _last_json(proc.stdout)
+    assert len(r["products"]) == 8
+    for row in r["products"]:
+        assert row["gflop_per_sec"] > 0 and row["calls_per_step"] >= 1
+    n = 4 * 16
+    # Forward and backward products of one block in each of the two stacks, the code search.
+    expected = 2 * (6 * 2 * n * 32 * 32 * 2 + 6 * 2 * n * 32 * 64) + 6 * 2 * (
+        2 * 4 * 2 * 16 * 16 * 16
+    )
+    expected += 2 * n * 64 * 8
+    assert r["product_flops_per_step"] == expected
+    assert 0 < r["bound_mfu"] and r["bound_seconds"] > 0
