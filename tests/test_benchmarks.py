@@ -55,6 +55,18 @@ def _env(blocked_dir=None):
     return env
 
 
+def _bench(script, *args, cwd, timeout=300):
+    """`python benchmarks/SCRIPT.py ARGS` in `cwd` on one CPU device; the finished process."""
+    return subprocess.run(
+        [sys.executable, str(BENCH / f"{script}.py"), *args],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+    )
+
+
 def _last_json(text):
     return json.loads(text.strip().splitlines()[-1])
 
@@ -248,22 +260,15 @@ def test_gpu_suite_bad_option():
 
 
 def test_input_benchmark_folder_and_tfds(tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(BENCH / "input.py"),
-            "--images=12",
-            "--width=80",
-            "--height=64",
-            "--size=32",
-            "--batch=4",
-            "--batches=2",
-            "--warmup=1",
-        ],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
+    proc = _bench(
+        "input",
+        "--images=12",
+        "--width=80",
+        "--height=64",
+        "--size=32",
+        "--batch=4",
+        "--batches=2",
+        "--warmup=1",
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -278,24 +283,17 @@ def test_input_benchmark_folder_and_tfds(tmp_path):
 
 def test_input_benchmark_corrupt_files_are_skipped_and_timed(tmp_path):
     """A tenth of 40 JPEGs broken (one of each kind): all four found in the first epoch."""
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(BENCH / "input.py"),
-            "--images=40",
-            "--corrupt=0.1",
-            "--paths=folder",
-            "--batch=8",
-            "--batches=2",
-            "--epoch_timing",
-            "--width=64",
-            "--height=64",
-            "--size=32",
-        ],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
+    proc = _bench(
+        "input",
+        "--images=40",
+        "--corrupt=0.1",
+        "--paths=folder",
+        "--batch=8",
+        "--batches=2",
+        "--epoch_timing",
+        "--width=64",
+        "--height=64",
+        "--size=32",
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -342,24 +340,17 @@ def test_sigterm_benchmark_100m_preset_is_about_100m_parameters():
 
 def test_matmul_shapes_bound_is_consistent(tmp_path):
     """Tiny shapes: every product has a positive rate, and the bound adds up its products."""
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(BENCH / "matmul_shapes.py"),
-            "--width=32",
-            "--mlp=64",
-            "--heads=2",
-            "--tokens=16",
-            "--batch=4",
-            "--depth=1",
-            "--codebook=64",
-            "--code_dim=8",
-            "--peak_size=256",
-        ],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
+    proc = _bench(
+        "matmul_shapes",
+        "--width=32",
+        "--mlp=64",
+        "--heads=2",
+        "--tokens=16",
+        "--batch=4",
+        "--depth=1",
+        "--codebook=64",
+        "--code_dim=8",
+        "--peak_size=256",
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
