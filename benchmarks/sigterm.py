@@ -17,9 +17,8 @@ Presets:
 - `100m`: configs/vitvq_small.py:runlocal (digits, 32x32, batch 8) with the encoder and the
   decoder widened to ~102M generator parameters (width 704, depth 8, 11 heads, MLP 2816
   each), no perceptual loss, no eval, images or interval checkpoints before the signal: the
-  only checkpoint is the SIGTERM one (~1.2 GB expected: parameters and Adam moments).
-  The LPIPS network is still loaded for evaluation (`eval_lpips` is not a field of the config
-  files, so no command-line override can turn it off); it is not part of the checkpoint;
+  only checkpoint is the SIGTERM one (~1.2 GB expected: parameters and Adam moments), and
+  no LPIPS network loaded (`--config.eval_lpips=False`);
 - `tiny`: configs/vitvq_small.py:runlocal with the loop settings of `100m`, no perceptual
   loss and no discriminator (it would start at step 1000000): a smoke test, ~30 s on two CPU
   cores where the discriminator and LPIPS in the step would double the compile.
@@ -72,13 +71,18 @@ PRESETS = {
     "demo": ("configs/demo.py", ["--config.log_every_steps=1"], "tokenizer", 20),
     "100m": (
         "configs/vitvq_small.py:runlocal",
-        [*_WIDE, "--config.loss.perceptual=0.0", *_QUIET_LOOP],
+        [*_WIDE, "--config.loss.perceptual=0.0", "--config.eval_lpips=False", *_QUIET_LOOP],
         ".",
         5,
     ),
     "tiny": (
         "configs/vitvq_small.py:runlocal",
-        ["--config.loss.perceptual=0.0", "--config.loss.disc_start_step=1000000", *_QUIET_LOOP],
+        [
+            "--config.loss.perceptual=0.0",
+            "--config.eval_lpips=False",
+            "--config.loss.disc_start_step=1000000",
+            *_QUIET_LOOP,
+        ],
         ".",
         3,
     ),

@@ -102,6 +102,7 @@ def stage1(encoder: str = "S", decoder: str = "S", **overrides) -> ml_collection
         )
     )
     c.discriminator = ml_collections.ConfigDict(dict(base_channels=64, max_channels=512))
+    c.eval_lpips = True  # LPIPS in the held-out evaluation (loads the VGG even when unused)
     # PAPER.md: L = L_VQ + 0.1 L_adv + 0.1 L_perceptual + 0.1 L_logit-laplace + 1.0 L_2.
     c.loss = ml_collections.ConfigDict(
         dict(

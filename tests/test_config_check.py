@@ -68,7 +68,6 @@ def test_every_rule_names_a_key_of_a_shipped_config():
                     stack.append((f"{prefix}{k}.", v))
     rules = config_check.LOOP_RULES + config_check.STAGE1_RULES + config_check.STAGE2_RULES
     optional_only = {  # keys the trainers read with a default, set by no shipped config
-        "eval_lpips",
         "dataset.eval_fraction",
         "discriminator.channel_multiplier",
         "model.preset",

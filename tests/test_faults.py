@@ -43,6 +43,7 @@ ARGS = [
     f"--config.eval_every_steps={TOTAL}",
     f"--config.image_every_steps={TOTAL}",
     "--config.loss.perceptual=0.0",
+    "--config.eval_lpips=False",
     "--config.loss.r1_gamma=0.0",  # one compiled step, not two
     # Wider than runlocal so that a checkpoint write lasts long enough to be caught.
     "--config.model.encoder.width=128",
