@@ -6,12 +6,12 @@
 
 Builds an unconditional VIM with random weights (no training needed for speed), compiles the
 sampler once, then times whole sampling runs. Reports tokens/s (batch x tokens per second),
-and per decoding step the bytes it must read at least (all weights once, plus the whole
-fixed-length KV cache, which every step attends over with a mask) against the machine's
-memory read bandwidth measured in the same process (a sum over a 256 MiB array), as
-`bandwidth_fraction`. `--dtype` is the compute dtype (weights stay float32, the cache takes
-the compute dtype). Needs neither TensorFlow, ml_collections nor clu. One JSON object is the
-last line.
+and per decoding step the bytes it must read at least (all weights once, plus the KV cache
+blocks up to the step's slot, `--cache_block`, or the whole cache without blocks) against
+the machine's memory read bandwidth measured in the same process (a sum over a 256 MiB
+array), as `bandwidth_fraction`. `--dtype` is the compute dtype (weights stay float32, the
+cache takes the compute dtype). Needs neither TensorFlow, ml_collections nor clu. One JSON
+object is the last line.
 """
 
 import argparse
@@ -53,6 +53,12 @@ def main():
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument(
+        "--cache_block",
+        type=int,
+        default=None,
+        help="KV cache block (default vitvq.sampling.CACHE_BLOCK; 0: one fixed-length cache)",
+    )
     for key in ("width", "depth", "heads", "mlp", "vocab"):
         parser.add_argument(f"--{key}", type=int, default=None)
     args = parser.parse_args()
@@ -82,6 +88,12 @@ def main():
     params = jax.tree_util.tree_map(lambda x: getattr(x, "value", x), params)
     param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
 
+    if args.cache_block is not None:
+        sampling.CACHE_BLOCK = args.cache_block
+    block = sampling.CACHE_BLOCK
+    if not block or args.tokens <= block or args.tokens % block:
+        block = 0  # the sampler uses one fixed-length cache
+
     def run(seed):
         return sampling.sample_tokens(
             model, params, jax.random.key(seed), batch_size=args.batch, temperature=1.0
@@ -98,12 +110,13 @@ def main():
     seconds = float(np.median(times))
     steps = args.tokens
     head_dim = shape["width"] // shape["heads"]
-    # The cache is fixed-length: every step reads all of it (keys and values, all layers).
+    # The step at slot t reads the cache blocks up to t's (keys and values, all layers); with
+    # one fixed-length cache, all of it.
     itemsize = jnp.dtype(dtype).itemsize
-    cache_bytes = (
-        2 * shape["depth"] * args.batch * args.tokens * shape["heads"] * head_dim * itemsize
-    )
-    bytes_per_step = param_bytes + cache_bytes
+    slot_bytes = 2 * shape["depth"] * args.batch * shape["heads"] * head_dim * itemsize
+    t_total = args.tokens
+    read = [((t // block + 1) * block if block else t_total) for t in range(1, t_total)]
+    bytes_per_step = param_bytes + slot_bytes * float(np.mean(read))
     bandwidth = read_bandwidth(jax, jnp)
     step_s = seconds / steps
     result = {
@@ -112,6 +125,7 @@ def main():
         "tokens": args.tokens,
         "batch": args.batch,
         "dtype": args.dtype,
+        "cache_block": block,
         "params": int(sum(x.size for x in jax.tree_util.tree_leaves(params))),
         "compile_seconds": round(compile_s, 2),
         "seconds_per_sample_batch": round(seconds, 3),

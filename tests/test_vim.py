@@ -111,6 +111,21 @@ def test_top_k_1_and_temperature_0_are_greedy(setup):
     np.testing.assert_array_equal(greedy, want)
 
 
+def test_blocked_cache_decoding_is_greedy_too(setup, monkeypatch):
+    # Cache blocks of 4 slots (T = 16): the steps of block k read blocks 0..k only; a prefix
+    # of 6 starts decoding inside block 1. The same tokens as full forward passes.
+    model, params, tokens, labels = setup
+    monkeypatch.setattr(sampling, "CACHE_BLOCK", 4)
+    for prefix in (None, tokens[:, :6]):
+        got = sampling.sample_tokens(
+            model, params, jax.random.key(3), batch_size=4, labels=labels, top_k=1, prefix=prefix
+        )
+        want = _greedy(model, params, labels, 4, None if prefix is None else np.asarray(prefix))
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(InputError, match="not a multiple of 5"):
+        VIM.split_cache(model.init_cache(2), 5)
+
+
 def test_completion_keeps_the_prefix_and_continues_greedily(setup):
     model, params, tokens, labels = setup
     prefix = tokens[:, :6]

@@ -29,6 +29,10 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from vitvq.errors import InputError
 from vitvq.models.vim import VIM, check_labels
 
+# Sequences longer than this decode with a KV cache in blocks of this many slots, each
+# step reading only the filled blocks (0: one fixed-length cache, read whole at every step).
+# BENCHMARKS.md ("What limits the stage-1 step and the sampler") has the measurements.
+CACHE_BLOCK = 256
 # Mesh axes the batch is split over, the first of these that the mesh has.
 _BATCH_AXES_BY_PREFERENCE = (("data", "fsdp"), ("batch",))
 
@@ -91,9 +95,30 @@ def batch_axes_of(mesh: Mesh) -> tuple[str, ...]:
 
 @functools.partial(
     jax.jit,
-    static_argnames=("model", "temperature", "top_k", "top_p", "cfg_scale", "sharding"),
+    static_argnames=(
+        "model",
+        "temperature",
+        "top_k",
+        "top_p",
+        "cfg_scale",
+        "sharding",
+        "block_size",
+    ),
 )
-def _sample(params, rng, labels, prefix, *, model, temperature, top_k, top_p, cfg_scale, sharding):
+def _sample(
+    params,
+    rng,
+    labels,
+    prefix,
+    *,
+    model,
+    temperature,
+    top_k,
+    top_p,
+    cfg_scale,
+    sharding,
+    block_size=0,
+):
     """labels int32 [B] (zeros when unconditional), prefix int32 [B, P] with P < T ->
     int32 [B, T]."""
     b, p = prefix.shape
@@ -107,8 +132,10 @@ def _sample(params, rng, labels, prefix, *, model, temperature, top_k, top_p, cf
     def widen(x):  # [B, ...] -> [streams * B, ...], the streams of one example adjacent
         return x if streams == 1 else jnp.repeat(x, streams, axis=0)
 
-    def step(cache, inputs):
-        logits, cache = model.apply({"params": params}, cache, inputs, method=model.decode_step)
+    def step(cache, inputs, block=None):
+        logits, cache = model.apply(
+            {"params": params}, cache, inputs, block, method=model.decode_step
+        )
         if logits.ndim == 3:
             logits = logits[:, -1]
         if guided:
@@ -133,15 +160,25 @@ def _sample(params, rng, labels, prefix, *, model, temperature, top_k, top_p, cf
     tokens = jax.lax.dynamic_update_slice_in_dim(tokens, prefix, 0, axis=1)
     tokens = tokens.at[:, p].set(code)
 
-    def body(pos, carry):
+    def body(pos, carry, block=None):
         cache, tokens, code = carry
-        logits, cache = step(cache, widen(code))
+        logits, cache = step(cache, widen(code), block)  # slot `pos` predicts x_pos
         code = sample(pos, logits)
         tokens = jax.lax.dynamic_update_slice_in_dim(tokens, code[:, None], pos, axis=1)
         return cache, constrain(tokens), code
 
-    _, tokens, _ = jax.lax.fori_loop(p + 1, t_total, body, (cache, tokens, code))
-    return tokens
+    if not block_size or t_total <= block_size or t_total % block_size:
+        _, tokens, _ = jax.lax.fori_loop(p + 1, t_total, body, (cache, tokens, code))
+        return tokens
+    # A blocked cache: the steps of block k read blocks 0..k only, not the empty rest.
+    carry = (VIM.split_cache(cache, block_size), tokens, code)
+    start = p + 1
+    while start < t_total:
+        block = start // block_size
+        end = (block + 1) * block_size
+        carry = jax.lax.fori_loop(start, end, functools.partial(body, block=block), carry)
+        start = end
+    return carry[1]
 
 
 def _is_number(x) -> bool:
@@ -252,4 +289,5 @@ def sample_tokens(
         top_p=float(top_p),
         cfg_scale=float(cfg_scale),
         sharding=sharding,
+        block_size=CACHE_BLOCK,
     )

@@ -20,9 +20,10 @@ dropout on the attention output, the MLP activation and the MLP output (PAPER.md
 activation and attention outputs); a final LayerNorm; logits over the codebook.
 
 Decoding uses an explicit, fixed-length KV cache (`init_cache`, `decode_step`): a dict with
-one {"key", "value"} pair of [batch, T, heads, head_dim] buffers per block and the number of
-slots already filled ("index"). The same parameters serve the full forward pass and decoding
-(one block module, two paths), so a trained tree decodes as is.
+one {"key", "value"} pair of head-major [batch, heads, T, head_dim] buffers per block and the
+number of slots already filled ("index"); `split_cache` turns each buffer into a tuple of
+blocks, so that a step reads only the blocks filled so far. The same parameters serve the
+full forward pass and decoding (one block module, two paths), so a trained tree decodes as is.
 """
 
 import dataclasses
@@ -64,9 +65,9 @@ class CausalSelfAttention(nn.Module):
     """Causal multi-head self-attention with an optional KV cache.
 
     Parameter names and shapes are those of `layers.Attention`. Without `cache` it attends
-    over the whole input causally. With `cache` ({"key", "value"}: [B, T, heads, head_dim])
+    over the whole input causally. With `cache` ({"key", "value"}: [B, heads, T, head_dim])
     the input holds the L slots starting at `index`: their keys and values are written into
-    the cache and each attends to every cached slot up to itself.
+    the cache and each attends to every cached slot up to itself (see `_cached_attention`).
     """
 
     num_heads: int
@@ -79,8 +80,9 @@ class CausalSelfAttention(nn.Module):
         self,
         x: jax.Array,  # [B, L, width]
         deterministic: bool = True,
-        cache: Mapping[str, jax.Array] | None = None,
+        cache: Mapping[str, Any] | None = None,
         index: jax.Array | None = None,
+        block: int | None = None,
     ):
         width = x.shape[-1]
         head_dim = width // self.num_heads
@@ -111,19 +113,7 @@ class CausalSelfAttention(nn.Module):
             out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
             new_cache = None
         else:
-            keys = jax.lax.dynamic_update_slice_in_dim(
-                cache["key"], k.astype(cache["key"].dtype), index, axis=1
-            )
-            values = jax.lax.dynamic_update_slice_in_dim(
-                cache["value"], v.astype(cache["value"].dtype), index, axis=1
-            )
-            length, total = x.shape[1], keys.shape[1]
-            query_pos = index + jnp.arange(length)[:, None]
-            mask = jnp.arange(total)[None, :] <= query_pos  # [L, T]
-            out = jax.nn.dot_product_attention(
-                q, keys.astype(self.dtype), values.astype(self.dtype), mask=mask[None, None]
-            )
-            new_cache = {"key": keys, "value": values}
+            out, new_cache = _cached_attention(q, k, v, cache, index, block, self.dtype)
         kernel = param(
             "out_kernel", (self.num_heads, head_dim, width), (axes.HEADS, axes.KV, axes.EMBED)
         )
@@ -133,6 +123,55 @@ class CausalSelfAttention(nn.Module):
         )
         out = nn.Dropout(self.dropout)(out, deterministic=deterministic)
         return out if cache is None else (out, new_cache)
+
+
+def _cached_attention(q, k, v, cache, index, block: int | None, dtype):
+    """Attention of L new slots (from slot `index` on) over the KV cache, which holds
+    [B, heads, slots, head_dim] buffers: one of all T slots, or (`VIM.split_cache`) a tuple of
+    blocks of S slots each, the new slots all in block `block`. The new keys and values are
+    written into that one buffer (in place in a decoding loop) and only blocks 0..block are
+    read; scores are concatenated across blocks (they are small), never keys or values.
+    Head-major buffers make both products plain batched matmuls: no transposed copy of the
+    cache at every step."""
+    blocked = isinstance(cache["key"], tuple)
+    if blocked and block is None:
+        raise ValueError("a blocked KV cache needs the static `block` the new slots are in")
+    keys = list(cache["key"]) if blocked else [cache["key"]]
+    values = list(cache["value"]) if blocked else [cache["value"]]
+    block = block if blocked else 0
+    size = keys[0].shape[2]
+    offset = index - block * size
+
+    def write(buffers, new):  # new: [B, L, heads, head_dim]
+        buffers[block] = jax.lax.dynamic_update_slice_in_dim(
+            buffers[block], new.transpose(0, 2, 1, 3).astype(buffers[block].dtype), offset, axis=2
+        )
+
+    write(keys, k)
+    write(values, v)
+    q = (q * jnp.asarray(q.shape[-1] ** -0.5, dtype)).transpose(0, 2, 1, 3)  # [B, h, L, d]
+    query_pos = index + jnp.arange(q.shape[2])[:, None]  # [L, 1]
+    scores = []
+    for j in range(block + 1):
+        s = jnp.einsum("bhlk,bhsk->bhls", q, keys[j].astype(dtype))
+        if j == block:  # earlier blocks are full; this one up to each query's own slot
+            mask = block * size + jnp.arange(size)[None, :] <= query_pos
+            s = jnp.where(mask[None, None], s, jnp.finfo(s.dtype).min)
+        scores.append(s)
+    weights = jax.nn.softmax(jnp.concatenate(scores, axis=-1).astype(jnp.float32), axis=-1)
+    weights = weights.astype(dtype)
+    out = sum(
+        jnp.einsum(
+            "bhls,bhsk->bhlk", weights[..., j * size : (j + 1) * size], values[j].astype(dtype)
+        )
+        for j in range(block + 1)
+    )
+    new_cache = (
+        {"key": tuple(keys), "value": tuple(values)}
+        if blocked
+        else {"key": keys[0], "value": values[0]}
+    )
+    return out.transpose(0, 2, 1, 3), new_cache  # [B, L, heads, head_dim]
 
 
 class VIMBlock(nn.Module):
@@ -148,7 +187,7 @@ class VIMBlock(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, deterministic: bool = True, cache=None, index=None):
+    def __call__(self, x, deterministic: bool = True, cache=None, index=None, block=None):
         x = constrain(x, (axes.BATCH, axes.LENGTH, axes.EMBED))
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = layer_norm("ln_attn", self.param_dtype)(x).astype(self.dtype)
@@ -156,7 +195,7 @@ class VIMBlock(nn.Module):
         if cache is None:
             x = x + attn(h, deterministic)
         else:
-            out, cache = attn(h, deterministic, cache, index)
+            out, cache = attn(h, deterministic, cache, index, block)
             x = x + out
         h = layer_norm("ln_mlp", self.param_dtype)(x).astype(self.dtype)
         x = x + MlpBlock(self.mlp_dim, self.dropout, name="mlp", **kw)(h, deterministic)
@@ -293,29 +332,50 @@ class VIM(nn.Module):
         """An empty KV cache for `batch_size` sequences (no parameters needed; callable on
         an unbound module)."""
         s = self.transformer
-        shape = (batch_size, self.seq_len, s.num_heads, s.width // s.num_heads)
+        shape = (batch_size, s.num_heads, self.seq_len, s.width // s.num_heads)
         layers = tuple(
             {"key": jnp.zeros(shape, self.dtype), "value": jnp.zeros(shape, self.dtype)}
             for _ in range(s.depth)
         )
         return {"index": jnp.zeros((), jnp.int32), "layers": layers}
 
-    def decode_step(self, cache: Cache, inputs: jax.Array) -> tuple[jax.Array, Cache]:
+    @staticmethod
+    def split_cache(cache: Cache, block_size: int) -> Cache:
+        """The same cache as a tuple of blocks of `block_size` slots per layer (T must be a
+        multiple): decoding then reads only the blocks up to the current one."""
+
+        def split(x):  # [B, heads, T, head_dim]
+            total = x.shape[2]
+            if total % block_size:
+                raise InputError(f"cache length {total} is not a multiple of {block_size}")
+            return tuple(x[:, :, i : i + block_size] for i in range(0, total, block_size))
+
+        layers = tuple(
+            {"key": split(layer["key"]), "value": split(layer["value"])}
+            for layer in cache["layers"]
+        )
+        return {"index": cache["index"], "layers": layers}
+
+    def decode_step(
+        self, cache: Cache, inputs: jax.Array, block: int | None = None
+    ) -> tuple[jax.Array, Cache]:
         """Runs the next slot(s) through the cache; no dropout.
 
         inputs: int [B] (one slot) or [B, L] (L slots, e.g. a prefill) starting at slot
         `cache["index"]`. The input of slot 0 is the label (ignored when unconditional); of
         slot t > 0 the code x_{t-1}. Returns (logits float32 [B, vocab] or [B, L, vocab],
         predicting x_index .. x_{index+L-1}; the cache with index advanced by L). Slots past
-        T - 1 are the caller's error (not checked under jit).
+        T - 1 are the caller's error (not checked under jit). With a blocked cache
+        (`split_cache`), `block` (a Python int) is the block all the input slots fall in;
+        only blocks 0..block are read.
         """
         single = inputs.ndim == 1
         inputs = (inputs[:, None] if single else inputs).astype(jnp.int32)
         index = cache["index"]
         x = self._embed(inputs, index)
         layers = []
-        for block, layer_cache in zip(self.blocks, cache["layers"], strict=True):
-            x, layer_cache = block(x, True, layer_cache, index)
+        for layer, layer_cache in zip(self.blocks, cache["layers"], strict=True):
+            x, layer_cache = layer(x, True, layer_cache, index, block)
             layers.append(layer_cache)
         logits = self._logits(x)
         new_cache = {"index": index + inputs.shape[1], "layers": tuple(layers)}
