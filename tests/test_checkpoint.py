@@ -311,3 +311,29 @@ def test_checkpoint_of_another_layout_raises_data_error(tmp_path):
     with Checkpointer(tmp_path, save_every_steps=1) as ckpt:
         with pytest.raises(DataError, match="has no 'state' item"):
             ckpt.restore(_abstract_of(_small_state()))
+
+
+def test_only_storage_failures_become_storage_errors():
+    from vitvq.checkpoint import _is_storage_failure
+
+    tensorstore = ValueError(
+        'OUT_OF_RANGE: Error writing "params.w/0" in OCDBT database at local file "/x/": '
+        "Failed to write 349472 bytes to file 5: File too large [os_error_code='27']"
+    )
+    assert _is_storage_failure(tensorstore)
+    try:
+        try:
+            raise OSError(28, "No space left on device")
+        except OSError as e:
+            raise RuntimeError("save finalize thread failed") from e
+    except RuntimeError as wrapped:
+        assert _is_storage_failure(wrapped)
+    # A long message keeps its cause, wherever it is.
+    from vitvq.checkpoint import _storage_reason
+
+    long = ValueError("Error opening zarr driver: " + "x" * 300 + " File too large " + "y" * 500)
+    reason = _storage_reason(long)
+    assert "File too large" in reason and len(reason) < 400
+    # A bug keeps its own exception and traceback.
+    assert not _is_storage_failure(ValueError("cannot broadcast shapes (3,) and (4,)"))
+    assert not _is_storage_failure(TypeError("unhashable type: 'dict'"))

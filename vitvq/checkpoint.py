@@ -176,13 +176,14 @@ class Checkpointer:
         step = int(step)
         if step in self._manager.all_steps():
             return False
-        with self._storage_errors():  # also reports a failed earlier asynchronous save
-            started = self._manager.save(
+        # A failed earlier asynchronous save is reported under its own step (orbax would
+        # wait for it before starting this one anyway).
+        self.wait()
+        self._writing = step
+        with self._storage_errors():
+            return self._manager.save(
                 step, args=ocp.args.Composite(**{ITEM: ocp.args.StandardSave(state)}), force=force
             )
-        if started:
-            self._writing = step
-        return started
 
     def wait(self) -> None:
         """Blocks until every started save is committed; a failed write (disk full, no
@@ -197,10 +198,10 @@ class Checkpointer:
         except VitvqError:
             raise
         except Exception as e:  # orbax and tensorstore raise many types for one failed write
+            if not _is_storage_failure(e):
+                raise
             written = sorted(s for s in self._manager.all_steps() if s != self._writing)
-            reason = " ".join(str(e).split())
-            if len(reason) > 400:  # tensorstore: the cause (e.g. "File too large") comes last
-                reason = f"{reason[:150]} ... {reason[-200:]}"
+            reason = _storage_reason(e)
             raise StorageError(
                 f"cannot write the checkpoint of step {self._writing} to {self.directory}: "
                 f"{reason}. The checkpoints already there (steps {written}) are intact; free "
@@ -347,6 +348,60 @@ class Checkpointer:
                 f"({len(problems)} differences):\n  {shown}\nThe model or optimizer settings "
                 "differ from the run that wrote it: use its config or a fresh workdir."
             )
+
+
+# What tensorstore and cloud storage clients say when a write fails for lack of space,
+# quota or permission (they do not always raise OSError).
+_STORAGE_FAILURES = (
+    "error writing",
+    "failed writing",
+    "failed to write",
+    "no space left",
+    "file too large",
+    "disk quota",
+    "permission denied",
+    "read-only file system",
+    "resource_exhausted",
+    "permission_denied",
+)
+
+
+def _is_storage_failure(error: BaseException) -> bool:
+    """Whether `error` (or an exception it was raised from) is a failed write to storage,
+    not a bug that must keep its traceback."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        text = str(error).lower()
+        if isinstance(error, OSError) or any(s in text for s in _STORAGE_FAILURES):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+_CAUSES = (  # the part of a long message worth showing, most specific first
+    "no space left",
+    "file too large",
+    "disk quota",
+    "permission denied",
+    "read-only file system",
+    "resource_exhausted",
+    "permission_denied",
+)
+
+
+def _storage_reason(error: BaseException) -> str:
+    """A failed write's cause in at most a few hundred characters: tensorstore's messages
+    embed whole JSON specs, with the OS error somewhere in the middle."""
+    text = " ".join(str(error).split())
+    if len(text) <= 400:
+        return text
+    low = text.lower()
+    for cause in _CAUSES:
+        at = low.find(cause)
+        if at >= 0:
+            return f"{text[:120]} ... {text[max(0, at - 100) : at + len(cause) + 40]} ..."
+    return f"{text[:150]} ... {text[-200:]}"
 
 
 def _check_gcs_support(directory: str) -> None:
