@@ -350,12 +350,7 @@ class Checkpointer:
             )
 
 
-# What tensorstore and cloud storage clients say when a write fails for lack of space,
-# quota or permission (they do not always raise OSError).
-_STORAGE_FAILURES = (
-    "error writing",
-    "failed writing",
-    "failed to write",
+_CAUSES = (  # the part of a long message worth showing, most specific first
     "no space left",
     "file too large",
     "disk quota",
@@ -364,6 +359,11 @@ _STORAGE_FAILURES = (
     "resource_exhausted",
     "permission_denied",
 )
+
+
+# What tensorstore and cloud storage clients say when a write fails for lack of space,
+# quota or permission (they do not always raise OSError).
+_STORAGE_FAILURES = ("error writing", "failed writing", "failed to write", *_CAUSES)
 
 
 def _is_storage_failure(error: BaseException) -> bool:
@@ -377,17 +377,6 @@ def _is_storage_failure(error: BaseException) -> bool:
             return True
         error = error.__cause__ or error.__context__
     return False
-
-
-_CAUSES = (  # the part of a long message worth showing, most specific first
-    "no space left",
-    "file too large",
-    "disk quota",
-    "permission denied",
-    "read-only file system",
-    "resource_exhausted",
-    "permission_denied",
-)
 
 
 def _storage_reason(error: BaseException) -> str:
