@@ -54,7 +54,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from vitvq import paths, preemption
-from vitvq.errors import ConfigError, DataError, StorageError, VitvqError
+from vitvq.errors import ConfigError, DataError, StorageError, VitvqError, caused_by
 
 logger = logging.getLogger(__name__)
 
@@ -369,14 +369,10 @@ _STORAGE_FAILURES = ("error writing", "failed writing", "failed to write", *_CAU
 def _is_storage_failure(error: BaseException) -> bool:
     """Whether `error` (or an exception it was raised from) is a failed write to storage,
     not a bug that must keep its traceback."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        text = str(error).lower()
-        if isinstance(error, OSError) or any(s in text for s in _STORAGE_FAILURES):
-            return True
-        error = error.__cause__ or error.__context__
-    return False
+    return caused_by(
+        error,
+        lambda e: isinstance(e, OSError) or any(s in str(e).lower() for s in _STORAGE_FAILURES),
+    )
 
 
 def _storage_reason(error: BaseException) -> str:

@@ -42,7 +42,7 @@ import sys
 import threading
 import time
 
-from vitvq.errors import VitvqError
+from vitvq.errors import VitvqError, caused_by
 
 logger = logging.getLogger(__name__)
 
@@ -300,14 +300,12 @@ def is_peer_failure(error: BaseException) -> bool:
 
     if jax.process_count() <= 1:
         return False
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        text = str(error).lower()
-        if isinstance(error, Exception) and any(m in text for m in _PEER_FAILURE_MARKERS):
-            return True
-        error = error.__cause__ or error.__context__
-    return False
+    return caused_by(
+        error,
+        lambda e: (
+            isinstance(e, Exception) and any(m in str(e).lower() for m in _PEER_FAILURE_MARKERS)
+        ),
+    )
 
 
 def exit_if_peer_failure(error: BaseException) -> None:

@@ -5,6 +5,20 @@ raises one of these with a message that says what was wrong and what to do. CLIs
 message without a traceback and exit with status 2 (see `exit_on_user_error`).
 """
 
+from collections.abc import Callable
+
+
+def caused_by(error: BaseException | None, test: Callable[[BaseException], bool]) -> bool:
+    """Whether `test` holds for `error` or any exception it was raised from or during
+    (`__cause__`, else `__context__`), each looked at once."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if test(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
 
 class VitvqError(Exception):
     """Base class of every error caused by user input."""
