@@ -122,14 +122,14 @@ class Screen:
         return True
 
     def _replacement(self, index: int):
-        """(bytes, label) of the first readable example after `index` (cyclically)."""
+        """(example, bytes, label) of the first readable example after `index` (cyclically)."""
         for step in range(1, self._size + 1):
             candidate = (int(index) + step) % self._size
             if self._known_bad(candidate):
                 continue
             encoded, labels = self._source.read(self._role, np.asarray([candidate]))
             if self._check(candidate, encoded[0]):
-                return encoded[0], labels[0]
+                return candidate, encoded[0], labels[0]
         self._raise_nothing_readable()
 
     def _raise_nothing_readable(self):
@@ -142,16 +142,26 @@ class Screen:
     def read(self, indices: np.ndarray, mask: np.ndarray):
         """(encoded bytes, labels, mask) of a batch plan's examples, unreadable ones replaced
         by the next readable example (train) or turned into padding (eval, mask 0)."""
+        return self._read(indices, mask)[:3]
+
+    def _read(self, indices: np.ndarray, mask: np.ndarray):
+        """`read`, and the example each position's bytes came from (-1: none)."""
         encoded, labels = self._source.read(self._role, indices)
         encoded, labels, mask = list(encoded), np.array(labels), np.array(mask)
+        used = np.array(indices)
         for position, index in enumerate(indices):
             if index < 0 or self._check(index, encoded[position]):
                 continue
             if self._role == "train":
-                encoded[position], labels[position] = self._replacement(index)
+                used[position], encoded[position], labels[position] = self._replacement(index)
             else:
-                encoded[position], labels[position], mask[position] = b"", 0, 0.0
-        return encoded, labels, mask
+                used[position], encoded[position], labels[position], mask[position] = (
+                    -1,
+                    b"",
+                    0,
+                    0.0,
+                )
+        return encoded, labels, mask, used
 
     def mark_undecodable(self, indices: np.ndarray, mask: np.ndarray) -> int:
         """Decodes a failed batch's records one by one and marks those TensorFlow rejects;
@@ -162,7 +172,7 @@ class Screen:
         found = 0
         # Replacements are checked too: the batch is re-read as the rebuilt pipeline will.
         while True:
-            encoded, _, batch_mask = self.read(indices, mask)
+            encoded, _, batch_mask, used = self._read(indices, mask)
             bad = None
             for position, record in enumerate(encoded):
                 if not record or batch_mask[position] == 0:
@@ -175,17 +185,5 @@ class Screen:
                     break
             if bad is None:
                 return found
-            index = indices[bad]
-            if not self._known_bad(index):
-                where = self._where(index)
-            else:  # the replacement failed: find which example it was
-                where = self._where(self._replacement_index(index))
-            mark_unreadable(where, reason)
+            mark_unreadable(self._where(used[bad]), reason)
             found += 1
-
-    def _replacement_index(self, index: int) -> int:
-        for step in range(1, self._size + 1):
-            candidate = (int(index) + step) % self._size
-            if not self._known_bad(candidate):
-                return candidate
-        self._raise_nothing_readable()
