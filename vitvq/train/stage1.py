@@ -289,8 +289,8 @@ def make_image_writer(trainer: Stage1, config, workdir: str, writer, eval_fn):
 
 
 def check_config(config, mesh) -> None:
-    """Validates what can be checked before building anything (ConfigError on a problem)."""
-    config_check.validate(config, trainer="vitvqgan")  # every key's type, range and relations
+    """What needs the mesh, the files and the data, checked before building anything
+    (ConfigError on a problem); every key's value was checked by `config_check.validate`."""
     common.check_loop_config(config, mesh)
     trainable_mode(config)
     init_from = config.get("init_from")

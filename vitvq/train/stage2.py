@@ -159,8 +159,8 @@ class Stage2:
 
 
 def check_config(config, mesh) -> None:
-    """Validates what can be checked before building anything (ConfigError on a problem)."""
-    config_check.validate(config, trainer="vim")  # every key's type, range and relations
+    """What needs the mesh, the files and the data, checked before building anything
+    (ConfigError on a problem); every key's value was checked by `config_check.validate`."""
     common.check_loop_config(config, mesh)
     if config.get("init_from"):
         raise ConfigError(
