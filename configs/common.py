@@ -35,6 +35,24 @@ def transformer(size: str, dropout: float = 0.0, **overrides) -> ml_collections.
     return ml_collections.ConfigDict({**TRANSFORMER_SIZES[size], "dropout": dropout, **overrides})
 
 
+def cnn(**overrides) -> ml_collections.ConfigDict:
+    """The convolutional encoder/decoder (`model.backbone == "cnn"`): taming-transformers'
+    VQGAN at 8x downsampling (its f8 layout: 128 channels, 2 residual blocks per level, one
+    attention block at the lowest resolution)."""
+    c = ml_collections.ConfigDict(
+        dict(
+            channels=128,  # width of the first level
+            channel_mult=(1, 1, 2, 4),  # width multiplier per level; 2x down between levels
+            num_res_blocks=2,
+            attention=True,  # the mid block's self-attention at the lowest resolution
+            norm_groups=32,  # GroupNorm groups; must divide every level's width
+            dropout=0.0,
+        )
+    )
+    c.update(overrides)
+    return c
+
+
 def dataset(name: str = "tfds", **overrides) -> ml_collections.ConfigDict:
     """The `dataset` block read by `vitvq.data`."""
     d = ml_collections.ConfigDict(
@@ -99,9 +117,22 @@ def stage1(encoder: str = "S", decoder: str = "S", **overrides) -> ml_collection
             posemb="sincos",  # "sincos" or "learn"
             search_chunk_size=1024,  # codes compared at once in the nearest-code search
             usage_decay=0.99,  # EMA of per-code usage, read by the dead-code restart
+            l2_normalize_codes=True,  # False: the paper's ablation without l2-normalization
+            # "vit" (the paper) or "cnn": the original VQGAN's convolutional encoder and
+            # decoder (`cnn` below; `encoder`/`decoder` are then unused). The CNN downsamples
+            # by 2 per level, 2 ** (len(channel_mult) - 1) in all, which must be patch_size.
+            backbone="vit",
+            cnn=cnn(),
         )
     )
-    c.discriminator = ml_collections.ConfigDict(dict(base_channels=64, max_channels=512))
+    c.discriminator = ml_collections.ConfigDict(
+        dict(
+            kind="stylegan",  # "stylegan" (StyleGAN2 residual, the paper) or "patchgan"
+            base_channels=64,  # width at full resolution (both kinds)
+            max_channels=512,  # cap on the width (stylegan)
+            num_layers=3,  # strided conv layers (patchgan)
+        )
+    )
     c.eval_lpips = True  # LPIPS in the held-out evaluation (loads the VGG even when unused)
     # PAPER.md: L = L_VQ + 0.1 L_adv + 0.1 L_perceptual + 0.1 L_logit-laplace + 1.0 L_2.
     c.loss = ml_collections.ConfigDict(
@@ -235,6 +266,7 @@ def runlocal_stage1(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.model.decoder = transformer("S", width=32, depth=1, num_heads=2, mlp_dim=64)
     c.model.codebook_size = 64
     c.model.code_dim = 8
+    c.model.cnn = cnn(channels=8, channel_mult=(1, 1, 2, 2), num_res_blocks=1, norm_groups=4)
     c.discriminator.base_channels = 8
     c.discriminator.max_channels = 16
     for opt in (c.optimizer, c.disc_optimizer):

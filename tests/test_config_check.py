@@ -17,6 +17,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # Every config file under configs/ and its variants (`--config=configs/X.py:VARIANT`).
 SHIPPED = {
+    "ablations": (None, "runlocal", "row=cnn", "row=patchgan,scale=small", "row=no_l2norm,small"),
     "demo": (None,),
     "photos": (None,),
     "vim_base": (None, "runlocal"),
@@ -144,6 +145,49 @@ BAD = [
         {"model.patch_size": 5},
         None,
         ["config.model.patch_size=5", "image_size 32 is not divisible by patch_size 5", "16, 32"],
+    ),
+    (
+        "image_size_gan_suggests_patchgan",
+        stage1,
+        {"image_size": 48},
+        None,
+        ["config.discriminator.kind='patchgan'"],
+    ),
+    ("backbone", stage1, {"model.backbone": "resnet"}, None, ["backbone='resnet'", "'cnn'"]),
+    (
+        "cnn_groups",
+        stage1,
+        {"model.backbone": "cnn", "model.cnn.norm_groups": 3},
+        None,
+        ["config.model.cnn.norm_groups=3", "cannot split width 8 into 3 groups", "(1, 2, 4, 8)"],
+    ),
+    (
+        "cnn_levels",
+        stage1,
+        {"model.backbone": "cnn", "model.cnn.channel_mult": (1, 2)},
+        None,
+        ["config.model.cnn.channel_mult=(1, 2)", "downsample by 2", "4 levels"],
+    ),
+    (
+        "cnn_mult",
+        stage1,
+        {"model.backbone": "cnn", "model.cnn.channel_mult": (1, 0, 2, 2)},
+        None,
+        ["config.model.cnn.channel_mult=(1, 0, 2, 2)", "integers >= 1"],
+    ),
+    (
+        "disc_kind",
+        stage1,
+        {"discriminator.kind": "biggan"},
+        None,
+        ["config.discriminator.kind='biggan'", "'patchgan'"],
+    ),
+    (
+        "patchgan_layers",
+        stage1,
+        {"discriminator.kind": "patchgan", "discriminator.num_layers": 4},
+        None,
+        ["config.discriminator.num_layers=4", "at most 3 for config.image_size=32"],
     ),
     ("codebook_size", stage1, {"model.codebook_size": 1}, None, ["codebook_size=1", ">= 2"]),
     ("code_dim", stage1, {"model.code_dim": 0}, None, ["config.model.code_dim=0", ">= 1"]),

@@ -44,6 +44,13 @@ def test_default_workdir():
         "runs", "vitvq_small"
     )
     assert vitvq_main.default_workdir("/abs/demo.py") == os.path.join("runs", "demo")
+    # Variants of settings (the ablation rows) each get a directory of their own.
+    rows = {
+        vitvq_main.default_workdir(f"configs/ablations.py:row={row},scale=small")
+        for row in ("cnn", "patchgan", "code_dim_8")
+    }
+    assert len(rows) == 3
+    assert os.path.join("runs", "ablations", "row-cnn_scale-small") in rows
 
 
 # (case id, extra arguments, device count, what the one error line must say)

@@ -48,6 +48,43 @@ def test_nearest_code_matches_brute_force_cosine(chunk):
     np.testing.assert_array_equal(np.asarray(got), expected)
 
 
+@pytest.mark.parametrize("chunk", [0, 7, 64, 1000])
+def test_euclidean_nearest_code_matches_brute_force_distance(chunk):
+    rng = np.random.default_rng(1)
+    z = rng.normal(size=(400, 8)) * 2.0
+    # Codes of very different norms: the cosine and the Euclidean nearest code disagree.
+    codebook = rng.normal(size=(90, 8)) * rng.uniform(0.05, 4.0, size=(90, 1))
+    d2 = ((z[:, None, :] - codebook[None, :, :]) ** 2).sum(-1)  # float64 brute force
+    expected = np.argmin(d2, axis=1)
+    cosine = np.argmax(
+        (z / np.linalg.norm(z, axis=1, keepdims=True))
+        @ (codebook / np.linalg.norm(codebook, axis=1, keepdims=True)).T,
+        axis=1,
+    )
+    assert (cosine != expected).mean() > 0.1  # the test tells the two searches apart
+    got = nearest_code(jnp.asarray(z), jnp.asarray(codebook), chunk, euclidean=True)
+    np.testing.assert_array_equal(np.asarray(got), expected)
+
+
+def test_quantizer_without_l2_normalization_keeps_raw_codes():
+    q = VectorQuantizer(
+        codebook_size=37, code_dim=8, search_chunk_size=16, l2_normalize_codes=False
+    )
+    x = 3.0 * jax.random.normal(jax.random.key(1), (3, 10, 24))
+    variables = _init(q, x)
+    quantized, aux = q.apply(variables, x)
+    latents = np.asarray(aux["latents"], np.float64)
+    assert np.abs(np.linalg.norm(latents, axis=-1) - 1.0).max() > 0.1  # not normalized
+    codebook = np.asarray(variables["params"]["codebook"], np.float64)
+    d2 = ((latents[..., None, :] - codebook) ** 2).sum(-1)
+    np.testing.assert_array_equal(np.asarray(aux["indices"]), np.argmin(d2, axis=-1))
+    # The forward value is the raw chosen code; the loss is the squared distance to it.
+    np.testing.assert_allclose(
+        np.asarray(quantized), codebook[np.asarray(aux["indices"])], atol=1e-5
+    )
+    np.testing.assert_allclose(float(aux["codebook_loss"]), d2.min(-1).mean(), rtol=1e-4)
+
+
 def test_nearest_code_ties_go_to_lowest_index_across_chunks():
     codebook = jnp.asarray([[0.0, 1.0], [1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
     z = jnp.asarray([[1.0, 0.0], [0.0, 1.0]])

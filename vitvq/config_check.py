@@ -28,9 +28,10 @@ from typing import Any
 from vitvq.data.pipeline import KNOWN_SOURCES
 from vitvq.errors import ConfigError
 from vitvq.losses import GAN_LOSS_KINDS
+from vitvq.models.discriminator import DISCRIMINATOR_KINDS
 from vitvq.models.vim import VIM_CONFIG_KEYS, VIM_PRESETS
 from vitvq.models.vit import POSEMB_KINDS
-from vitvq.models.vitvqgan import OUTPUT_KINDS
+from vitvq.models.vitvqgan import BACKBONES, OUTPUT_KINDS
 from vitvq.parallel import MESH_AXES
 
 TRAINERS = ("vitvqgan", "vim", "pipeline")
@@ -39,6 +40,9 @@ TRAINERS = ("vitvqgan", "vim", "pipeline")
 DTYPES = ("bfloat16", "float16", "float32")
 TRAINABLE = ("all", "decoder")
 IN_MEMORY_SOURCES = ("digits", "photos", "synthetic")  # the sources dataset.crop_scale applies to
+# The PatchGAN judges patches of the image halved num_layers times, then shrunk by 2 more
+# pixels by its two stride-1 4x4 convs: at least 1 patch needs a side of 3 after the halvings.
+PATCHGAN_MIN_SIZE = 3
 MAX_SEED = 2**32 - 1  # jax.random.key keeps the low 32 bits: larger seeds alias smaller ones
 
 _MISSING = object()
@@ -175,7 +179,22 @@ class Text:
         return f"{text} ({self.note})" if self.note else text
 
 
-Spec = Int | Real | OneOf | Fractions | Bool | Text
+@dataclasses.dataclass(frozen=True)
+class PositiveInts:
+    """A non-empty tuple (or list) of integers >= 1, e.g. the CNN's channel multipliers."""
+
+    def ok(self, value) -> bool:
+        return (
+            isinstance(value, tuple | list)
+            and len(value) > 0
+            and all(_is_int(v) and v >= 1 for v in value)
+        )
+
+    def allowed(self) -> str:
+        return "a non-empty tuple of integers >= 1, e.g. (1, 1, 2, 4)"
+
+
+Spec = Int | Real | OneOf | Fractions | Bool | Text | PositiveInts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -317,6 +336,21 @@ def _gan_on(config) -> bool:
     return _is_real(w := _get(config, "loss.adversarial", 0.0)) and w > 0
 
 
+def _cnn_on(config) -> bool:
+    return _get(config, "model.backbone", "vit") == "cnn"
+
+
+def _patchgan_on(config) -> bool:
+    return _gan_on(config) and _get(config, "discriminator.kind", "stylegan") == "patchgan"
+
+
+def _stylegan_on(config) -> bool:
+    return _gan_on(config) and _get(config, "discriminator.kind", "stylegan") == "stylegan"
+
+
+_WHEN_CNN = dict(when=_cnn_on, reason="read when model.backbone='cnn'")
+
+
 STAGE1_RULES = (
     Rule("trainable", OneOf(TRAINABLE)),
     Rule("image_size", POSITIVE, required=True),
@@ -329,11 +363,26 @@ STAGE1_RULES = (
     Rule("model.posemb", OneOf(POSEMB_KINDS)),
     Rule("model.search_chunk_size", Int(lo=0, note="0: all codes at once")),
     Rule("model.usage_decay", DECAY),
+    Rule("model.l2_normalize_codes", Bool()),
+    Rule("model.backbone", OneOf(BACKBONES)),
     *_transformer_rules("model.encoder", required=True),
     *_transformer_rules("model.decoder", required=True),
+    Rule("model.cnn.channels", POSITIVE, required=True, **_WHEN_CNN),
+    Rule("model.cnn.channel_mult", PositiveInts(), required=True, **_WHEN_CNN),
+    Rule("model.cnn.num_res_blocks", POSITIVE, **_WHEN_CNN),
+    Rule("model.cnn.attention", Bool(), **_WHEN_CNN),
+    Rule("model.cnn.norm_groups", POSITIVE, **_WHEN_CNN),
+    Rule("model.cnn.dropout", DECAY, **_WHEN_CNN),
+    Rule("discriminator.kind", OneOf(DISCRIMINATOR_KINDS), when=_gan_on),
     Rule("discriminator.base_channels", POSITIVE, required=True, when=_gan_on),
-    Rule("discriminator.max_channels", POSITIVE, required=True, when=_gan_on),
+    Rule("discriminator.max_channels", POSITIVE, required=True, when=_stylegan_on),
     Rule("discriminator.channel_multiplier", POSITIVE),
+    Rule(
+        "discriminator.num_layers",
+        POSITIVE,
+        when=_patchgan_on,
+        reason="read when discriminator.kind='patchgan'",
+    ),
     *(
         Rule(f"loss.{k}", WEIGHT, required=True)
         for k in ("l2", "logit_laplace", "perceptual", "adversarial", "vq", "r1_gamma", "lecam")
@@ -416,12 +465,55 @@ def _check_stage1_relations(config, prefix: str) -> None:
             f"a divisor of {prefix}.image_size={image_size} ({_divisors(image_size)})",
             f"image_size {image_size} is not divisible by patch_size {patch}",
         )
-    if _gan_on(config) and (image_size < 8 or image_size & (image_size - 1)):
+    if _stylegan_on(config) and (image_size < 8 or image_size & (image_size - 1)):
         _fail(
             f"{prefix}.image_size",
             image_size,
-            f"a power of two >= 8 (8, 16, 32, ...), or {prefix}.loss.adversarial=0 (no GAN)",
-            "the discriminator halves the image down to 4x4",
+            f"a power of two >= 8 (8, 16, 32, ...), {prefix}.discriminator.kind='patchgan', "
+            f"or {prefix}.loss.adversarial=0 (no GAN)",
+            "the StyleGAN discriminator halves the image down to 4x4",
+        )
+    if _patchgan_on(config):
+        layers = _get(config, "discriminator.num_layers", 3)
+        if image_size < PATCHGAN_MIN_SIZE * 2**layers:
+            _fail(
+                f"{prefix}.discriminator.num_layers",
+                layers,
+                f"at most {max(0, int(math.log2(max(1, image_size // PATCHGAN_MIN_SIZE))))} for "
+                f"{prefix}.image_size={image_size}",
+                f"{layers} halvings leave no patch to judge",
+            )
+    if _cnn_on(config):
+        _check_cnn_relations(config, prefix, patch)
+
+
+def _check_cnn_relations(config, prefix: str, patch: int) -> None:
+    channels = _get(config, "model.cnn.channels")
+    mult = tuple(_get(config, "model.cnn.channel_mult"))
+    groups = _get(config, "model.cnn.norm_groups", 32)
+    widths = sorted({channels * m for m in mult})
+    bad = [w for w in widths if w % groups]
+    if bad:
+        _fail(
+            f"{prefix}.model.cnn.norm_groups",
+            groups,
+            f"a common divisor of the level widths {widths} ({_divisors(math.gcd(*widths))})",
+            f"GroupNorm cannot split width {bad[0]} into {groups} groups",
+        )
+    levels = len(mult)
+    if 2 ** (levels - 1) != patch:
+        needed = math.log2(patch)
+        allowed = (
+            f"{int(needed) + 1} levels (2x down between levels gives the patch_size {patch})"
+            if needed == int(needed)
+            else f"a power-of-two {prefix}.model.patch_size"
+        )
+        _fail(
+            f"{prefix}.model.cnn.channel_mult",
+            mult,
+            allowed,
+            f"{levels} levels downsample by {2 ** (levels - 1)}, not by "
+            f"{prefix}.model.patch_size={patch}",
         )
 
 

@@ -59,8 +59,16 @@ def _trainers():
 
 
 def default_workdir(config_arg: str) -> str:
-    """runs/<config file name without .py and variant>."""
-    name = os.path.splitext(os.path.basename(config_arg.split(":")[0]))[0]
+    """runs/<config file name without .py>, e.g. runs/vitvq_small for any variant word such
+    as `:runlocal`; a variant of settings (`configs/ablations.py:row=cnn,scale=small`) gets
+    a directory of its own, runs/ablations/row-cnn_scale-small, so that rows do not resume
+    each other's checkpoints."""
+    path, _, variant = config_arg.partition(":")
+    name = os.path.splitext(os.path.basename(path))[0]
+    if "=" in variant:
+        settings = [part.strip().replace("=", "-") for part in variant.split(",") if part.strip()]
+        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in "_".join(settings))
+        return os.path.join("runs", name, safe)
     return os.path.join("runs", name)
 
 

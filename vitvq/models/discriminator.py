@@ -1,6 +1,12 @@
-"""StyleGAN2-style residual discriminator (Karras et al. 2020), sized from the image size.
+"""Discriminators: StyleGAN2-style residual (`Discriminator`) and PatchGAN (`PatchDiscriminator`).
 
-From-RGB 1x1 conv, then one residual block per halving of the resolution down to 4x4
+`build_discriminator` picks one by `kind` (`DISCRIMINATOR_KINDS`), `discriminator_from_config`
+from a config block. Both take NHWC images in [0, 1]; the StyleGAN2 one returns one float32
+logit per image [batch], the PatchGAN one a grid of float32 logits per image [batch, h, w].
+The losses in `vitvq.losses` average over every logit, so they take either.
+
+The StyleGAN2-style discriminator (Karras et al. 2020) is sized from the image size: a
+from-RGB 1x1 conv, then one residual block per halving of the resolution down to 4x4
 (3x3 conv, blur, strided 3x3 conv; skip: blur, strided 1x1 conv; sum / sqrt(2)), a minibatch
 standard-deviation feature, a 3x3 conv, and two dense layers down to one logit per image.
 
@@ -12,6 +18,7 @@ minibatch statistics and the final logit in float32.
 
 import math
 import numbers
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -21,9 +28,12 @@ import numpy as np
 
 from vitvq.errors import ConfigError, InputError
 from vitvq.models import axes
-from vitvq.models.layers import constrain, partitioned
+from vitvq.models.cnn import group_norm
+from vitvq.models.layers import constrain, conv2d, partitioned
 
 Dtype = Any
+
+DISCRIMINATOR_KINDS = ("stylegan", "patchgan")
 
 _LRELU_SLOPE = 0.2
 # He initialization for layers followed by a leaky ReLU, LeCun for linear ones.
@@ -120,33 +130,9 @@ def blur(x: jax.Array, padding: tuple[int, int]) -> jax.Array:
     return x
 
 
-def _conv(
-    features: int,
-    kernel_size: int,
-    *,
-    in_axis: str | None,
-    out_axis: str | None,
-    dtype: Dtype,
-    param_dtype: Dtype,
-    name: str,
-    strides: int = 1,
-    padding: str = "SAME",
-    use_bias: bool = True,
-    kernel_init=_lrelu_init,
-) -> nn.Conv:
-    """A 2D conv whose kernel is named (None, None, in_axis, out_axis) and bias (out_axis,)."""
-    return nn.Conv(
-        features,
-        (kernel_size, kernel_size),
-        strides=(strides, strides),
-        padding=padding,
-        use_bias=use_bias,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        kernel_init=partitioned(kernel_init, (axes.NONE, axes.NONE, in_axis, out_axis)),
-        bias_init=partitioned(nn.initializers.zeros, (out_axis,)),
-        name=name,
-    )
+def _conv(features: int, kernel_size: int, *, kernel_init=_lrelu_init, **kwargs) -> nn.Conv:
+    """`layers.conv2d`, He-initialized for a leaky ReLU unless told otherwise."""
+    return conv2d(features, kernel_size, kernel_init=kernel_init, **kwargs)
 
 
 class DownBlock(nn.Module):
@@ -273,3 +259,197 @@ class Discriminator(nn.Module):
             )
         if shape[0] < 1:
             raise InputError(f"discriminator got an empty batch, shape {shape}")
+
+
+# ---------------------------------------------------------------------------------------------
+# PatchGAN (pix2pix / taming-transformers' NLayerDiscriminator).
+
+
+def patch_discriminator_channels(
+    base_channels: int = 64, num_layers: int = 3, max_channels: int = 512
+) -> tuple[int, ...]:
+    """Widths of the PatchGAN's num_layers + 1 hidden convs: base_channels * min(2**n, 8) for
+    n = 0..num_layers (pix2pix), each capped at max_channels."""
+    for name, value in (
+        ("base_channels", base_channels),
+        ("max_channels", max_channels),
+        ("num_layers", num_layers),
+    ):
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"patchgan discriminator {name} must be >= 1, got {value!r}")
+    return tuple(min(base_channels * min(2**n, 8), max_channels) for n in range(num_layers + 1))
+
+
+def patch_logits_size(size: int, num_layers: int = 3) -> int:
+    """Side of the PatchGAN's logit grid for `size`-pixel images (may be <= 0: too small).
+
+    Every conv is 4x4 with padding 1: each of the num_layers stride-2 convs maps s to
+    floor(s / 2), each of the two stride-1 convs s to s - 1. 256 -> 30, 64 -> 6 (num_layers 3).
+    """
+    for _ in range(num_layers):
+        size //= 2
+    return size - 2
+
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN discriminator (Isola et al. 2017; taming-transformers' NLayerDiscriminator):
+    NHWC images in [0, 1] -> float32 logits [batch, h, w], one per overlapping patch.
+
+    conv4x4/2 (base) + leaky ReLU 0.2; for n in 1..num_layers-1: conv4x4/2 to
+    base * min(2**n, 8), norm, leaky ReLU; conv4x4/1 to base * min(2**num_layers, 8), norm,
+    leaky ReLU; conv4x4/1 to one logit. Every conv pads by 1 as pix2pix, so h = w =
+    `patch_logits_size(size, num_layers)`: 30x30 for 256x256 images (receptive field 70x70
+    with num_layers 3), 6x6 for 64x64. Widths are capped at max_channels.
+
+    Departures, on purpose: GroupNorm (per image: gcd(norm_groups, width) groups, statistics
+    in float32) instead of taming's BatchNorm, so there are no running statistics in the
+    train state, an image's logits never depend on the rest of the batch (which keeps the R1
+    penalty a per-image gradient and a sharded batch equivalent to an unsharded one), and
+    train and eval behave the same; He initialization as the StyleGAN2 discriminator above
+    instead of pix2pix's N(0, 0.02). Convolutions run in `dtype`, the final one in float32.
+    """
+
+    base_channels: int = 64
+    num_layers: int = 3  # stride-2 convs; logit grid floor(size / 2**num_layers) - 2
+    max_channels: int = 512  # cap on every width (pix2pix's own cap is base_channels * 8)
+    norm_groups: int = 32  # GroupNorm groups (at most; gcd with each width)
+    dtype: Dtype = jnp.float32  # compute dtype of the convolutions
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: jax.Array) -> jax.Array:
+        channels = patch_discriminator_channels(
+            self.base_channels, self.num_layers, self.max_channels
+        )
+        self._check_images(images)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        stat_dtype = jnp.promote_types(self.dtype, jnp.float32)
+        pad = ((1, 1), (1, 1))
+
+        x = images.astype(self.dtype) * 2 - 1  # [0, 1] -> [-1, 1]
+        x = constrain(x, (axes.BATCH, axes.NONE, axes.NONE, axes.NONE))
+        # Odd-sized channel dims (RGB in, the single logit out) are left unnamed.
+        x = _conv(
+            channels[0],
+            4,
+            in_axis=axes.NONE,
+            out_axis=axes.CONV_OUT,
+            strides=2,
+            padding=pad,
+            name="conv_0",
+            **kw,
+        )(x)
+        x = nn.leaky_relu(x, _LRELU_SLOPE)
+        for n, width in enumerate(channels[1:], start=1):
+            # Stride 2 up to num_layers - 1, then stride 1. The norm's bias replaces the conv's.
+            x = _conv(
+                width,
+                4,
+                in_axis=axes.CONV_IN,
+                out_axis=axes.CONV_OUT,
+                strides=2 if n < self.num_layers else 1,
+                padding=pad,
+                use_bias=False,
+                name=f"conv_{n}",
+                **kw,
+            )(x)
+            x = group_norm(math.gcd(self.norm_groups, width), self.param_dtype, f"norm_{n}")(x)
+            x = nn.leaky_relu(x, _LRELU_SLOPE).astype(self.dtype)
+            x = constrain(x, (axes.BATCH, axes.NONE, axes.NONE, axes.NONE))
+        logits = _conv(
+            1,
+            4,
+            in_axis=axes.CONV_IN,
+            out_axis=axes.NONE,
+            padding=pad,
+            kernel_init=_linear_init,
+            dtype=stat_dtype,
+            param_dtype=self.param_dtype,
+            name="logit",
+        )(x.astype(stat_dtype))
+        return logits[..., 0]  # [batch, h, w]
+
+    def _check_images(self, images: jax.Array) -> None:
+        shape = tuple(images.shape)
+        if len(shape) != 4 or shape[-1] != 3:
+            raise InputError(
+                f"patchgan discriminator expects NHWC RGB images [batch, height, width, 3], "
+                f"got shape {shape}"
+            )
+        if min(patch_logits_size(side, self.num_layers) for side in shape[1:3]) < 1:
+            need = 3 * 2**self.num_layers
+            raise InputError(
+                f"patchgan discriminator with num_layers={self.num_layers} needs images of at "
+                f"least {need}x{need}, got {shape[1]}x{shape[2]} (shape {shape})"
+            )
+        if shape[0] < 1:
+            raise InputError(f"patchgan discriminator got an empty batch, shape {shape}")
+
+
+def build_discriminator(
+    kind: str,
+    image_size: int,
+    base_channels: int = 64,
+    max_channels: int = 512,
+    dtype: Dtype = jnp.float32,
+    *,
+    num_layers: int = 3,
+    param_dtype: Dtype = jnp.float32,
+) -> nn.Module:
+    """The discriminator of `kind` ("stylegan" or "patchgan") for `image_size` images.
+
+    `num_layers` applies to the PatchGAN only. Raises ConfigError on an unknown kind or
+    widths, and on images too small for the PatchGAN; InputError on an image size the
+    StyleGAN2 discriminator cannot take (as `discriminator_channels`).
+    """
+    if kind == "stylegan":
+        discriminator_channels(image_size, base_channels, max_channels)  # validates
+        return Discriminator(
+            image_size=image_size,
+            base_channels=base_channels,
+            max_channels=max_channels,
+            dtype=dtype,
+            param_dtype=param_dtype,
+        )
+    if kind == "patchgan":
+        patch_discriminator_channels(base_channels, num_layers, max_channels)  # validates
+        integral = isinstance(image_size, numbers.Integral) and not isinstance(image_size, bool)
+        if not integral or patch_logits_size(image_size, num_layers) < 1:
+            need = 3 * 2**num_layers
+            raise ConfigError(
+                f"patchgan discriminator with num_layers={num_layers} needs image_size >= "
+                f"{need}, got {image_size!r}"
+            )
+        return PatchDiscriminator(
+            base_channels=base_channels,
+            num_layers=num_layers,
+            max_channels=max_channels,
+            dtype=dtype,
+            param_dtype=param_dtype,
+        )
+    raise ConfigError(
+        f"unknown discriminator.kind {kind!r}; expected one of {', '.join(DISCRIMINATOR_KINDS)}"
+    )
+
+
+DISCRIMINATOR_CONFIG_KEYS = ("kind", "base_channels", "max_channels", "num_layers")
+
+
+def discriminator_from_config(
+    cfg: Mapping[str, Any], image_size: int, dtype: Dtype = jnp.float32
+) -> nn.Module:
+    """`build_discriminator` from a `discriminator` config block (a dict).
+
+    Missing keys take `build_discriminator`'s defaults; a block without `kind` (written before
+    there was a choice) is the StyleGAN2 discriminator. Raises ConfigError on unknown keys.
+    """
+    unknown = sorted(set(cfg) - set(DISCRIMINATOR_CONFIG_KEYS))
+    if unknown:
+        raise ConfigError(
+            f"discriminator config has unknown keys {unknown}; "
+            f"expected {', '.join(DISCRIMINATOR_CONFIG_KEYS)}"
+        )
+    fields = dict(cfg)
+    kind = fields.pop("kind", "stylegan")
+    num_layers = fields.pop("num_layers", 3)
+    return build_discriminator(kind, image_size, dtype=dtype, num_layers=num_layers, **fields)

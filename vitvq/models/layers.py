@@ -30,6 +30,36 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     return nn.with_logical_constraint(x, tuple(names))
 
 
+def conv2d(
+    features: int,
+    kernel_size: int,
+    *,
+    in_axis: str | None,
+    out_axis: str | None,
+    dtype: Dtype,
+    param_dtype: Dtype,
+    name: str,
+    kernel_init,
+    strides: int = 1,
+    padding: Any = "SAME",
+    use_bias: bool = True,
+) -> nn.Conv:
+    """A square 2D conv whose kernel is named (None, None, in_axis, out_axis) and bias
+    (out_axis,)."""
+    return nn.Conv(
+        features,
+        (kernel_size, kernel_size),
+        strides=(strides, strides),
+        padding=padding,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=partitioned(kernel_init, (axes.NONE, axes.NONE, in_axis, out_axis)),
+        bias_init=partitioned(nn.initializers.zeros, (out_axis,)),
+        name=name,
+    )
+
+
 def dense(
     features: int,
     in_axis: str | None,

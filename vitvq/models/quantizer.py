@@ -6,6 +6,10 @@ on the unit sphere). The search walks the codebook in chunks so the full
 [tokens x codebook] similarity matrix is never held at once. All quantizer math runs in
 float32 whatever the compute dtype.
 
+`l2_normalize_codes=False` is the paper's ablation without normalization (Table 4, "without
+l2-norm codes"): the projected encoder outputs and the codebook are used as they are and the
+nearest code is the one at the smallest Euclidean distance, argmax_k (z . e_k - |e_k|^2 / 2).
+
 The VQ loss is  mean_t ||sg[z_t] - e_t||^2 + beta * mean_t ||z_t - sg[e_t]||^2  with squared
 distances summed over `code_dim` and averaged over tokens; gradients reach the encoder
 straight through (z + sg[e - z]).
@@ -34,8 +38,12 @@ def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-6) -> jax.Array:
     return x / jnp.maximum(norm, eps)
 
 
-def nearest_code(z: jax.Array, codebook: jax.Array, chunk_size: int) -> jax.Array:
-    """Index of the codebook row with the highest dot product with each row of z.
+def nearest_code(
+    z: jax.Array, codebook: jax.Array, chunk_size: int, euclidean: bool = False
+) -> jax.Array:
+    """Index of the codebook row with the highest dot product with each row of z, or with
+    `euclidean` the row at the smallest Euclidean distance (the highest z . e - |e|^2 / 2;
+    the same for unit rows).
 
     z: [N, D]; codebook: [K, D]. Ties go to the lowest index (as `argmax`). Only
     [chunk_size, N] similarities exist at a time.
@@ -43,11 +51,18 @@ def nearest_code(z: jax.Array, codebook: jax.Array, chunk_size: int) -> jax.Arra
     z = z.astype(jnp.float32)
     codebook = codebook.astype(jnp.float32)
     num_codes = codebook.shape[0]
+    # Per-code offset of the score: -|e|^2 / 2 for the Euclidean nearest code, else 0.
+    bias = (
+        -0.5 * jnp.sum(codebook * codebook, axis=-1)
+        if euclidean
+        else jnp.zeros((num_codes,), jnp.float32)
+    )
     if chunk_size <= 0 or chunk_size >= num_codes:
-        return jnp.argmax(z @ codebook.T, axis=-1).astype(jnp.int32)
+        return jnp.argmax(z @ codebook.T + bias, axis=-1).astype(jnp.int32)
     num_chunks = -(-num_codes // chunk_size)
     pad = num_chunks * chunk_size - num_codes
     chunks = jnp.pad(codebook, ((0, pad), (0, 0))).reshape(num_chunks, chunk_size, -1)
+    biases = jnp.pad(bias, (0, pad)).reshape(num_chunks, chunk_size)
     offsets = jnp.arange(num_chunks, dtype=jnp.int32) * chunk_size
 
     # Similarities are laid out [chunk_size, N] and reduced over the codes axis with a max and
@@ -55,8 +70,8 @@ def nearest_code(z: jax.Array, codebook: jax.Array, chunk_size: int) -> jax.Arra
     # argmax over the last axis of [N, chunk_size] (BENCHMARKS.md).
     def step(carry, chunk_and_offset):
         best_sim, best_idx = carry
-        chunk, offset = chunk_and_offset
-        sims = chunk @ z.T  # [chunk_size, N]
+        chunk, chunk_bias, offset = chunk_and_offset
+        sims = chunk @ z.T + chunk_bias[:, None]  # [chunk_size, N]
         row = jax.lax.broadcasted_iota(jnp.int32, sims.shape, 0)
         sims = jnp.where(offset + row < num_codes, sims, -jnp.inf)
         local_sim = jnp.max(sims, axis=0)
@@ -69,7 +84,7 @@ def nearest_code(z: jax.Array, codebook: jax.Array, chunk_size: int) -> jax.Arra
         ), None
 
     init = (jnp.full(z.shape[:1], -jnp.inf, jnp.float32), jnp.zeros(z.shape[:1], jnp.int32))
-    (_, best_idx), _ = jax.lax.scan(step, init, (chunks, offsets))
+    (_, best_idx), _ = jax.lax.scan(step, init, (chunks, biases, offsets))
     return best_idx
 
 
@@ -100,6 +115,7 @@ class VectorQuantizer(nn.Module):
     beta: float = 0.25  # commitment weight
     search_chunk_size: int = 1024  # codes compared at once in the nearest-code search
     usage_decay: float = 0.99  # EMA decay of per-code usage counts (for dead-code restart)
+    l2_normalize_codes: bool = True  # False: raw codes, Euclidean search (paper's ablation)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -124,7 +140,10 @@ class VectorQuantizer(nn.Module):
         )
 
     def normalized_codebook(self) -> jax.Array:
-        return l2_normalize(self.codebook)
+        """The codebook as the search sees it: l2-normalized rows (or raw, float32)."""
+        if self.l2_normalize_codes:
+            return l2_normalize(self.codebook)
+        return self.codebook.astype(jnp.float32)
 
     def lookup(self, indices: jax.Array) -> jax.Array:
         """Normalized codes for `indices` (any shape) -> [..., code_dim] float32."""
@@ -132,10 +151,17 @@ class VectorQuantizer(nn.Module):
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
         """x: [B, T, width] -> (straight-through codes [B, T, code_dim] float32, aux)."""
-        z = l2_normalize(self.project_down(x))  # [B, T, code_dim]
+        z = self.project_down(x).astype(jnp.float32)  # [B, T, code_dim]
+        if self.l2_normalize_codes:
+            z = l2_normalize(z)
         codebook = self.normalized_codebook()  # [K, code_dim]
         flat = jax.lax.stop_gradient(z.reshape(-1, self.code_dim))
-        indices = nearest_code(flat, jax.lax.stop_gradient(codebook), self.search_chunk_size)
+        indices = nearest_code(
+            flat,
+            jax.lax.stop_gradient(codebook),
+            self.search_chunk_size,
+            euclidean=not self.l2_normalize_codes,
+        )
         indices = indices.reshape(z.shape[:-1])  # [B, T]
         e = jnp.take(codebook, indices, axis=0)
         codebook_loss = jnp.mean(jnp.sum((jax.lax.stop_gradient(z) - e) ** 2, axis=-1))
@@ -147,7 +173,7 @@ class VectorQuantizer(nn.Module):
             self.usage.value = self.usage_decay * self.usage.value + (1 - self.usage_decay) * counts
         aux = {
             "indices": indices,
-            "latents": z,  # normalized encoder outputs, for dead-code restart
+            "latents": z,  # (normalized) encoder outputs, for dead-code restart
             "vq_loss": codebook_loss + self.beta * commit_loss,
             "codebook_loss": codebook_loss,
             "commitment_loss": commit_loss,

@@ -1,5 +1,10 @@
 """The ViT-VQGAN tokenizer: ViT encoder -> factorized l2-normalized codes -> ViT decoder.
 
+`backbone="cnn"` swaps both transformer stacks for the original VQGAN's convolutional
+encoder and decoder (`vitvq/models/cnn.py`, the paper's CNN baseline); the quantizer, the
+output parametrization and everything downstream stay the same. The CNN downsamples by
+`patch_size`, so both backbones give the same token grid.
+
 Output parametrization (`output`):
 - "sigmoid" (the paper): the decoder predicts a per-pixel location `mu` in logit space for
   the logit-Laplace loss; the image is the distribution's mean mapped back to pixels,
@@ -20,6 +25,7 @@ import numpy as np
 
 from vitvq.errors import ConfigError, InputError
 from vitvq.models import axes
+from vitvq.models.cnn import CNNDecoder, CNNEncoder, CNNSpec, validate_cnn_spec
 from vitvq.models.layers import dense
 from vitvq.models.quantizer import VectorQuantizer
 from vitvq.models.vit import POSEMB_KINDS, TransformerSpec, ViTDecoder, ViTEncoder
@@ -27,6 +33,7 @@ from vitvq.models.vit import POSEMB_KINDS, TransformerSpec, ViTDecoder, ViTEncod
 Dtype = Any
 
 OUTPUT_KINDS = ("sigmoid", "raw")
+BACKBONES = ("vit", "cnn")
 
 # PAPER.md table 2. Parameter counts there are per transformer stack and rounded by the
 # authors; `tests/test_vitvqgan_shapes.py` prints ours next to them.
@@ -54,6 +61,9 @@ class ViTVQGAN(nn.Module):
     posemb: str = "sincos"  # "sincos" (fixed) or "learn"
     search_chunk_size: int = 1024  # codes compared at once in the nearest-code search
     usage_decay: float = 0.99  # EMA decay of code usage (dead-code restart)
+    l2_normalize_codes: bool = True  # False: the paper's ablation without l2-normalized codes
+    backbone: str = "vit"  # "vit" (the paper) or "cnn" (the original VQGAN's, the baseline)
+    cnn: CNNSpec = CNNSpec()  # the convolutional encoder/decoder, when backbone == "cnn"
     dtype: Dtype = jnp.float32  # compute dtype
     param_dtype: Dtype = jnp.float32
 
@@ -64,19 +74,26 @@ class ViTVQGAN(nn.Module):
     def setup(self):
         validate_model(self)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.enc = ViTEncoder(self.encoder, self.image_size, self.patch_size, self.posemb, **kw)
+        if self.backbone == "cnn":
+            self.enc = CNNEncoder(self.cnn, self.image_size, **kw)
+            self.dec = CNNDecoder(self.cnn, self.image_size, 3, **kw)
+            decoder_width = self.cnn.width
+        else:
+            self.enc = ViTEncoder(self.encoder, self.image_size, self.patch_size, self.posemb, **kw)
+            self.dec = ViTDecoder(
+                self.decoder, self.image_size, self.patch_size, 3, self.posemb, **kw
+            )
+            decoder_width = self.decoder.width
         self.quantizer = VectorQuantizer(
             self.codebook_size,
             self.code_dim,
             self.beta,
             self.search_chunk_size,
             self.usage_decay,
+            self.l2_normalize_codes,
             **kw,
         )
-        self.project_up = dense(
-            self.decoder.width, axes.CODE_DIM, axes.EMBED, name="project_up", **kw
-        )
-        self.dec = ViTDecoder(self.decoder, self.image_size, self.patch_size, 3, self.posemb, **kw)
+        self.project_up = dense(decoder_width, axes.CODE_DIM, axes.EMBED, name="project_up", **kw)
 
     def _quantize(self, images: jax.Array, train: bool) -> tuple[jax.Array, dict]:
         features = self.enc(images, deterministic=not train)
@@ -129,6 +146,10 @@ def validate_model(model: ViTVQGAN) -> None:
         raise ConfigError(
             f"unknown decoder output {model.output!r}; expected one of {OUTPUT_KINDS}"
         )
+    if model.backbone not in BACKBONES:
+        raise ConfigError(f"unknown backbone {model.backbone!r}; expected one of {BACKBONES}")
+    if model.backbone == "cnn":
+        validate_cnn_spec(model.cnn, model.image_size, model.patch_size)
     if model.posemb not in POSEMB_KINDS:
         raise ConfigError(f"unknown posemb {model.posemb!r}; expected one of {POSEMB_KINDS}")
     for name in ("encoder", "decoder"):
@@ -199,11 +220,28 @@ def transformer_spec(d: Mapping[str, Any], what: str) -> TransformerSpec:
     return TransformerSpec(**dict(d))
 
 
+def cnn_spec(d: Mapping[str, Any], what: str = "model.cnn") -> CNNSpec:
+    """A CNNSpec from a dict (config block or bundle JSON); names unknown keys."""
+    known = {f.name for f in dataclasses.fields(CNNSpec)}
+    unknown = set(d) - known
+    if unknown:
+        raise ConfigError(f"{what} has unknown keys {sorted(unknown)}; expected {sorted(known)}")
+    fields = dict(d)
+    if "channel_mult" in fields:
+        fields["channel_mult"] = tuple(int(m) for m in fields["channel_mult"])
+    return CNNSpec(**fields)
+
+
 def build_vitvqgan(model_cfg: Mapping[str, Any], image_size: int, dtype: Dtype = jnp.float32):
-    """A ViTVQGAN from a `model` config block (or the same dict read from a bundle)."""
+    """A ViTVQGAN from a `model` config block (or the same dict read from a bundle).
+
+    A bundle written before the CNN backbone existed has no `backbone` or `cnn` key: it is a
+    ViT model, the default."""
     fields = dict(model_cfg)
     fields["encoder"] = transformer_spec(fields.get("encoder", {}), "model.encoder")
     fields["decoder"] = transformer_spec(fields.get("decoder", {}), "model.decoder")
+    if "cnn" in fields:
+        fields["cnn"] = cnn_spec(fields["cnn"])
     known = {f.name for f in dataclasses.fields(ViTVQGAN)} - {"parent", "name"}
     unknown = set(fields) - known
     if unknown:

@@ -22,7 +22,7 @@ from vitvq import data as data_lib
 from vitvq.data.globalize import to_global, to_host
 from vitvq.errors import ConfigError
 from vitvq.evaluation.reconstruction import ReconstructionAccumulator
-from vitvq.models.discriminator import Discriminator
+from vitvq.models.discriminator import discriminator_from_config
 from vitvq.models.perceptual import lpips_fn
 from vitvq.models.vitvqgan import build_vitvqgan
 from vitvq.train import common, loop, restore, stage1_step, writers
@@ -133,12 +133,7 @@ class Stage1:
             )
         self.use_gan = config.loss.adversarial > 0
         self.disc = (
-            Discriminator(
-                image_size=config.image_size,
-                base_channels=config.discriminator.base_channels,
-                max_channels=config.discriminator.max_channels,
-                dtype=dtype,
-            )
+            discriminator_from_config(config.discriminator.to_dict(), config.image_size, dtype)
             if self.use_gan
             else None
         )
