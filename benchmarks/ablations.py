@@ -5,8 +5,8 @@ trained at its `small` scale for the same step budget, then a table like the pap
     python benchmarks/ablations.py --rows=bb,cnn --steps=200 --workdir=/tmp/abl
 
 Each row is one `python -m vitvq.main --config=configs/ablations.py:row=ROW,scale=small`
-process (bundled scikit-image photos at 64x64, batch 16, L2 + VQ + GAN losses, no dead-code
-restart; see configs/ablations.py), run one after the other on this machine. After the last
+process (bundled scikit-image photos at 64x64, batch 16, L2 + VQ + GAN losses, dead-code
+restart until 3/4 of the run; see configs/ablations.py), run one after the other. After the last
 step the trainer evaluates on the held-out photos (whose crops are never trained on):
 
 - usage: the share of the codebook (1024 codes) used at least once over the held-out set
@@ -60,6 +60,7 @@ def run_row(row: str, steps: int, workdir: pathlib.Path, extra: list[str]) -> di
         f"--config.eval_every_steps={steps}",
         f"--config.checkpoint_every_steps={steps}",
         f"--config.image_every_steps={steps}",
+        f"--config.codebook_restart.stop_step={steps * 3 // 4}",  # as the config: 3/4 of the run
         *extra,
     ]
     start = time.perf_counter()

@@ -20,8 +20,8 @@ Scales (`scale=`, default `paper`):
               is taming's VQGAN at 8x downsampling, 128 channels
     small     the bundled photos at 64x64 with models shrunk alike (ViT 128/192/256 wide for
               S/B/L; CNN 32 channels), 1024 codes, L2 + VQ + GAN losses, LPIPS at evaluation
-              only, no dead-code restart (the paper has none: it would hide usage collapse);
-              what `benchmarks/ablations.py` trains
+              only, dead-code restart until 3/4 of the run (the paper has none; without it
+              every row collapsed here); what `benchmarks/ablations.py` trains
     runlocal  the bundled digits at 32x32, tiny models, 2 steps, no LPIPS or R1: seconds,
               for tests
 
@@ -122,7 +122,13 @@ def _small(c, encoder: str, decoder: str) -> None:
     c.loss.r1_every = 4
     c.discriminator.base_channels = 32
     c.discriminator.max_channels = 128
-    c.codebook_restart.every_steps = 0
+    # Dead-code restart in every row, stopped at 3/4 of the run. Without it even the
+    # baseline collapsed to 1 code by step 40 here (BENCHMARKS.md): at this scale the
+    # encoder's initial outputs all fall nearest to a handful of codes.
+    c.codebook_restart.every_steps = 25
+    c.codebook_restart.threshold = 0.01
+    c.codebook_restart.start_step = 0
+    c.codebook_restart.stop_step = 450
     c.optimizer = common.optimizer(lr=5e-4, end_lr=1e-5, warmup_steps=100, b2=0.99)
     c.disc_optimizer = common.optimizer(lr=2e-4, end_lr=1e-5, warmup_steps=100, b2=0.99)
 

@@ -6,11 +6,13 @@ compiled, never run, for the mesh: the compiled executable's memory analysis giv
 per device. The shardings alone give the same figure for the state (`shard_shape` of every
 leaf), an independent check. A mesh of fake CPU devices
 (`XLA_FLAGS=--xla_force_host_platform_device_count=8`) answers for a pod's mesh of the same
-shape, as far as the state goes; the step's temporary bytes are those of XLA:CPU.
+shape, as far as the state goes; the step's temporary bytes are those of XLA:CPU. A mesh of a
+TPU topology's compile-only devices (`vitvq.aot`) gives the TPU compiler's figures instead.
 
     trainer = memory.build_trainer(config, mesh)       # Stage1 or Stage2, nothing allocated
     report = memory.state_memory(trainer)              # params + optimizer state per device
     step = memory.step_memory(trainer, batch_per_shard=1)   # the compiled train step
+    step = memory.step_memory(trainer, batch_size=256)      # ... for a global batch
 """
 
 import copy
@@ -64,11 +66,27 @@ class StepMemory:
     batch_size: int  # global batch the step was compiled for
     compile_s: float  # seconds to lower and compile the step (wall)
     compile_cpu_s: float  # the same in CPU seconds of this process (all threads)
+    generated_code_bytes: int = 0  # the compiled program itself
+    flops: float = 0.0  # per device and step, from the compiler's cost analysis (0: none)
+    compiled: Any = dataclasses.field(default=None, repr=False, compare=False)  # executable
 
     @property
     def peak_bytes(self) -> int:
         """Arguments + outputs not aliased to them + temporaries: what the step needs."""
         return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class Tensor:
+    """Leaves of a state of one dtype, shape and sharding (see `largest_tensors`)."""
+
+    path: str  # the first such leaf
+    count: int  # leaves like it (e.g. a parameter and its two Adam moments)
+    dtype: str
+    shape: tuple[int, ...]
+    spec: str  # the PartitionSpec
+    shard_shape: tuple[int, ...]
+    shard_bytes: int  # one leaf's bytes per device
 
 
 def nbytes(x: Any) -> int:
@@ -103,7 +121,23 @@ def replicated_leaves(abstract: Any, shardings: Any) -> tuple[tuple[str, int], .
     return tuple(sorted(out, key=lambda item: (-item[1], item[0])))
 
 
-def _parts(abstract: Any, shardings: Any) -> dict[str, tuple[int, int]]:
+def largest_tensors(abstract: Any, shardings: Any, top: int = 6) -> tuple[Tensor, ...]:
+    """The `top` largest tensors of a state per device (leaves of one dtype, shape and
+    sharding counted together), with their shardings."""
+    groups: dict[tuple, Tensor] = {}
+    leaves = jax.tree_util.tree_leaves_with_path(abstract)
+    for (path, x), s in zip(leaves, jax.tree_util.tree_leaves(shardings), strict=True):
+        key = (str(x.dtype), tuple(x.shape), str(s.spec))
+        if key in groups:
+            groups[key] = dataclasses.replace(groups[key], count=groups[key].count + 1)
+        else:
+            shard = tuple(s.shard_shape(x.shape))
+            groups[key] = Tensor(jax.tree_util.keystr(path), 1, *key, shard, shard_nbytes(x, s))
+    ranked = sorted(groups.values(), key=lambda t: (-t.shard_bytes * t.count, t.path))
+    return tuple(ranked[:top])
+
+
+def state_parts(abstract: Any, shardings: Any) -> dict[str, tuple[int, int]]:
     """Top-level field of the state -> (unsharded bytes, per-device bytes)."""
     fields = (
         {f.name: getattr(abstract, f.name) for f in dataclasses.fields(abstract)}
@@ -126,10 +160,18 @@ def _parts(abstract: Any, shardings: Any) -> dict[str, tuple[int, int]]:
     return out
 
 
-def _compile(jitted, *args, fast: bool) -> tuple[Any, float, float]:
+def is_compile_only(mesh) -> bool:
+    """Whether `mesh` is made of devices no process here can run on (a TPU topology's
+    compile-only devices, `jax.experimental.topologies`): nothing can be put on them."""
+    return not set(mesh.devices.flat) <= set(jax.devices())
+
+
+def _compile(jitted, *args, mesh, fast: bool) -> tuple[Any, float, float]:
     """(compiled executable, wall seconds, CPU seconds) of lowering and compiling."""
     wall, cpu = time.perf_counter(), time.process_time()
-    options = FAST_COMPILE if fast and jax.default_backend() == "cpu" else None
+    # XLA:CPU's options: the platform is the mesh's, not the default backend's (vitvq.aot
+    # compiles for a TPU topology's devices from a CPU-only process).
+    options = FAST_COMPILE if fast and mesh.devices.flat[0].platform == "cpu" else None
     compiled = jitted.lower(*args).compile(compiler_options=options)
     return compiled, time.perf_counter() - wall, time.process_time() - cpu
 
@@ -153,7 +195,7 @@ def state_memory(trainer, init: str = "model", fast: bool = True) -> StateMemory
         raise ValueError(f"init must be 'model' or 'zeros', got {init!r}")
     with parallel.use_mesh(mesh, rules):
         jitted = jax.jit(fn, out_shardings=shardings)
-        compiled, wall_s, cpu_s = _compile(jitted, jax.random.key(0), fast=fast)
+        compiled, wall_s, cpu_s = _compile(jitted, jax.random.key(0), mesh=mesh, fast=fast)
     analysis = compiled.memory_analysis()
     leaves = jax.tree_util.tree_leaves(abstract)
     return StateMemory(
@@ -164,7 +206,7 @@ def state_memory(trainer, init: str = "model", fast: bool = True) -> StateMemory
             for x, s in zip(leaves, jax.tree_util.tree_leaves(shardings), strict=True)
         ),
         num_leaves=len(leaves),
-        parts=_parts(abstract, shardings),
+        parts=state_parts(abstract, shardings),
         replicated=replicated_leaves(abstract, shardings),
         init=init,
         compile_s=wall_s,
@@ -183,18 +225,26 @@ def abstract_batch(trainer, batch_size: int, image_size: int) -> dict[str, jax.S
     }
 
 
-def step_memory(trainer, batch_per_shard: int = 1, step: int = 1, fast: bool = True) -> StepMemory:
+def step_memory(
+    trainer,
+    batch_per_shard: int = 1,
+    step: int = 1,
+    fast: bool = True,
+    batch_size: int | None = None,
+) -> StepMemory:
     """Compiles `trainer`'s train step for a global batch of `batch_per_shard` examples per
-    batch shard (data x fsdp) from abstract inputs and returns its memory analysis.
+    batch shard (data x fsdp), or of `batch_size` examples when given, from abstract inputs
+    and returns its memory analysis, its FLOPs and the compiled executable.
 
     Stage 1 compiles the phase of `step` (the default, 1, is an ordinary step: LPIPS and GAN
-    on, no lazy R1). `fast` compiles with `FAST_COMPILE` on CPU.
+    on, no lazy R1). `fast` compiles with `FAST_COMPILE` on CPU (never for other platforms).
     """
     from vitvq.train.stage1 import Stage1
 
     mesh = trainer.mesh
     abstract, shardings = trainer.abstract_state()
-    batch_size = batch_per_shard * parallel.batch_ways(mesh)
+    if batch_size is None:
+        batch_size = batch_per_shard * parallel.batch_ways(mesh)
     replicated = parallel.replicated(mesh)
     if isinstance(trainer, Stage1):
         jitted = trainer.train_step_jit(shardings, step)
@@ -206,7 +256,7 @@ def step_memory(trainer, batch_per_shard: int = 1, step: int = 1, fast: bool = T
         image_size = trainer.image_size
     batch = abstract_batch(trainer, batch_size, image_size)
     with parallel.use_mesh(mesh, trainer.rules):
-        compiled, wall_s, cpu_s = _compile(jitted, abstract, batch, frozen, fast=fast)
+        compiled, wall_s, cpu_s = _compile(jitted, abstract, batch, frozen, mesh=mesh, fast=fast)
     analysis = compiled.memory_analysis()
     return StepMemory(
         argument_bytes=int(analysis.argument_size_in_bytes),
@@ -216,7 +266,18 @@ def step_memory(trainer, batch_per_shard: int = 1, step: int = 1, fast: bool = T
         batch_size=batch_size,
         compile_s=wall_s,
         compile_cpu_s=cpu_s,
+        generated_code_bytes=int(analysis.generated_code_size_in_bytes),
+        flops=_flops(compiled),
+        compiled=compiled,
     )
+
+
+def _flops(compiled) -> float:
+    """FLOPs of one run of `compiled` on one device (0.0 when the compiler gives none)."""
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list | tuple):  # older jax: one dict per program
+        cost = cost[0] if cost else {}
+    return float((cost or {}).get("flops", 0.0))
 
 
 def _abstract(tree: Any, sharding: NamedSharding) -> Any:
@@ -248,7 +309,9 @@ def build_trainer(config, mesh, tokenizer_config=None, perceptual: bool = True):
 
     Stage 2 needs the stage-1 config of its tokenizer (`tokenizer_config`, e.g.
     configs/vitvq_small.py's) instead of a bundle. `perceptual=False` leaves out the LPIPS
-    network (not part of the state; only the stage-1 train step needs it).
+    network (not part of the state; only the stage-1 train step needs it). On a mesh of
+    compile-only devices (a TPU topology) the LPIPS weights stay host arrays: `step_memory`
+    reads only their shapes.
     """
     if config.trainer == "vim":
         from vitvq.train.stage2 import Stage2
@@ -262,8 +325,17 @@ def build_trainer(config, mesh, tokenizer_config=None, perceptual: bool = True):
         return trainer
     from vitvq.train.stage1 import Stage1
 
-    if not perceptual:
-        config = copy.deepcopy(config)
-        config.loss.perceptual = 0.0
-        config.eval_lpips = False
-    return Stage1(config, mesh)
+    if perceptual and not is_compile_only(mesh):
+        return Stage1(config, mesh)
+    lean = copy.deepcopy(config)
+    lean.loss.perceptual = 0.0
+    lean.eval_lpips = False
+    trainer = Stage1(lean, mesh)  # Stage1 puts LPIPS on the mesh's devices: not these
+    if perceptual and config.loss.perceptual > 0:
+        from vitvq.models.perceptual import lpips_fn
+        from vitvq.train.stage1 import compute_dtype
+
+        trainer.config = config
+        trainer.settings = dataclasses.replace(trainer.settings, perceptual=config.loss.perceptual)
+        trainer.perceptual = trainer.train_perceptual = lpips_fn(compute_dtype(config))
+    return trainer
