@@ -180,6 +180,9 @@ def stage2(size: str = "base", **overrides) -> ml_collections.ConfigDict:
     c.total_steps = 450_000
     c.tokenizer_bundle = ml_collections.FieldReference(None, field_type=str)  # stage-1 bundle
     c.model = ml_collections.ConfigDict(dict(VIM_SIZES[size]))
+    # Recompute each block in the backward pass: needed for batch 1024 on 32 GiB chips
+    # (python -m vitvq.aot; BENCHMARKS.md), at ~1/3 more FLOPs.
+    c.model.remat = False
     c.class_dropout = 0.1  # labels replaced by the null class (classifier-free guidance)
     # Adam b1 0.9 b2 0.96; linear warmup to a constant 4.5e-4 over 5k steps, exponential
     # decay to 1e-5 from step 80k.
@@ -221,7 +224,7 @@ def runlocal_stage2(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Shrinks a stage-2 config to run in seconds on a CPU on the bundled digits."""
     _runlocal_loop(c)
     c.model = ml_collections.ConfigDict(
-        dict(width=32, depth=2, num_heads=2, mlp_dim=64, dropout=0.1)
+        dict(width=32, depth=2, num_heads=2, mlp_dim=64, dropout=0.1, remat=False)
     )
     c.optimizer.update(lr=1e-3, end_lr=1e-4, warmup_steps=1, decay_start_step=2)
     c.sampling.num_per_class = 2

@@ -420,6 +420,7 @@ STAGE2_RULES = (
     Rule("tokenizer_bundle", Text(optional=True, note="a stage-1 bundle directory")),
     Rule("model.preset", OneOf(tuple(sorted(VIM_PRESETS)))),
     *_transformer_rules("model", required=False),
+    Rule("model.remat", Bool()),
     Rule("class_dropout", DECAY, required=True),
     *_optimizer_rules("optimizer", stage2=True),
     Rule("sampling.temperature", Real(lo=0.0, note="0: greedy"), required=True),

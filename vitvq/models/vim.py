@@ -213,6 +213,10 @@ class VIM(nn.Module):
     grid_size: int = 32  # codes per side; the sequence has grid_size**2 slots
     transformer: TransformerSpec = VIM_PRESETS["base"]
     num_classes: int = 0  # 0: unconditional; else labels in [0, num_classes], num_classes = null
+    # Recompute each block's activations in the backward pass instead of keeping them: about
+    # a third more FLOPs, and the paper's VIMs at batch 1024 fit a 32 GiB chip (BENCHMARKS.md,
+    # ahead-of-time compilation). Parameters and results are the same either way.
+    remat: bool = False
     dtype: Dtype = jnp.float32  # compute dtype
     param_dtype: Dtype = jnp.float32
 
@@ -264,7 +268,9 @@ class VIM(nn.Module):
             (self.grid_size, s.width),
             self.param_dtype,
         )
-        self.blocks = [VIMBlock(s.num_heads, s.mlp_dim, s.dropout, **kw) for _ in range(s.depth)]
+        # static: `deterministic` and `block` (arguments 2 and 5, counting the module as 0).
+        block_class = nn.remat(VIMBlock, static_argnums=(2, 5)) if self.remat else VIMBlock
+        self.blocks = [block_class(s.num_heads, s.mlp_dim, s.dropout, **kw) for _ in range(s.depth)]
         self.ln_final = layer_norm(None, self.param_dtype)
         self.logits = dense(self.vocab_size, axes.EMBED, axes.VOCAB, **kw)
 
@@ -313,7 +319,8 @@ class VIM(nn.Module):
         -> float32 [B, T, vocab_size], where [:, t] predicts tokens[:, t]."""
         x = self._embed(self._teacher_forcing_inputs(tokens, labels), 0)
         for block in self.blocks:
-            x = block(x, not train)
+            # All arguments positional: a remat block needs its static ones (2 and 5) present.
+            x = block(x, not train, None, None, None)
         return self._logits(x)
 
     def features(
@@ -325,7 +332,7 @@ class VIM(nn.Module):
             raise InputError(f"block must be in [1, {self.transformer.depth}], got {block}")
         x = self._embed(self._teacher_forcing_inputs(tokens, labels), 0)
         for layer in self.blocks[:block]:
-            x = layer(x, True)
+            x = layer(x, True, None, None, None)
         return x
 
     def init_cache(self, batch_size: int) -> Cache:
@@ -453,7 +460,7 @@ def drop_labels(rng: jax.Array, labels: jax.Array, rate: float, num_classes: int
     return jnp.where(drop, num_classes, labels).astype(labels.dtype)
 
 
-VIM_CONFIG_KEYS = ("preset", "width", "depth", "num_heads", "mlp_dim", "dropout")
+VIM_CONFIG_KEYS = ("preset", "width", "depth", "num_heads", "mlp_dim", "dropout", "remat")
 
 
 def vim_spec(cfg: Mapping[str, Any]) -> TransformerSpec:
@@ -465,6 +472,7 @@ def vim_spec(cfg: Mapping[str, Any]) -> TransformerSpec:
         raise ConfigError(
             f"VIM model config has unknown keys {sorted(unknown)}; expected {list(VIM_CONFIG_KEYS)}"
         )
+    fields.pop("remat", None)  # not a size: read by build_vim
     preset = fields.pop("preset", None)
     if preset is not None:
         if preset not in VIM_PRESETS:
@@ -492,6 +500,7 @@ def build_vim(
         grid_size=grid_size,
         transformer=vim_spec(cfg),
         num_classes=num_classes,
+        remat=bool(cfg.get("remat", False)),
         dtype=dtype,
         param_dtype=param_dtype,
     )
