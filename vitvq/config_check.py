@@ -28,7 +28,7 @@ from typing import Any
 from vitvq.data.pipeline import KNOWN_SOURCES
 from vitvq.errors import ConfigError
 from vitvq.losses import GAN_LOSS_KINDS
-from vitvq.models.discriminator import DISCRIMINATOR_KINDS
+from vitvq.models.discriminator import DISCRIMINATOR_KINDS, patch_logits_size
 from vitvq.models.vim import VIM_CONFIG_KEYS, VIM_PRESETS
 from vitvq.models.vit import POSEMB_KINDS
 from vitvq.models.vitvqgan import BACKBONES, OUTPUT_KINDS
@@ -40,9 +40,6 @@ TRAINERS = ("vitvqgan", "vim", "pipeline")
 DTYPES = ("bfloat16", "float16", "float32")
 TRAINABLE = ("all", "decoder")
 IN_MEMORY_SOURCES = ("digits", "photos", "synthetic")  # the sources dataset.crop_scale applies to
-# The PatchGAN judges patches of the image halved num_layers times, then shrunk by 2 more
-# pixels by its two stride-1 4x4 convs: at least 1 patch needs a side of 3 after the halvings.
-PATCHGAN_MIN_SIZE = 3
 MAX_SEED = 2**32 - 1  # jax.random.key keeps the low 32 bits: larger seeds alias smaller ones
 
 _MISSING = object()
@@ -476,12 +473,14 @@ def _check_stage1_relations(config, prefix: str) -> None:
         )
     if _patchgan_on(config):
         layers = _get(config, "discriminator.num_layers", 3)
-        if image_size < PATCHGAN_MIN_SIZE * 2**layers:
+        if patch_logits_size(image_size, layers) < 1:  # the module's own output size
+            most = 0
+            while patch_logits_size(image_size, most + 1) >= 1:
+                most += 1
             _fail(
                 f"{prefix}.discriminator.num_layers",
                 layers,
-                f"at most {max(0, int(math.log2(max(1, image_size // PATCHGAN_MIN_SIZE))))} for "
-                f"{prefix}.image_size={image_size}",
+                f"at most {most} for {prefix}.image_size={image_size}",
                 f"{layers} halvings leave no patch to judge",
             )
     if _cnn_on(config):
