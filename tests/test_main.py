@@ -26,7 +26,9 @@ def command(args, *, devices=1):
     """(argv, env) of `python -m vitvq.main ARGS` on `devices` fake CPU devices."""
     env = dict(os.environ)
     env.update(
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        # Unoptimized code generation: these runs are a few steps, compiling is what costs.
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
+        "--xla_backend_optimization_level=0",
         JAX_PLATFORMS="cpu",
         TF_CPP_MIN_LOG_LEVEL="2",
         PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])),

@@ -29,10 +29,10 @@ from vitvq import parallel
 
 # XLA counts the output tuple's table of buffer pointers in the output size: 8 bytes a leaf.
 POINTER_BYTES = 8
-# Code generation without LLVM's expensive optimizations: buffer assignment, and with it the
-# memory analysis, is done before code generation and does not change (checked on a 2-block
-# VIM-Large step: identical figures), while compiling takes ~40% less time.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+# Buffer assignment, and with it the memory analysis, is done before code generation and does
+# not change without LLVM's optimizations (checked on a 2-block VIM-Large step: identical
+# figures), while compiling takes ~40% less time.
+FAST_COMPILE = parallel.CPU_FAST_COMPILE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,12 +158,6 @@ def state_parts(abstract: Any, shardings: Any) -> dict[str, tuple[int, int]]:
             ),
         )
     return out
-
-
-def is_compile_only(mesh) -> bool:
-    """Whether `mesh` is made of devices no process here can run on (a TPU topology's
-    compile-only devices, `jax.experimental.topologies`): nothing can be put on them."""
-    return not set(mesh.devices.flat) <= set(jax.devices())
 
 
 def _compile(jitted, *args, mesh, fast: bool) -> tuple[Any, float, float]:
@@ -309,9 +303,7 @@ def build_trainer(config, mesh, tokenizer_config=None, perceptual: bool = True):
 
     Stage 2 needs the stage-1 config of its tokenizer (`tokenizer_config`, e.g.
     configs/vitvq_small.py's) instead of a bundle. `perceptual=False` leaves out the LPIPS
-    network (not part of the state; only the stage-1 train step needs it). On a mesh of
-    compile-only devices (a TPU topology) the LPIPS weights stay host arrays: `step_memory`
-    reads only their shapes.
+    network (not part of the state; only the stage-1 train step needs it).
     """
     if config.trainer == "vim":
         from vitvq.train.stage2 import Stage2
@@ -325,17 +317,9 @@ def build_trainer(config, mesh, tokenizer_config=None, perceptual: bool = True):
         return trainer
     from vitvq.train.stage1 import Stage1
 
-    if perceptual and not is_compile_only(mesh):
+    if perceptual:
         return Stage1(config, mesh)
     lean = copy.deepcopy(config)
     lean.loss.perceptual = 0.0
     lean.eval_lpips = False
-    trainer = Stage1(lean, mesh)  # Stage1 puts LPIPS on the mesh's devices: not these
-    if perceptual and config.loss.perceptual > 0:
-        from vitvq.models.perceptual import lpips_fn
-        from vitvq.train.stage1 import compute_dtype
-
-        trainer.config = config
-        trainer.settings = dataclasses.replace(trainer.settings, perceptual=config.loss.perceptual)
-        trainer.perceptual = trainer.train_perceptual = lpips_fn(compute_dtype(config))
-    return trainer
+    return Stage1(lean, mesh)

@@ -208,6 +208,11 @@ def unbox(tree: Any) -> Any:
     return jax.tree_util.tree_map(one, tree, is_leaf=lambda x: isinstance(x, meta.AxisMetadata))
 
 
+# XLA:CPU code generation without LLVM's expensive optimizations: for programs that run once
+# (`create_sharded`'s init) or only to be measured (vitvq.memory), compiling is what costs.
+CPU_FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
 def create_sharded(init_fn: Callable[..., Any], mesh: Mesh, rules: Any, *args) -> tuple[Any, Any]:
     """Runs `init_fn(*args)` so that its outputs are created already sharded.
 
@@ -221,8 +226,21 @@ def create_sharded(init_fn: Callable[..., Any], mesh: Mesh, rules: Any, *args) -
     with use_mesh(mesh, rules):
         abstract = jax.eval_shape(init_fn, *args)
         shardings = logical_shardings(abstract, mesh, rules)
-        state = jax.jit(lambda *a: unbox(init_fn(*a)), out_shardings=shardings)(*args)
+        jitted = jax.jit(lambda *a: unbox(init_fn(*a)), out_shardings=shardings)
+        if all(d.platform == "cpu" for d in mesh.devices.flat):
+            # The init runs once and is all random-number generation: without LLVM's
+            # optimizations XLA:CPU compiles it ~3x faster (8.7 s -> 2.5 s for the runlocal
+            # ViT-VQGAN) and runs it in milliseconds all the same.
+            state = jitted.lower(*args).compile(compiler_options=CPU_FAST_COMPILE)(*args)
+        else:
+            state = jitted(*args)
     return state, shardings
+
+
+def is_compile_only(mesh: Mesh) -> bool:
+    """Whether `mesh` is made of devices no process here can run on (a TPU topology's
+    compile-only devices, `jax.experimental.topologies`): nothing can be put on them."""
+    return not set(mesh.devices.flat) <= set(jax.devices())
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -144,10 +144,12 @@ class Stage1:
             make_optimizer(config.disc_optimizer, config.total_steps)[0] if self.use_gan else None
         )
         # LPIPS weights are frozen inputs of the jitted functions, never part of the state.
+        # On a TPU topology's compile-only devices (vitvq.aot) they stay on the host: a step
+        # is only lowered and compiled there, from their shapes.
         needs_lpips = config.loss.perceptual > 0 or config.get("eval_lpips", True)
-        self.perceptual = (
-            jax.device_put(lpips_fn(dtype), parallel.replicated(mesh)) if needs_lpips else None
-        )
+        self.perceptual = lpips_fn(dtype) if needs_lpips else None
+        if needs_lpips and not parallel.is_compile_only(mesh):
+            self.perceptual = jax.device_put(self.perceptual, parallel.replicated(mesh))
         self.train_perceptual = self.perceptual if config.loss.perceptual > 0 else None
 
     # --- state ---------------------------------------------------------------------------
