@@ -123,6 +123,9 @@ def stage1(encoder: str = "S", decoder: str = "S", **overrides) -> ml_collection
             # by 2 per level, 2 ** (len(channel_mult) - 1) in all, which must be patch_size.
             backbone="vit",
             cnn=cnn(),
+            # Recompute each ViT block in the backward pass: activation memory of one block
+            # instead of all, for ~1/3 more FLOPs (python -m vitvq.aot shows when it is needed).
+            remat=False,
         )
     )
     c.discriminator = ml_collections.ConfigDict(

@@ -176,6 +176,13 @@ BAD = [
         ["config.model.cnn.channel_mult=(1, 0, 2, 2)", "integers >= 1"],
     ),
     (
+        "cnn_remat",
+        stage1,
+        {"model.backbone": "cnn", "model.remat": True},
+        None,
+        ["config.model.remat=True", "False with config.model.backbone='cnn'"],
+    ),
+    (
         "disc_kind",
         stage1,
         {"discriminator.kind": "biggan"},

@@ -5,10 +5,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from remat_helpers import assert_remat_changes_only_the_program
 
 from vitvq.errors import ConfigError, InputError
 from vitvq.models.vit import TransformerSpec, patchify, unpatchify
-from vitvq.models.vitvqgan import ViTVQGAN, transformer_preset, vitvqgan_from_preset
+from vitvq.models.vitvqgan import (
+    ViTVQGAN,
+    build_vitvqgan,
+    transformer_preset,
+    vitvqgan_from_preset,
+)
 
 # PAPER.md table 2, millions of parameters of one transformer stack.
 PAPER_PARAMS = {"S": 32, "B": 91, "L": 599}
@@ -141,3 +147,37 @@ def test_bad_configuration_is_named():
         transformer_preset("M")
     with pytest.raises(ConfigError, match="unknown ViTVQGAN fields"):
         vitvqgan_from_preset("SS", widht=3)
+
+
+def test_remat_recomputes_vit_blocks_with_the_same_parameters_results_and_gradients():
+    """`model.remat`: the same parameters, loss and gradients (dropout on, so the static
+    `deterministic` argument matters), and a checkpoint in the program only with remat."""
+    cfg = dict(
+        patch_size=8,
+        encoder=dict(width=32, depth=2, num_heads=2, mlp_dim=64, dropout=0.1),
+        decoder=dict(width=32, depth=2, num_heads=2, mlp_dim=64, dropout=0.1),
+        codebook_size=16,
+        code_dim=4,
+    )
+    plain = build_vitvqgan(cfg, 16)
+    remat = build_vitvqgan({**cfg, "remat": True}, 16)
+    images = jax.random.uniform(jax.random.key(1), (4, 16, 16, 3))
+    variables = jax.jit(plain.init)(jax.random.key(0), images)
+    remat_variables = jax.jit(remat.init)(jax.random.key(0), images)
+    assert jax.tree_util.tree_structure(variables) == jax.tree_util.tree_structure(remat_variables)
+    params, rest = variables["params"], {k: v for k, v in variables.items() if k != "params"}
+
+    def loss(model, p):
+        recon, aux = model.apply(
+            {"params": p, **rest}, images, train=True, rngs={"dropout": jax.random.key(2)}
+        )
+        return jnp.mean((recon - images) ** 2) + aux["vq_loss"]
+
+    assert_remat_changes_only_the_program(
+        lambda p: loss(plain, p), lambda p: loss(remat, p), params
+    )
+    # Only the ViT backbone has blocks to recompute.
+    with pytest.raises(ConfigError, match="cnn backbone has none"):
+        build_vitvqgan(
+            {**cfg, "remat": True, "backbone": "cnn", "cnn": {"channel_mult": (1, 1, 1, 1)}}, 16
+        )

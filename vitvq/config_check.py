@@ -362,6 +362,7 @@ STAGE1_RULES = (
     Rule("model.usage_decay", DECAY),
     Rule("model.l2_normalize_codes", Bool()),
     Rule("model.backbone", OneOf(BACKBONES)),
+    Rule("model.remat", Bool()),
     *_transformer_rules("model.encoder", required=True),
     *_transformer_rules("model.decoder", required=True),
     Rule("model.cnn.channels", POSITIVE, required=True, **_WHEN_CNN),
@@ -488,6 +489,13 @@ def _check_stage1_relations(config, prefix: str) -> None:
 
 
 def _check_cnn_relations(config, prefix: str, patch: int) -> None:
+    if _get(config, "model.remat", False):
+        _fail(
+            f"{prefix}.model.remat",
+            True,
+            f"False with {prefix}.model.backbone='cnn'",
+            "remat recomputes the ViT backbone's transformer blocks; the CNN has none",
+        )
     channels = _get(config, "model.cnn.channels")
     mult = tuple(_get(config, "model.cnn.channel_mult"))
     groups = _get(config, "model.cnn.norm_groups", 32)

@@ -64,6 +64,7 @@ class ViTVQGAN(nn.Module):
     l2_normalize_codes: bool = True  # False: the paper's ablation without l2-normalized codes
     backbone: str = "vit"  # "vit" (the paper) or "cnn" (the original VQGAN's, the baseline)
     cnn: CNNSpec = CNNSpec()  # the convolutional encoder/decoder, when backbone == "cnn"
+    remat: bool = False  # ViT backbone: recompute each transformer block in the backward pass
     dtype: Dtype = jnp.float32  # compute dtype
     param_dtype: Dtype = jnp.float32
 
@@ -79,10 +80,9 @@ class ViTVQGAN(nn.Module):
             self.dec = CNNDecoder(self.cnn, self.image_size, 3, **kw)
             decoder_width = self.cnn.width
         else:
-            self.enc = ViTEncoder(self.encoder, self.image_size, self.patch_size, self.posemb, **kw)
-            self.dec = ViTDecoder(
-                self.decoder, self.image_size, self.patch_size, 3, self.posemb, **kw
-            )
+            vit = dict(posemb=self.posemb, remat=self.remat, **kw)
+            self.enc = ViTEncoder(self.encoder, self.image_size, self.patch_size, **vit)
+            self.dec = ViTDecoder(self.decoder, self.image_size, self.patch_size, 3, **vit)
             decoder_width = self.decoder.width
         self.quantizer = VectorQuantizer(
             self.codebook_size,
@@ -150,6 +150,10 @@ def validate_model(model: ViTVQGAN) -> None:
         raise ConfigError(f"unknown backbone {model.backbone!r}; expected one of {BACKBONES}")
     if model.backbone == "cnn":
         validate_cnn_spec(model.cnn, model.image_size, model.patch_size)
+        if model.remat:
+            raise ConfigError(
+                "remat recomputes the ViT backbone's blocks; the cnn backbone has none"
+            )
     if model.posemb not in POSEMB_KINDS:
         raise ConfigError(f"unknown posemb {model.posemb!r}; expected one of {POSEMB_KINDS}")
     for name in ("encoder", "decoder"):
