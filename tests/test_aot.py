@@ -11,7 +11,7 @@ import sys
 import jax
 import pytest
 
-from vitvq import aot, memory, parallel
+from vitvq import aot, aot_report, memory, parallel
 from vitvq.errors import ConfigError
 
 try:
@@ -130,6 +130,41 @@ def test_stage2_fits_and_an_oversized_vim_does_not():
     consumers = out.split("largest consumers per chip:")[1]
     assert "state.opt_state" in consumers and "state.params" in consumers
     assert "--config.mesh.fsdp" in out
+    # The state is the problem (temporaries 12 GiB, state 18 GiB): no advice to remat.
+    assert "--config.model.remat" not in out
+
+
+def test_remat_is_suggested_when_activations_dominate():
+    """Remat comes first in the advice when the temporaries outgrow the state (no compile: the
+    report of the compiler's refusal of VIM-Base at batch 1024 on v4)."""
+    gib = 2**30
+    oom = aot_report.OutOfMemory("RESOURCE_EXHAUSTED: ...", int(57.86 * gib), int(30.75 * gib), 95)
+    report = aot_report.Report(
+        config="configs/vim_base.py",
+        topology="v4:4x4x4",
+        device_kind="TPU v4",
+        num_devices=64,
+        num_hosts=16,
+        hbm_bytes=32 * gib,
+        margin=0.9,
+        mesh={"data": 64, "fsdp": 1, "tensor": 1},
+        batch_size=1024,
+        phase="stage 2",
+        step=None,
+        oom=oom,
+        consumers=(
+            ("temporaries (the compiler's total less the above)", 50 * gib),
+            ("state.opt_state", 5 * gib),
+        ),
+        tensors=(),
+    )
+    assert not report.fits and report.total_bytes == oom.required_bytes
+    text = aot_report.format_report(report)
+    advice = text.splitlines()[-1]
+    assert (
+        advice.startswith("to fit: recompute each block") and "--config.model.remat=True" in advice
+    )
+    assert "needs 57.86 GiB" in text and "DOES NOT FIT" in text
 
 
 @pytest.mark.parametrize(

@@ -130,8 +130,17 @@ def format_report(r: Report) -> str:
     if not r.fits:
         lines.append("largest consumers per chip:")
         lines += [f"  {what:<52} {_size(n):>12}" for what, n in r.consumers[:5]]
-        lines.append(
-            "to fit: shard the state (--config.mesh.fsdp=N, --config.mesh.tensor=N), spread "
-            "the batch over more chips or lower --config.batch_size, or use chips with more HBM"
-        )
+        ways = [
+            "shard the state (--config.mesh.fsdp=N, --config.mesh.tensor=N)",
+            "spread the batch over more chips or lower --config.batch_size",
+            "use chips with more HBM",
+        ]
+        parts = dict(r.consumers)
+        temporaries = sum(n for what, n in parts.items() if what.startswith("temporaries"))
+        state = sum(n for what, n in parts.items() if what.startswith("state."))
+        if temporaries > state:
+            # More than the state's gradients and updates: activations kept for the backward
+            # pass, which recomputing each block frees.
+            ways.insert(0, "recompute each block in the backward pass (--config.model.remat=True)")
+        lines.append("to fit: " + "; ".join(ways))
     return "\n".join(lines)
