@@ -29,10 +29,10 @@ from vitvq import parallel
 
 # XLA counts the output tuple's table of buffer pointers in the output size: 8 bytes a leaf.
 POINTER_BYTES = 8
-# Buffer assignment, and with it the memory analysis, is done before code generation and does
-# not change without LLVM's optimizations (checked on a 2-block VIM-Large step: identical
-# figures), while compiling takes ~40% less time.
-FAST_COMPILE = parallel.CPU_FAST_COMPILE
+# `fast` compiles use `parallel.fast_compile_options`: buffer assignment, and with it the
+# memory analysis, is done before code generation and does not change without LLVM's
+# optimizations (checked on a 2-block VIM-Large step: identical figures), while compiling
+# takes ~40% less time.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,9 +163,7 @@ def state_parts(abstract: Any, shardings: Any) -> dict[str, tuple[int, int]]:
 def _compile(jitted, *args, mesh, fast: bool) -> tuple[Any, float, float]:
     """(compiled executable, wall seconds, CPU seconds) of lowering and compiling."""
     wall, cpu = time.perf_counter(), time.process_time()
-    # XLA:CPU's options: the platform is the mesh's, not the default backend's (vitvq.aot
-    # compiles for a TPU topology's devices from a CPU-only process).
-    options = FAST_COMPILE if fast and mesh.devices.flat[0].platform == "cpu" else None
+    options = parallel.fast_compile_options(mesh) if fast else None
     compiled = jitted.lower(*args).compile(compiler_options=options)
     return compiled, time.perf_counter() - wall, time.process_time() - cpu
 
@@ -177,7 +175,7 @@ def state_memory(trainer, init: str = "model", fast: bool = True) -> StateMemory
     `init="model"` compiles the trainer's own `init_state` (initializers and all);
     `init="zeros"` compiles a function returning zeros of the same shapes, dtypes and
     shardings: the same output bytes, compiled in a fraction of the time. `fast` compiles
-    with `FAST_COMPILE` on CPU.
+    with `parallel.CPU_FAST_COMPILE` on CPU.
     """
     mesh, rules = trainer.mesh, trainer.rules
     abstract, shardings = trainer.abstract_state()
@@ -231,7 +229,8 @@ def step_memory(
     and returns its memory analysis, its FLOPs and the compiled executable.
 
     Stage 1 compiles the phase of `step` (the default, 1, is an ordinary step: LPIPS and GAN
-    on, no lazy R1). `fast` compiles with `FAST_COMPILE` on CPU (never for other platforms).
+    on, no lazy R1). `fast` compiles with `parallel.CPU_FAST_COMPILE` on CPU (never for other
+    platforms).
     """
     from vitvq.train.stage1 import Stage1
 
