@@ -33,7 +33,7 @@ import pathlib
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from configs import common  # noqa: E402
+from configs import common, photos  # noqa: E402
 
 CODE_DIMS = (4, 8, 16, 32, 64, 128, 256)
 # row -> (encoder size, decoder size); the other rows use the baseline's B + B.
@@ -99,12 +99,7 @@ def _apply_row(c, row: str) -> None:
 
 def _small(c, encoder: str, decoder: str) -> None:
     """The bundled photos at 64x64, models shrunk alike; see the module docstring."""
-    c.dataset = common.dataset("photos", crop_scale=(0.2, 1.0))
-    c.image_size = 64
-    c.dtype = "float32"
-    c.batch_size = 16
-    c.eval_batch_size = 64
-    c.eval_num_examples = 0
+    photos.use_photos_data(c)
     c.total_steps = 600
     c.log_every_steps = 100
     c.eval_every_steps = 600

@@ -15,14 +15,20 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from configs import common  # noqa: E402
 
 
-def get_config(arg=None):
-    c = common.stage1()
+def use_photos_data(c) -> None:
+    """The data side of this recipe (also configs/ablations.py's small scale): random crops
+    of the bundled photos at 64x64, batch 16, evaluation on all held-out crops."""
     c.dataset = common.dataset("photos", crop_scale=(0.2, 1.0))
     c.image_size = 64
     c.dtype = "float32"
     c.batch_size = 16
     c.eval_batch_size = 64
     c.eval_num_examples = 0
+
+
+def get_config(arg=None):
+    c = common.stage1()
+    use_photos_data(c)
     c.total_steps = 2000  # what fits 10 minutes on 2 cores (BENCHMARKS.md, runs 9 and 11)
     c.log_every_steps = 100
     c.eval_every_steps = 1000
