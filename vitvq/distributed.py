@@ -29,15 +29,31 @@ processes resumes from it):
   coordinator (process 0 at HOST:PORT)");
 - a collective that fails because a peer is gone (gloo/NCCL errors) ends the training loop
   through `exit_if_peer_failure`, which waits for the watchdog to name the process.
-JAX's own heartbeat (set to 2 x heartbeat_timeout + 5 s) stays as the backstop: it ends a
-process with JAX's multi-line "Terminating process because the JAX distributed service
-detected fatal errors" abort if the watchdog could not run.
+
+JAX's distributed runtime reacts to the same failures on its own, from a C++ thread: its
+coordination service reports a task whose heartbeats stopped (to every other task), and a
+task that loses the coordinator notices at once; either way the task logs "Terminating
+process because the JAX distributed service detected fatal errors" (LOG(FATAL)) and calls
+abort(). jaxlib offers no working way to replace that reaction from Python (a Python
+`missed_heartbeat_callback` dies with std::bad_cast in jaxlib 0.10; `jax_enable_recoverability`
+silences reports of dead workers only, and drops the shutdown barrier that keeps process 0's
+coordinator up until the others finish), so a run keeps its one-line error and status 3 in
+two ways:
+- JAX's heartbeat timeout is `jax_heartbeat_timeout(heartbeat_timeout)`: the service may
+  report a task half its timeout after the task's death (the task beats every half timeout),
+  so this keeps JAX's report `JAX_HEARTBEAT_MARGIN` seconds behind the watchdog's;
+- while the watchdog runs, a SIGABRT handler turns JAX's abort into the same `_stop` when it
+  follows a peer failure (the coordinator refuses connections, or the watchdog has not heard
+  from a process): JAX's lines come first, then the project's line and status 3. Any other
+  abort ends the process as before.
 """
 
 import atexit
+import ctypes
 import dataclasses
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -52,6 +68,8 @@ INITIALIZATION_TIMEOUT = 300  # seconds for every process to reach the coordinat
 SHUTDOWN_TIMEOUT = 60
 # A survivor of a dead peer exits with this status (2 is a user error, 1 a crash).
 PEER_FAILURE_EXIT_CODE = 3
+# Seconds by which JAX's own report of a silent process comes after the watchdog's.
+JAX_HEARTBEAT_MARGIN = 30
 
 ENV_COORDINATOR = "VITVQ_COORDINATOR"
 ENV_NUM_PROCESSES = "VITVQ_NUM_PROCESSES"
@@ -219,7 +237,7 @@ def resolve(
 
 # --- failure of a peer ----------------------------------------------------------------------
 
-_state = {"settings": None, "watchdog": None}
+_state = {"settings": None, "watchdog": None, "abort_handler": None}
 _exit_lock = threading.Lock()
 # What a collective or the runtime says when another process is gone (lower case).
 _PEER_FAILURE_MARKERS = (
@@ -355,10 +373,30 @@ class _Watchdog(threading.Thread):
         self.period = max(0.2, self.timeout / 5)
         self._halt = threading.Event()
         self._listener: threading.Thread | None = None
+        self._watching_since = time.monotonic()
+        self._seen: dict[int, str] = {}  # peer -> its last value seen
+        self._changed: dict[int, float] = {}  # peer -> when that value was first seen
+
+    def silent(self, longer_than: float) -> list[int]:
+        """The unfinished peers not heard from for more than `longer_than` seconds."""
+        now = time.monotonic()
+        return [
+            peer
+            for peer in range(self._count)
+            if peer != self._id
+            and self._seen.get(peer) != _DONE
+            and now - self._changed.get(peer, self._watching_since) > longer_than
+        ]
+
+    def stop_for(self, dead: list[int], silence: float) -> None:
+        """`_stop` naming the silent processes `dead`."""
+        _stop(
+            f"process{'es' if len(dead) > 1 else ''} {', '.join(map(str, dead))} stopped",
+            f"no sign of life for {silence:g} s",
+        )
 
     def run(self) -> None:
-        started = time.monotonic()
-        seen, changed = {}, {}
+        self._watching_since = time.monotonic()
         beat = 0
         while not self._halt.wait(self.period):
             beat += 1
@@ -378,21 +416,11 @@ class _Watchdog(threading.Thread):
                     peer = int(key.rsplit("/", 1)[-1])
                 except ValueError:
                     continue
-                if seen.get(peer) != value:
-                    seen[peer], changed[peer] = value, now
-            dead = [
-                peer
-                for peer in range(self._count)
-                if peer != self._id
-                and seen.get(peer) != _DONE
-                and now - changed.get(peer, started) > self.timeout
-            ]
+                if self._seen.get(peer) != value:
+                    self._seen[peer], self._changed[peer] = value, now
+            dead = self.silent(self.timeout)
             if dead and not self._halt.is_set():
-                names = ", ".join(map(str, dead))
-                _stop(
-                    f"process{'es' if len(dead) > 1 else ''} {names} stopped",
-                    f"no sign of life for {self.timeout:g} s",
-                )
+                self.stop_for(dead, self.timeout)
 
     def start(self) -> None:
         super().start()
@@ -404,7 +432,7 @@ class _Watchdog(threading.Thread):
 
     def _listen(self) -> None:
         """Waits on a key only `halt` sets: the wait fails the moment process 0 is gone, as
-        fast as JAX's own error polling (whose C++ abort this line would otherwise lose to)."""
+        fast as JAX's own error polling (whose abort `_on_abort` catches when it comes first)."""
         while not self._halt.is_set():
             try:
                 self._client.blocking_key_value_get(f"{_WAKE_PREFIX}{self._id}", 600_000)
@@ -424,6 +452,7 @@ class _Watchdog(threading.Thread):
         shuts down would abort the process.
         """
         self._halt.set()
+        _release_aborts()
         me = threading.current_thread()
         if self.is_alive() and self is not me:
             self.join(timeout=10)  # its last beat must not land after "done"
@@ -438,6 +467,78 @@ class _Watchdog(threading.Thread):
             pass
         if self._listener is not None and self._listener.is_alive() and self._listener is not me:
             self._listener.join(timeout=10)
+
+
+# void (*)(int): a signal handler as C sees it.
+_SIGNAL_HANDLER = ctypes.CFUNCTYPE(None, ctypes.c_int)
+
+
+def _libc_signal():
+    """libc's `signal(2)`, or None where ctypes cannot reach it."""
+    try:
+        install = ctypes.CDLL(None).signal
+    except (OSError, AttributeError):  # pragma: no cover - not a POSIX libc
+        return None
+    install.restype = ctypes.c_void_p
+    install.argtypes = (ctypes.c_int, ctypes.c_void_p)
+    return install
+
+
+def _stop_after_abort() -> None:
+    """`_stop` when the abort in progress follows a peer failure; returns otherwise."""
+    settings = _state["settings"]
+    if _coordinator_gone(settings):
+        _stop(
+            f"lost contact with the coordinator (process 0 at {_coordinator_address(settings)})",
+            "JAX's distributed runtime lost its connection to the coordination service",
+        )
+    watchdog = _state["watchdog"]
+    if watchdog is None:
+        return
+    # JAX reports a silent process `JAX_HEARTBEAT_MARGIN` s after the watchdog would: by then
+    # the watchdog has missed its beats for longer than its timeout, unless this machine
+    # starved the watchdog; then the processes silent for more than two beats are named.
+    for longer_than in (watchdog.timeout, 2 * watchdog.period):
+        dead = watchdog.silent(longer_than)
+        if dead:
+            watchdog.stop_for(dead, longer_than)
+
+
+def _on_abort(signum: int) -> None:
+    """SIGABRT while the watchdog runs: JAX's LOG(FATAL) on a dead peer becomes `_stop`.
+
+    Runs in the thread that called abort() (JAX's error-polling thread), holding the
+    interpreter lock; returning lets abort() end the process as it would have.
+    """
+    del signum
+    try:
+        _stop_after_abort()
+    except Exception:  # noqa: BLE001 - never hide the abort behind an error of this handler
+        pass
+    _release_aborts()
+
+
+def _catch_aborts() -> None:
+    """Installs `_on_abort` for SIGABRT (until `_release_aborts`)."""
+    install = _libc_signal()
+    if install is None or _state["abort_handler"] is not None:
+        return
+    handler = _SIGNAL_HANDLER(_on_abort)
+    previous = install(signal.SIGABRT, ctypes.cast(handler, ctypes.c_void_p).value)
+    if previous == ctypes.c_void_p(-1).value:  # SIG_ERR
+        return
+    _state["abort_handler"] = (install, handler, previous)
+
+
+def _release_aborts() -> None:
+    """Puts back the SIGABRT handler that `_catch_aborts` replaced."""
+    installed = _state["abort_handler"]
+    if installed is not None:
+        install, handler, previous = installed
+        install(signal.SIGABRT, previous)
+        _state["abort_handler"] = None
+        # Kept alive: a thread may still be running it.
+        _state.setdefault("released_abort_handlers", []).append(handler)
 
 
 def finish() -> None:
@@ -469,10 +570,22 @@ def _start_watchdog(settings: Settings) -> None:
     )
     _state["watchdog"] = watchdog
     atexit.register(_halt_watchdog_at_exit)
-    # A watchdog that found a dead peer needs the interpreter lock to say so, and JAX's own
-    # abort (on a lost coordinator) does not wait: let a waiting thread in sooner than 5 ms.
+    # A watchdog that found a dead peer needs the interpreter lock to say so before JAX's
+    # abort prints its lines (on a lost coordinator): let a waiting thread in sooner than 5 ms.
     sys.setswitchinterval(min(sys.getswitchinterval(), 0.001))
+    _catch_aborts()
     watchdog.start()
+
+
+def jax_heartbeat_timeout(heartbeat_timeout: int) -> int:
+    """JAX's heartbeat timeout for a run whose watchdog uses `heartbeat_timeout`.
+
+    A JAX task beats every half timeout and the service reports one whose last beat is older
+    than the timeout, so a report can come half a timeout after the task died (measured: 9 s
+    after a SIGKILL with a 15 s timeout). Twice (ours + margin) keeps that report at least
+    `JAX_HEARTBEAT_MARGIN` s behind the watchdog's.
+    """
+    return 2 * (heartbeat_timeout + JAX_HEARTBEAT_MARGIN)
 
 
 def _initialize_jax(settings: Settings) -> None:
@@ -482,8 +595,8 @@ def _initialize_jax(settings: Settings) -> None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     kwargs = dict(
         initialization_timeout=INITIALIZATION_TIMEOUT,
-        # JAX's own detection is the backstop (its message is a C++ abort): later than ours.
-        heartbeat_timeout_seconds=2 * settings.heartbeat_timeout + 5,
+        # JAX's own detection is the backstop (its reaction is abort()): well after ours.
+        heartbeat_timeout_seconds=jax_heartbeat_timeout(settings.heartbeat_timeout),
         shutdown_timeout_seconds=max(SHUTDOWN_TIMEOUT, settings.heartbeat_timeout),
     )
     if settings.mode == "explicit":
