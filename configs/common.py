@@ -162,6 +162,11 @@ def stage1(encoder: str = "S", decoder: str = "S", **overrides) -> ml_collection
     c.optimizer = optimizer(lr=1e-4, end_lr=5e-5, warmup_steps=50_000, b2=0.99)
     c.disc_optimizer = optimizer(lr=1e-4, end_lr=5e-5, warmup_steps=50_000, b2=0.99)
     c.ema_decay = 0.0  # EMA of generator params (0 = off); exported when on
+    # Not in the paper (which draws the codebook from a normal distribution): the first step
+    # sets the codebook to k-means of that batch's encoder outputs ("kmeans"), which keeps
+    # the paper's quantizer from collapsing onto a few codes (BENCHMARKS.md, "Codebook
+    # collapse"). "normal": the paper's init. Lloyd iterations after k-means++ seeding.
+    c.codebook_init = ml_collections.ConfigDict(dict(kind="kmeans", iterations=10))
     c.codebook_restart = ml_collections.ConfigDict(
         dict(every_steps=0, threshold=0.03, start_step=0, stop_step=-1)  # 0 = off, -1 = never
     )

@@ -29,6 +29,7 @@ from vitvq.data.pipeline import KNOWN_SOURCES
 from vitvq.errors import ConfigError
 from vitvq.losses import GAN_LOSS_KINDS
 from vitvq.models.discriminator import DISCRIMINATOR_KINDS, patch_logits_size
+from vitvq.models.kmeans import CODEBOOK_INITS
 from vitvq.models.vim import VIM_CONFIG_KEYS, VIM_PRESETS
 from vitvq.models.vit import POSEMB_KINDS
 from vitvq.models.vitvqgan import BACKBONES, OUTPUT_KINDS
@@ -401,6 +402,8 @@ STAGE1_RULES = (
     # Read only with the GAN on (loss.adversarial > 0); checked whenever present.
     *_optimizer_rules("disc_optimizer", stage2=False, required=False),
     Rule("ema_decay", Real(lo=0.0, hi=1.0, hi_open=True, note="0: off"), required=True),
+    Rule("codebook_init.kind", OneOf(CODEBOOK_INITS)),
+    Rule("codebook_init.iterations", Int(lo=0)),
     Rule("codebook_restart.every_steps", Int(lo=0, note="0: off"), required=True),
     Rule(
         "codebook_restart.threshold",

@@ -108,6 +108,9 @@ def settings_from_config(config) -> Stage1Settings:
         restart_threshold=restart.threshold,
         restart_start=restart.start_step,
         restart_stop=restart.stop_step,
+        # Absent from configs saved before the k-means init existed: the paper's random init.
+        codebook_init=config.get("codebook_init", {}).get("kind", "normal"),
+        kmeans_iterations=config.get("codebook_init", {}).get("iterations", 10),
     )
 
 
@@ -126,6 +129,12 @@ class Stage1:
             # A restart rewrites codebook rows: it would change the frozen codebook.
             logger.info("trainable='decoder': dead-code restart is off (the codebook is frozen)")
             self.settings = dataclasses.replace(self.settings, restart_every=0)
+        if self.settings.codebook_init != "normal" and (
+            self.trainable == "decoder" or config.get("init_from")
+        ):
+            # The codebook comes from `init_from` (or is frozen): fitting it would replace it.
+            logger.info("codebook_init: off (the codebook comes from init_from or is frozen)")
+            self.settings = dataclasses.replace(self.settings, codebook_init="normal")
         if self.settings.gan_loss not in losses.GAN_LOSS_KINDS:
             raise ConfigError(
                 f"unknown loss.gan_loss {self.settings.gan_loss!r}; "

@@ -12,6 +12,7 @@ consecutive non-finite steps (the loop stops the run when that count reaches its
 """
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -23,6 +24,7 @@ from flax import struct
 from vitvq import losses
 from vitvq.evaluation import metrics as eval_metrics
 from vitvq.evaluation.reconstruction import masked_code_counts
+from vitvq.models.kmeans import kmeans_codebook
 from vitvq.models.quantizer import l2_normalize, restart_dead_codes, usage_statistics
 
 
@@ -66,6 +68,10 @@ class Stage1Settings:
     restart_threshold: float = 0.03
     restart_start: int = 0
     restart_stop: int = -1
+    # "kmeans": the first step whose update is applied sets the codebook to k-means of its
+    # batch's encoder outputs before updating; "normal": the codebook keeps its random init.
+    codebook_init: str = "normal"
+    kmeans_iterations: int = 10
     # The phase of training this step is compiled for (see `phase_settings`).
     perceptual_on: bool = True  # step >= perceptual_start_step
     gan_on: bool = True  # step >= disc_start_step
@@ -145,6 +151,23 @@ def _select(pred, new, old):
     return jax.tree_util.tree_map(lambda a, b: jnp.where(pred, a, b), new, old)
 
 
+def _init_codebook(params, vq_stats, images, rng, *, model, iterations):
+    """`params` with the codebook replaced by k-means of the encoder's outputs for `images`
+    (the quantizer's normalized latents, i.e. what the nearest-code search compares)."""
+    _, aux = model.apply({"params": params, "vq_stats": vq_stats}, images, method=model.encode)
+    codebook = params["quantizer"]["codebook"]
+    fitted = kmeans_codebook(
+        jax.lax.stop_gradient(aux["latents"]),
+        codebook.shape[0],
+        rng,
+        iterations=iterations,
+        spherical=model.l2_normalize_codes,
+        chunk_size=model.search_chunk_size,
+    )
+    quantizer = {**params["quantizer"], "codebook": fitted.astype(codebook.dtype)}
+    return {**params, "quantizer": quantizer}
+
+
 def _discriminator_update(carry, *, images, fake, disc, disc_tx, settings):
     """One discriminator update: (params, opt_state, lecam_ema) -> (new carry, metrics, ok).
 
@@ -207,6 +230,21 @@ def train_step(
     dropout_rng, restart_rng = jax.random.split(rng)
     use_gan = disc is not None
 
+    base_params = state.params
+    # No update has been applied yet: every earlier step (if any) was skipped as non-finite.
+    first_update = step == state.skipped
+    if s.codebook_init == "kmeans":
+        # The run's first applied update starts by fitting the codebook; a resumed run never
+        # repeats it (its state is past that update). One program for every step: the other
+        # branch is a no-op.
+        init = functools.partial(_init_codebook, model=model, iterations=s.kmeans_iterations)
+        base_params = jax.lax.cond(
+            first_update,
+            lambda p: init(p, state.vq_stats, images, jax.random.fold_in(rng, 1 << 20)),
+            lambda p: p,
+            base_params,
+        )
+
     def generator_loss(params):
         (recon, aux), mutated = model.apply(
             {"params": params, "vq_stats": state.vq_stats},
@@ -242,9 +280,9 @@ def train_step(
 
     (g_total, (terms, aux, vq_stats, recon)), grads = jax.value_and_grad(
         generator_loss, has_aux=True
-    )(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    )(base_params)
+    updates, opt_state = tx.update(grads, state.opt_state, base_params)
+    params = optax.apply_updates(base_params, updates)
     # An overflowing update (e.g. a huge learning rate) is as bad as a non-finite gradient.
     finite = jnp.isfinite(g_total) & _all_finite(grads) & _all_finite(params)
 
@@ -297,6 +335,9 @@ def train_step(
         metrics["vq/restarted_codes"] = restarted
 
     ema_params = state.ema_params
+    if s.ema_decay > 0 and s.codebook_init == "kmeans":
+        # The average starts from the fitted codebook, not the random one it replaced.
+        ema_params = _select(first_update, base_params, ema_params)
     if s.ema_decay > 0:
         ema_params = jax.tree_util.tree_map(
             lambda e, p: s.ema_decay * e + (1.0 - s.ema_decay) * p, ema_params, params
