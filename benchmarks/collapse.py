@@ -130,9 +130,8 @@ def init_study(args) -> dict:
             row["codes"] = int(len(np.unique(np.asarray(indices))))
             for name, h in stages.items():
                 row[name] = spread(h @ proj["kernel"] + proj["bias"], codebook)
-            row["position_only"] = spread(
-                enc["PositionEmbedding_0"]["__call__"][0] - stages["patch_embedding"], codebook
-            )
+            position = enc["PositionEmbedding_0"]["__call__"][0] - stages["patch_embedding"]
+            row["position_only"] = spread(position @ proj["kernel"] + proj["bias"], codebook)
             rnd = jax.random.normal(jax.random.key(10_000 + seed), (indices.size, 32))
             row["random_unit_latents"] = spread(rnd, codebook)
             # A codebook made of the unit latents of other crops (what initializing the

@@ -167,8 +167,12 @@ def stage1(encoder: str = "S", decoder: str = "S", **overrides) -> ml_collection
     # the paper's quantizer from collapsing onto a few codes (BENCHMARKS.md, "Codebook
     # collapse"). "normal": the paper's init. Lloyd iterations after k-means++ seeding.
     c.codebook_init = ml_collections.ConfigDict(dict(kind="kmeans", iterations=10))
+    # Dead-code restart (not in the paper; every_steps 0 = off): every 25 steps, codes whose
+    # usage EMA is below 0.03 tokens per step (unused for about a hundred steps) move onto
+    # current encoder outputs. With the k-means init, what keeps the codebook in use as the
+    # encoder's outputs move (BENCHMARKS.md, "Codebook collapse"). stop_step -1 = never.
     c.codebook_restart = ml_collections.ConfigDict(
-        dict(every_steps=0, threshold=0.03, start_step=0, stop_step=-1)  # 0 = off, -1 = never
+        dict(every_steps=25, threshold=0.03, start_step=25, stop_step=-1)
     )
     c.update(overrides)
     return c
