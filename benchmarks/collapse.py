@@ -5,6 +5,7 @@ first few hundred steps of the paper's recipe, on real photos.
     python benchmarks/collapse.py train --preset=SS --batch=16 [--steps=300] [--every=5]
         [--width=256 --depth=4] [--image_size=64] [--set=model.l2_normalize_codes=False ...]
         [--png=curves.png]
+    python benchmarks/collapse.py plot RUN1.log RUN2.log ... --png=curves.png
 
 `init`: the paper's SS and BB models at 256x256, full width and depth, freshly initialized,
 encode random 256x256 crops of the bundled training photos (8 crops = 8,192 tokens per seed).
@@ -98,6 +99,14 @@ def init_study(args) -> dict:
     results = {}
     for preset in args.presets.split(","):
         model = vitvqgan_from_preset(preset, image_size=size)
+        # Variables are arguments (not closed over): one compile per preset, no copies of the
+        # weights baked into programs.
+        encode = jax.jit(lambda v, x, m=model: m.apply(v, x, method=m.encode))
+        capture = jax.jit(
+            lambda v, x, m=model: m.apply(
+                v, x, method=m.encode, capture_intermediates=True, mutable=["intermediates"]
+            )
+        )
         rows = []
         for seed in range(args.seeds):
             images = photo_crops(size, args.images, 1000 + seed)
@@ -106,17 +115,7 @@ def init_study(args) -> dict:
             variables = nn.unbox(jax.jit(model.init)(jax.random.key(seed), images[:1]))
             params = variables["params"]
 
-            @jax.jit
-            def encode(x, variables=variables, model=model):
-                return model.apply(
-                    variables,
-                    x,
-                    method=model.encode,
-                    capture_intermediates=True,
-                    mutable=["intermediates"],
-                )
-
-            (indices, _), inter = encode(images)
+            (indices, _), inter = capture(variables, images)
             enc = inter["intermediates"]["enc"]
             proj = params["quantizer"]["project_down"]
             codebook = params["quantizer"]["codebook"]
@@ -136,7 +135,7 @@ def init_study(args) -> dict:
             row["random_unit_latents"] = spread(rnd, codebook)
             # A codebook made of the unit latents of other crops (what initializing the
             # codebook from encoder outputs gives), searched by these crops' latents.
-            (_, _), inter_o = encode(others)
+            (_, _), inter_o = capture(variables, others)
             z_o = inter_o["intermediates"]["enc"]["head"]["__call__"][0]
             z_o = np.asarray(z_o @ proj["kernel"] + proj["bias"]).reshape(-1, 32)
             row["codebook_from_other_crops"] = spread(
@@ -150,9 +149,7 @@ def init_study(args) -> dict:
         growth = {}
         seen = []
         for chunk in range(args.growth_chunks):
-            idx, _ = jax.jit(lambda x, v=variables, m=model: m.apply(v, x, method=m.encode))(
-                photo_crops(size, args.images, 3000 + chunk)
-            )
+            idx, _ = encode(variables, photo_crops(size, args.images, 3000 + chunk))
             seen.append(np.asarray(idx).reshape(-1))
             growth[int(sum(len(s) for s in seen))] = int(len(np.unique(np.concatenate(seen))))
         print(json.dumps({preset: {"codes_by_tokens": growth}}), flush=True)
@@ -269,6 +266,17 @@ def train_study(args) -> dict:
     return result
 
 
+def describe(result: dict) -> str:
+    """A short name of a `train` run: tokens per batch, init, restart, normalization."""
+    settings = dict(o.partition("=")[::2] for o in result["overrides"])
+    parts = [f"{result['tokens_per_batch']} tok", settings.get("codebook_init.kind", "kmeans")]
+    if settings.get("codebook_restart.every_steps", "0") != "0":
+        parts.append("+restart")
+    if settings.get("model.l2_normalize_codes") == "False":
+        parts.append("raw codes")
+    return " ".join(parts)
+
+
 def plot(results: list[dict], path: str) -> None:
     import matplotlib
 
@@ -279,7 +287,7 @@ def plot(results: list[dict], path: str) -> None:
     for r in results:
         steps = [p["step"] for p in r["curve"]]
         ceiling = min(r["tokens_per_batch"], r["codebook_size"])
-        label = r.get("label") or f"batch {r['batch']} {' '.join(r['overrides'])}"
+        label = r.get("label") or describe(r)
         axes[0].plot(steps, [p["codes_used"] / ceiling for p in r["curve"]], label=label)
         axes[1].plot(steps, [p["perplexity"] for p in r["curve"]], label=label)
     axes[0].set_ylabel("codes used per batch / min(tokens, codebook)")
@@ -311,7 +319,17 @@ def main() -> None:
     p_train.add_argument("--depth", type=int, default=0, help="0: the preset's")
     p_train.add_argument("--set", action="append", default=[], help="config KEY=VALUE")
     p_train.add_argument("--png", default="")
+    p_plot = sub.add_parser("plot", help="one PNG of several `train` runs' curves")
+    p_plot.add_argument("logs", nargs="+", help="outputs of `train` (their last line is read)")
+    p_plot.add_argument("--png", required=True)
     args = parser.parse_args()
+    if args.part == "plot":
+        results = [
+            json.loads(pathlib.Path(p).read_text().strip().splitlines()[-1]) for p in args.logs
+        ]
+        plot(results, args.png)
+        print(json.dumps({"png": args.png, "runs": len(results)}))
+        return
     result = init_study(args) if args.part == "init" else train_study(args)
     print(json.dumps(result))
 
