@@ -97,7 +97,8 @@ def stage1_preset(
         optimizer=optimizer,
         disc_optimizer=dict(optimizer),
         ema_decay=0.0,
-        codebook_restart=dict(every_steps=0, threshold=0.03, start_step=0, stop_step=-1),
+        codebook_init=dict(kind="kmeans", iterations=10),
+        codebook_restart=dict(every_steps=25, threshold=0.03, start_step=25, stop_step=-1),
     )
 
 
@@ -404,6 +405,8 @@ def stage1_settings(cfg):
         restart_threshold=restart.get("threshold", 0.03),
         restart_start=restart.get("start_step", 0),
         restart_stop=restart.get("stop_step", -1),
+        codebook_init=(cfg.get("codebook_init") or {}).get("kind", "normal"),
+        kmeans_iterations=(cfg.get("codebook_init") or {}).get("iterations", 10),
     )
     return Stage1Settings(**values)
 

@@ -20,7 +20,9 @@ def test_restart_step_revives_unused_codes_of_a_collapsed_codebook():
     config.loss.perceptual = 0.0
     config.loss.adversarial = 0.0
     config.eval_lpips = False
+    config.codebook_init.kind = "normal"  # keep the collapsed codebook set below (step 0)
     config.codebook_restart.every_steps = 1
+    config.codebook_restart.start_step = 0
     config.codebook_restart.threshold = 0.5
     mesh = parallel.make_mesh(config.mesh, devices=jax.devices()[:1])
     trainer = Stage1(config, mesh)
