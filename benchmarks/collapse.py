@@ -98,7 +98,7 @@ def init_study(args) -> dict:
     size = 256
     results = {}
     for preset in args.presets.split(","):
-        model = vitvqgan_from_preset(preset, image_size=size)
+        model = vitvqgan_from_preset(preset, image_size=size, posemb=args.posemb)
         # Variables are arguments (not closed over): one compile per preset, no copies of the
         # weights baked into programs.
         encode = jax.jit(lambda v, x, m=model: m.apply(v, x, method=m.encode))
@@ -269,7 +269,10 @@ def train_study(args) -> dict:
 def describe(result: dict) -> str:
     """A short name of a `train` run: tokens per batch, init, restart, normalization."""
     settings = dict(o.partition("=")[::2] for o in result["overrides"])
-    parts = [f"{result['tokens_per_batch']} tok", settings.get("codebook_init.kind", "kmeans")]
+    init = {"normal": "paper init (normal)", "kmeans": "k-means init"}[
+        settings.get("codebook_init.kind", "kmeans")
+    ]
+    parts = [f"{result['tokens_per_batch']} tokens", init]
     if settings.get("codebook_restart.every_steps", "0") != "0":
         parts.append("+restart")
     if settings.get("model.l2_normalize_codes") == "False":
@@ -277,28 +280,65 @@ def describe(result: dict) -> str:
     return " ".join(parts)
 
 
+COLOURS = [
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+    (188, 189, 34),
+    (23, 190, 207),
+]
+
+
 def plot(results: list[dict], path: str) -> None:
-    import matplotlib
+    """Two panels drawn with PIL (a dependency; no plotting library needed): codes used per
+    batch as a share of min(tokens per batch, codebook size), and the perplexity (log
+    scale), against the step; a legend below."""
+    from PIL import Image, ImageDraw
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for r in results:
-        steps = [p["step"] for p in r["curve"]]
-        ceiling = min(r["tokens_per_batch"], r["codebook_size"])
-        label = r.get("label") or describe(r)
-        axes[0].plot(steps, [p["codes_used"] / ceiling for p in r["curve"]], label=label)
-        axes[1].plot(steps, [p["perplexity"] for p in r["curve"]], label=label)
-    axes[0].set_ylabel("codes used per batch / min(tokens, codebook)")
-    axes[1].set_ylabel("perplexity of the batch's codes")
-    axes[1].set_yscale("log")
-    for ax in axes:
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    panel_w, panel_h, pad = 520, 300, 50
+    legend_h = 18 * len(results) + 10
+    image = Image.new("RGB", (2 * panel_w + 3 * pad, panel_h + 2 * pad + legend_h), "white")
+    draw = ImageDraw.Draw(image)
+    max_step = max(p["step"] for r in results for p in r["curve"]) or 1
+    max_ppl = max(p["perplexity"] for r in results for p in r["curve"])
+    log_top = np.log10(max(max_ppl, 10.0))
+    panels = [
+        (
+            "codes used per batch / min(tokens, codebook)",
+            lambda r, p: p["codes_used"] / min(r["tokens_per_batch"], r["codebook_size"]),
+        ),
+        (
+            "perplexity of the batch's codes (log)",
+            lambda r, p: np.log10(max(p["perplexity"], 1.0)) / log_top,
+        ),
+    ]
+    for k, (title, value) in enumerate(panels):
+        x0, y0 = pad + k * (panel_w + pad), pad
+        draw.rectangle([x0, y0, x0 + panel_w, y0 + panel_h], outline="black")
+        draw.text((x0, y0 - 30), title, fill="black")
+        for frac in (0.0, 0.25, 0.5, 0.75, 1.0):
+            y = y0 + panel_h * (1 - frac)
+            draw.line([x0, y, x0 + panel_w, y], fill=(225, 225, 225))
+            label = f"{frac:.2f}" if k == 0 else f"{10 ** (frac * log_top):.0f}"
+            draw.text((x0 - 40, y - 6), label, fill="black")
+        draw.text((x0 + panel_w - 60, y0 + panel_h + 5), f"step {max_step}", fill="black")
+        draw.text((x0, y0 + panel_h + 5), "0", fill="black")
+        for n, r in enumerate(results):
+            points = [
+                (x0 + panel_w * p["step"] / max_step, y0 + panel_h * (1 - value(r, p)))
+                for p in r["curve"]
+            ]
+            draw.line(points, fill=COLOURS[n % len(COLOURS)], width=2)
+    for n, r in enumerate(results):
+        y = panel_h + 2 * pad + 18 * n
+        draw.line([pad, y + 6, pad + 30, y + 6], fill=COLOURS[n % len(COLOURS)], width=3)
+        draw.text((pad + 40, y), r.get("label") or describe(r), fill="black")
+    image.save(path)
 
 
 def main() -> None:
@@ -309,6 +349,7 @@ def main() -> None:
     p_init.add_argument("--seeds", type=int, default=3)
     p_init.add_argument("--images", type=int, default=8)
     p_init.add_argument("--growth_chunks", type=int, default=4)
+    p_init.add_argument("--posemb", default="sincos", help="sincos (the default) or learn")
     p_train = sub.add_parser("train")
     p_train.add_argument("--preset", default="SS", choices=sorted(PRESET_CONFIGS))
     p_train.add_argument("--batch", type=int, default=16)
