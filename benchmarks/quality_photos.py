@@ -1,6 +1,7 @@
 """Tokenizer quality on real photos under a fixed CPU budget (issue: beat the thumbnail).
 
-    python benchmarks/quality_photos.py [--minutes=10] [--out=DIR] [--config.KEY=VALUE ...]
+    python benchmarks/quality_photos.py [--minutes=10] [--out=DIR] [--config=configs/photos.py:full]
+        [--config.KEY=VALUE ...]
 
 Trains `configs/photos.py` (encoder/decoder 256 wide x 4 blocks, patch 8, 64x64 images,
 code_dim 32, 8192 codes) on random crops of the bundled training photos for a wall-time budget
@@ -16,7 +17,8 @@ coffee; never seen in training):
 - the thumbnail baseline in the same run: area-downsample to 8x8, bicubic back to 64x64.
 
 Prints progress (with per-batch codebook usage), writes a PNG of originals above
-reconstructions, and prints one JSON object as its last line.
+reconstructions and DIR/held_out.npz (every held-out image, its reconstruction and PSNR, for
+benchmarks/side_by_side.py), and prints one JSON object as its last line.
 """
 
 import json
@@ -128,6 +130,9 @@ def main(argv):
                 "batch_codes_used": int(m["vq/codes_used"]),
                 "restarted": int(m.get("vq/restarted_codes", 0)),
             }
+            for key in ("loss/perceptual", "loss/logit_laplace", "loss/adversarial", "disc/loss"):
+                if key in m:
+                    row[key.replace("loss/", "")] = round(float(m[key]), 4)
             history.append(row)
             print(json.dumps(row), flush=True)
     train_seconds = time.time() - start
@@ -187,8 +192,13 @@ def main(argv):
     os.makedirs(_OUT.value, exist_ok=True)
     png = os.path.join(_OUT.value, "held_out_reconstructions.png")
     Image.fromarray(grid).save(png)
+    # Every held-out image and its reconstruction, for side-by-side pictures of several runs
+    # (benchmarks/side_by_side.py).
+    arrays = os.path.join(_OUT.value, "held_out.npz")
+    np.savez_compressed(arrays, images=held_out, recon=recon, psnr=ours)
 
     result = {
+        "command": " ".join(["benchmarks/quality_photos.py", *sys.argv[1:]]),
         "steps": step,
         "train_seconds": round(train_seconds, 1),
         "num_held_out": int(len(held_out)),
@@ -201,6 +211,7 @@ def main(argv):
         "codebook_usage_train_crops": round(len(np.unique(train_codes)) / k, 4),
         "codebook_usage_train_grid": round(len(np.unique(grid_codes)) / k, 4),
         "png": png,
+        "arrays": arrays,
     }
     print(json.dumps(result))
 

@@ -26,7 +26,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 PRESETS = {
     # issue 7 target 2 / issue 5's measurement: 8 layers, 512 wide, vocab 8192
     "cpu_sampler": dict(width=512, depth=8, heads=8, mlp=2048, vocab=8192),
-    # VIM-Base (PAPER.md table 2) over 8192 codes: issue 7's GPU suite, 1024 tokens, batch 64
+    # VIM-Base (docs/paper.md table 2) over 8192 codes: issue 7's GPU suite, 1024 tokens, batch 64
     "vim_base": dict(width=1536, depth=24, heads=16, mlp=6144, vocab=8192),
     "tiny": dict(width=64, depth=2, heads=2, mlp=128, vocab=512),
 }

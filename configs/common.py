@@ -6,7 +6,7 @@ root on `sys.path` (two lines at the top of each file), so they work from any di
 
 import ml_collections
 
-# PAPER.md table 2: width, depth (blocks), heads, MLP width.
+# docs/paper.md table 2: width, depth (blocks), heads, MLP width.
 TRANSFORMER_SIZES = {
     "S": dict(width=512, depth=8, num_heads=8, mlp_dim=2048),
     "B": dict(width=768, depth=12, num_heads=12, mlp_dim=3072),
@@ -75,7 +75,7 @@ def dataset(name: str = "tfds", **overrides) -> ml_collections.ConfigDict:
 
 
 def base(**overrides) -> ml_collections.ConfigDict:
-    """Keys every training config has (DESIGN.md section 1)."""
+    """Keys every training config has (the README's "Config keys" table)."""
     c = ml_collections.ConfigDict()
     c.trainer = "vitvqgan"
     c.seed = 0
@@ -102,7 +102,7 @@ def base(**overrides) -> ml_collections.ConfigDict:
 
 
 def stage1(encoder: str = "S", decoder: str = "S", **overrides) -> ml_collections.ConfigDict:
-    """A ViT-VQGAN (stage 1) config with the paper's hyperparameters (PAPER.md)."""
+    """A ViT-VQGAN (stage 1) config with the paper's hyperparameters (docs/paper.md)."""
     c = base(trainer="vitvqgan")
     c.model = ml_collections.ConfigDict(
         dict(
@@ -137,7 +137,7 @@ def stage1(encoder: str = "S", decoder: str = "S", **overrides) -> ml_collection
         )
     )
     c.eval_lpips = True  # LPIPS in the held-out evaluation (loads the VGG even when unused)
-    # PAPER.md: L = L_VQ + 0.1 L_adv + 0.1 L_perceptual + 0.1 L_logit-laplace + 1.0 L_2.
+    # docs/paper.md: L = L_VQ + 0.1 L_adv + 0.1 L_perceptual + 0.1 L_logit-laplace + 1.0 L_2.
     c.loss = ml_collections.ConfigDict(
         dict(
             l2=1.0,
@@ -178,14 +178,14 @@ def stage1(encoder: str = "S", decoder: str = "S", **overrides) -> ml_collection
     return c
 
 
-VIM_SIZES = {  # PAPER.md table 2 (dropout 0.1 on residual, activation and attention outputs)
+VIM_SIZES = {  # docs/paper.md table 2 (dropout 0.1 on residual, activation and attention outputs)
     "base": dict(width=1536, depth=24, num_heads=16, mlp_dim=6144, dropout=0.1),
     "large": dict(width=2048, depth=36, num_heads=32, mlp_dim=8192, dropout=0.1),
 }
 
 
 def stage2(size: str = "base", **overrides) -> ml_collections.ConfigDict:
-    """A VIM (stage 2) config with the paper's hyperparameters (PAPER.md)."""
+    """A VIM (stage 2) config with the paper's hyperparameters (docs/paper.md)."""
     c = base(trainer="vim")
     c.image_size = ml_collections.FieldReference(None, field_type=int)  # the tokenizer's
     c.batch_size = 1024

@@ -1,6 +1,6 @@
 """python -m vitvq.main --config=configs/vim_large.py --workdir=DIR --config.tokenizer_bundle=BUNDLE
 
-VIM-Large (PAPER.md table 2) over the codes of a frozen ViT-VQGAN (the paper uses
+VIM-Large (docs/paper.md table 2) over the codes of a frozen ViT-VQGAN (the paper uses
 the SS tokenizer, configs/vitvq_small.py, exported with python -m vitvq.export), class-
 conditional on ImageNet 256x256 with the paper's hyperparameters: Adam b1 0.9 b2 0.96, batch
 1024, 450k steps, warmup to 4.5e-4 over 5k steps, exponential decay to 1e-5 from step 80k.

@@ -15,7 +15,7 @@ from vitvq.models.vit import TransformerSpec
 VOCAB, GRID, CLASSES = 16, 4, 5
 T = GRID * GRID
 TINY = TransformerSpec(width=32, depth=2, num_heads=2, mlp_dim=64, dropout=0.1)
-# PAPER.md table 2, millions of parameters (vocab 8192, 1024 tokens).
+# docs/paper.md table 2, millions of parameters (vocab 8192, 1024 tokens).
 PAPER_PARAMS = {"base": 650, "large": 1697}
 
 

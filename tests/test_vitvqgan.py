@@ -16,7 +16,7 @@ from vitvq.models.vitvqgan import (
     vitvqgan_from_preset,
 )
 
-# PAPER.md table 2, millions of parameters of one transformer stack.
+# docs/paper.md table 2, millions of parameters of one transformer stack.
 PAPER_PARAMS = {"S": 32, "B": 91, "L": 599}
 
 

@@ -15,7 +15,7 @@ Both stages' training loops use one `Checkpointer` on `workdir/checkpoints`:
         ckpt.save(final_step, state, force=True)
     # leaving the block waits for the last asynchronous write
 
-Restore order (DESIGN.md section 7; the trainer implements it): the latest checkpoint in the
+Restore order (the trainer implements it): the latest checkpoint in the
 workdir (`restore_latest`), else `config.init_from`, else a fresh init.
 
 What a state may hold: a pytree (e.g. a `flax.struct.dataclass`) of `jax.Array`s of any

@@ -16,7 +16,7 @@ its output predicts: a learned row embedding plus a learned column embedding (ad
 `row_embedding[t // grid] + column_embedding[t % grid]`).
 
 Blocks are pre-LayerNorm with causal self-attention (`jax.nn.dot_product_attention`) and
-dropout on the attention output, the MLP activation and the MLP output (PAPER.md: residual,
+dropout on the attention output, the MLP activation and the MLP output (docs/paper.md: residual,
 activation and attention outputs); a final LayerNorm; logits over the codebook.
 
 Decoding uses an explicit, fixed-length KV cache (`init_cache`, `decode_step`): a dict with
@@ -50,14 +50,14 @@ from vitvq.models.vit import TransformerSpec
 Dtype = Any
 Cache = dict[str, Any]  # {"index": int32 [], "layers": ({"key", "value"}, ...)}
 
-# PAPER.md table 2 (base, large); small and tiny are for experiments and tests.
+# docs/paper.md table 2 (base, large); small and tiny are for experiments and tests.
 VIM_PRESETS = {
     "base": TransformerSpec(width=1536, depth=24, num_heads=16, mlp_dim=6144, dropout=0.1),
     "large": TransformerSpec(width=2048, depth=36, num_heads=32, mlp_dim=8192, dropout=0.1),
     "small": TransformerSpec(width=512, depth=8, num_heads=8, mlp_dim=2048, dropout=0.1),
     "tiny": TransformerSpec(width=64, depth=2, num_heads=2, mlp_dim=128, dropout=0.0),
 }
-# The block whose average-pooled features feed the paper's linear probe (1-based, PAPER.md).
+# The block whose average-pooled features feed the paper's linear probe (1-based, docs/paper.md).
 VIM_PROBE_BLOCKS = {"base": 10, "large": 15}
 
 

@@ -31,7 +31,7 @@ POSEMB_KINDS = ("sincos", "learn")
 
 @dataclasses.dataclass(frozen=True)
 class TransformerSpec:
-    """Size of one transformer stack (PAPER.md table 2)."""
+    """Size of one transformer stack (docs/paper.md table 2)."""
 
     width: int  # model width (embedding size)
     depth: int  # number of blocks

@@ -35,7 +35,7 @@ Dtype = Any
 OUTPUT_KINDS = ("sigmoid", "raw")
 BACKBONES = ("vit", "cnn")
 
-# PAPER.md table 2. Parameter counts there are per transformer stack and rounded by the
+# docs/paper.md table 2. Parameter counts there are per transformer stack and rounded by the
 # authors; `tests/test_vitvqgan_shapes.py` prints ours next to them.
 TRANSFORMER_PRESETS = {
     "S": TransformerSpec(width=512, depth=8, num_heads=8, mlp_dim=2048),

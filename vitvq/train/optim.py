@@ -26,7 +26,7 @@ def warmup_cosine(lr: float, end_lr: float, warmup_steps: int, total_steps: int)
 def warmup_exponential(
     lr: float, end_lr: float, warmup_steps: int, decay_start_step: int, total_steps: int
 ):
-    """VIM's schedule (PAPER.md): linear warmup from 0 to a constant `lr` over
+    """VIM's schedule (docs/paper.md): linear warmup from 0 to a constant `lr` over
     `warmup_steps`, then, from `decay_start_step`, exponential decay reaching `end_lr` at
     `total_steps`."""
     warmup_steps = max(0, int(warmup_steps))

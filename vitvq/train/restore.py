@@ -5,8 +5,7 @@
   code-usage statistics from a workdir, its `checkpoints/` directory, one step directory of
   it, or a bundle.
 - `apply_init_from(state, shardings, path)`: a fresh train state with those weights loaded
-  (DESIGN.md section 7's restore order: the workdir's latest checkpoint, else `init_from`,
-  else a fresh init).
+  (the restore order: the workdir's latest checkpoint, else `init_from`, else a fresh init).
 
 Other runs' checkpoints are opened read-only: a run still training in that workdir is never
 disturbed. Every path may be local or a URL (gs://bucket/run; see `vitvq.paths`).
