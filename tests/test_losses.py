@@ -28,11 +28,14 @@ def _random_inputs(shape=(2, 8, 8, 3), seed=0):
     return targets, mu
 
 
-def test_l1_l2_values():
+def _l1(x, y):
+    return jnp.mean(jnp.abs(x - y))
+
+
+def test_l2_values():
     x = jnp.array([0.0, 1.0, 3.0])
     y = jnp.array([1.0, 1.0, 1.0])
     assert float(losses.l2_loss(x, y)) == pytest.approx(5.0 / 3.0)
-    assert float(losses.l1_loss(x, y)) == pytest.approx(1.0)
     assert losses.l2_loss(x.astype(jnp.bfloat16), y).dtype == jnp.float32
 
 
@@ -101,15 +104,13 @@ def test_logit_laplace_minimized_at_logit_of_squashed_target():
 def test_logit_laplace_is_not_l1():
     targets, mu = _random_inputs(seed=4)
     nll = float(losses.logit_laplace_nll(targets, mu))
-    l1_raw = float(losses.l1_loss(targets, mu))
-    l1_pixels = float(losses.l1_loss(targets, losses.logit_laplace_mean(mu)))
+    l1_raw = float(_l1(targets, mu))
+    l1_pixels = float(_l1(targets, losses.logit_laplace_mean(mu)))
     assert abs(nll - l1_raw) > 0.1
     assert abs(nll - l1_pixels) > 0.1
     # Nor the same up to a constant: the gradients in mu differ from those of L1 in pixels.
     g_nll = jax.grad(lambda m: losses.logit_laplace_nll(targets, m))(jnp.asarray(mu))
-    g_l1 = jax.grad(lambda m: losses.l1_loss(targets, losses.logit_laplace_mean(m)))(
-        jnp.asarray(mu)
-    )
+    g_l1 = jax.grad(lambda m: _l1(targets, losses.logit_laplace_mean(m)))(jnp.asarray(mu))
     assert not np.allclose(g_nll, g_l1, rtol=0.1, atol=1e-6)
 
 

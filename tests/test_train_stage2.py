@@ -218,3 +218,12 @@ def test_linear_probe_runs_and_compares_with_pixels(tok_workdir, vim_run, tmp_pa
     assert pixels["top1"] > 0.7  # raw pixels already separate digits well
     feats = linear_probe.vim_features(sampler, test_x[:5], block=2)
     assert feats.shape == (5, 32) and np.all(np.isfinite(feats))
+
+
+def test_probe_block_is_the_papers_for_its_sizes():
+    from vitvq.evaluation import linear_probe
+    from vitvq.models.vim import VIM_PRESETS
+
+    assert linear_probe.probe_block(VIM_PRESETS["base"].depth) == 10
+    assert linear_probe.probe_block(VIM_PRESETS["large"].depth) == 15
+    assert [linear_probe.probe_block(d) for d in (1, 2, 4, 8)] == [1, 1, 2, 4]

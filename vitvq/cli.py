@@ -57,9 +57,6 @@ def user_errors() -> Iterator[None]:
         exit_with(err)
 
 
-exit_on_user_error = user_errors
-
-
 def no_extra_args(argv: Sequence[str]) -> None:
     """Exits with one error line when positional arguments follow the program name."""
     if len(argv) > 1:

@@ -2,7 +2,7 @@
 
 A user mistake (bad config value, missing data, bad bundle, bad image, bad CLI argument)
 raises one of these with a message that says what was wrong and what to do. CLIs print the
-message without a traceback and exit with status 2 (see `exit_on_user_error`).
+message without a traceback and exit with status 2 (see `vitvq.cli.user_errors`).
 """
 
 from collections.abc import Callable

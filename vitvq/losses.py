@@ -26,11 +26,6 @@ def l2_loss(x: jax.Array, y: jax.Array) -> jax.Array:
     return jnp.mean(jnp.square(_float(x) - _float(y)))
 
 
-def l1_loss(x: jax.Array, y: jax.Array) -> jax.Array:
-    """Mean absolute error over all values."""
-    return jnp.mean(jnp.abs(_float(x) - _float(y)))
-
-
 # ---------------------------------------------------------------------------------------------
 # Logit-Laplace (DALL-E, Ramesh et al. 2021).
 

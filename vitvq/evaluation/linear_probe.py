@@ -5,11 +5,20 @@ encodes images with the tokenizer, runs the VIM up to `block` (1-based) with the
 in the class slot (so a class-conditional VIM never sees the label), averages the block's
 output over the tokens, and fits a multinomial logistic regression on standardized features.
 `pixel_probe` fits the same classifier on raw pixels, the baseline to compare with.
+`probe_block(depth)` is the block the paper probes for its two VIM sizes, else the middle one.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+# The paper's probed block (1-based) by VIM depth: 10 of VIM-Base's 24, 15 of VIM-Large's 36.
+PAPER_PROBE_BLOCKS = {24: 10, 36: 15}
+
+
+def probe_block(depth: int) -> int:
+    """The block whose token-averaged output the probe reads, for a VIM of `depth` blocks."""
+    return PAPER_PROBE_BLOCKS.get(depth, max(1, depth // 2))
 
 
 def fit_probe(

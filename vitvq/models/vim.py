@@ -57,8 +57,6 @@ VIM_PRESETS = {
     "small": TransformerSpec(width=512, depth=8, num_heads=8, mlp_dim=2048, dropout=0.1),
     "tiny": TransformerSpec(width=64, depth=2, num_heads=2, mlp_dim=128, dropout=0.0),
 }
-# The block whose average-pooled features feed the paper's linear probe (1-based, docs/paper.md).
-VIM_PROBE_BLOCKS = {"base": 10, "large": 15}
 
 
 class CausalSelfAttention(nn.Module):
@@ -506,12 +504,3 @@ def build_vim(
     )
     validate_vim(model)
     return model
-
-
-def vim_from_preset(name: str, **overrides) -> VIM:
-    """A VIM with one of VIM_PRESETS' sizes; the other VIM fields are keyword overrides."""
-    known = {f.name for f in dataclasses.fields(VIM)} - {"parent", "name", "transformer"}
-    unknown = set(overrides) - known
-    if unknown:
-        raise ConfigError(f"unknown VIM fields {sorted(unknown)}; expected some of {sorted(known)}")
-    return VIM(transformer=vim_spec({"preset": name}), **overrides)

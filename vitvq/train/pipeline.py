@@ -51,7 +51,7 @@ def _digits_checks(sampler, vim_config) -> dict[str, float]:
         top_p=sc.top_p,
         cfg_scale=sc.cfg_scale,
     )
-    block = max(1, sampler.model.transformer.depth // 2)
+    block = linear_probe.probe_block(sampler.model.transformer.depth)
     probe = linear_probe.vim_probe(sampler, train_x, train_y, test_x, test_y, block=block)
     pixels = linear_probe.pixel_probe(train_x, train_y, test_x, test_y)
     print(
