@@ -62,6 +62,8 @@ def vim_config(tokenizer_config):
     v.mesh = tokenizer_config.mesh
     v.dtype = tokenizer_config.dtype
     v.model.update(width=128, depth=4, num_heads=4, mlp_dim=512, dropout=0.1)
+    # Not the paper's (no label dropout): 10% of labels are dropped so that the demo can
+    # show classifier-free guidance.
     v.class_dropout = 0.1
     v.total_steps = 1500
     v.batch_size = 64

@@ -19,9 +19,9 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 SHIPPED = {
     "ablations": (None, "runlocal", "row=cnn", "row=patchgan,scale=small", "row=no_l2norm,small"),
     "demo": (None,),
-    "photos": (None,),
-    "vim_base": (None, "runlocal"),
-    "vim_large": (None, "runlocal"),
+    "photos": (None, "full", "l2,steps=6000", "full,steps=1500"),
+    "vim_base": (None, "runlocal", "cfg", "uncond", "uncond,runlocal", "cfg,runlocal"),
+    "vim_large": (None, "runlocal", "cfg", "uncond"),
     "vitvq_base": (None, "runlocal"),
     "vitvq_large": (None, "runlocal"),
     "vitvq_small": (None, "runlocal"),
@@ -282,6 +282,13 @@ BAD = [
     ("top_k", stage2, {"sampling.top_k": -1}, None, ["config.sampling.top_k=-1", ">= 0"]),
     ("top_p", stage2, {"sampling.top_p": 0.0}, None, ["config.sampling.top_p=0.0", "(0, 1]"]),
     ("cfg_scale", stage2, {"sampling.cfg_scale": -1.0}, None, ["cfg_scale=-1.0", ">= 0"]),
+    (
+        "cfg_without_label_dropout",
+        stage2,
+        {"sampling.cfg_scale": 2.0},
+        None,
+        ["config.sampling.cfg_scale=2.0", "class_dropout=0", "class_dropout > 0"],
+    ),
     ("per_class", stage2, {"sampling.num_per_class": 0}, None, ["num_per_class=0", ">= 1"]),
     (
         "vim_heads",
@@ -380,3 +387,17 @@ def test_vim_sizes_may_come_from_a_preset():
     del config.model["preset"]
     with pytest.raises(ConfigError, match="config.model.width is missing.*preset"):
         config_check.validate(config)
+
+
+def test_vim_configs_are_the_papers_and_their_variants_differ_in_one_thing():
+    for name in ("vim_base", "vim_large"):
+        paper, cfg, uncond = load(name), load(name, "cfg"), load(name, "uncond")
+        assert paper.class_dropout == 0.0 and paper.dataset.num_classes == 1000
+        assert cfg.class_dropout == 0.1 and cfg.dataset.num_classes == 1000
+        assert uncond.class_dropout == 0.0 and uncond.dataset.num_classes == 0
+        for variant in (cfg, uncond):
+            assert variant.model == paper.model and variant.optimizer == paper.optimizer
+        with pytest.raises(ValueError, match="exclude each other"):
+            load(name, "cfg,uncond")
+    small = load("vim_base", "uncond,runlocal")
+    assert small.dataset.name == "digits" and small.dataset.num_classes == 0

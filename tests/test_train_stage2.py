@@ -89,6 +89,26 @@ def test_step_on_8_devices_matches_1_device(tok_workdir):
         np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
 
 
+def test_uncond_variant_trains_without_labels(tok_workdir):
+    """configs/vim_base.py:uncond builds an unconditional VIM: no class slot, and a step's
+    loss does not depend on the labels the data carries."""
+    _, tok_bundle = tok_workdir
+    config = load_config("vim_base", "uncond,runlocal")
+    config.tokenizer_bundle = str(tok_bundle)
+    tok = stage2.load_frozen_tokenizer(str(tok_bundle))
+    mesh = parallel.make_mesh({"data": 1}, devices=jax.devices()[:1])
+    trainer = stage2.Stage2(config, mesh, tokenizer=tok)
+    assert not trainer.model.conditional and trainer.num_classes == 0
+    batch = next(data_lib.train_batches(config.dataset, image_size=32, global_batch_size=8, seed=0))
+    step, losses = None, []
+    for labels in (batch["label"], (batch["label"] + 3) % 10):
+        state, shardings = trainer.create_state(0)  # the step donates the state
+        step = step or trainer.jit_train_step(shardings)
+        _, metrics = step(state, to_global({**batch, "label": labels}, mesh))
+        losses.append(float(metrics["loss"]))
+    assert np.isfinite(losses[0]) and losses[0] == losses[1]
+
+
 @pytest.fixture(scope="module")
 def vim_run(tok_workdir, tmp_path_factory):
     _, tok_bundle = tok_workdir

@@ -552,6 +552,14 @@ def _check_stage2_relations(config, prefix: str) -> None:
         f"{prefix}.model.num_heads",
         f"{prefix}.model.width",
     )
+    cfg_scale = _get(config, "sampling.cfg_scale", 1.0)
+    if cfg_scale != 1.0 and _get(config, "class_dropout", 0.0) == 0.0:
+        _fail(
+            f"{prefix}.sampling.cfg_scale",
+            cfg_scale,
+            f"1.0 while {prefix}.class_dropout=0 (guidance needs a trained null class: set "
+            "class_dropout > 0, e.g. the configs' `cfg` variant)",
+        )
 
 
 def _check_mesh(config, prefix: str, num_devices: int | None) -> None:
