@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 _CONFIG = config_flags.DEFINE_config_file("config", str(ROOT / "configs" / "photos.py"))
 _MINUTES = flags.DEFINE_float("minutes", 10.0, "training wall-time budget")
 _OUT = flags.DEFINE_string("out", "runs/quality_photos", "where the PNG goes")
+_LOG_EVERY = flags.DEFINE_integer("log_every", 100, "steps between progress lines")
 
 EVAL_FRACTIONS = (0.25, 0.35, 0.5, 0.7, 1.0)  # crop side / shorter side; 1.0 = center crop
 
@@ -120,7 +121,7 @@ def main(argv):
     while time.time() - start < budget and step < config.total_steps:
         state, m = step_fn(state, to_global(next(batches), mesh), step)
         step += 1
-        if step % 100 == 0:
+        if step % _LOG_EVERY.value == 0:
             m = jax.device_get(m)
             row = {
                 "step": step,

@@ -87,6 +87,7 @@ def kmeans_codebook(
         centers = jnp.concatenate([centers, x[picks] + noise], axis=0)
     if spherical:
         centers = l2_normalize(centers)
-    for _ in range(iterations):
-        centers = lloyd_step(x, centers, spherical, chunk_size)
-    return centers
+    # One traced copy of the step, not `iterations`: the fit is compiled into every train step.
+    return jax.lax.fori_loop(
+        0, iterations, lambda _, c: lloyd_step(x, c, spherical, chunk_size), centers
+    )
