@@ -109,6 +109,39 @@ def test_uncond_variant_trains_without_labels(tok_workdir):
     assert np.isfinite(losses[0]) and losses[0] == losses[1]
 
 
+def test_nonfinite_step_changes_nothing_but_the_counters(tok_workdir):
+    """Stage 2's guard (global norms, as stage 1's): a NaN in one parameter makes the loss
+    and gradients non-finite; the step then keeps every parameter and optimizer value and
+    counts the step as skipped; the next finite step resets the consecutive count."""
+    _, tok_bundle = tok_workdir
+    config = make_config(tok_bundle)
+    tok = stage2.load_frozen_tokenizer(str(tok_bundle))
+    mesh = parallel.make_mesh({"data": 1}, devices=jax.devices()[:1])
+    trainer = stage2.Stage2(config, mesh, tokenizer=tok)
+    batch = next(data_lib.train_batches(config.dataset, image_size=32, global_batch_size=8, seed=0))
+    state, shardings = trainer.create_state(0)
+    step = trainer.jit_train_step(shardings)
+    leaves, treedef = jax.tree_util.tree_flatten(state.params)
+    poisoned = [np.array(x) for x in leaves]
+    poisoned[0].flat[0] = np.nan
+    bad = state.replace(params=jax.tree_util.tree_unflatten(treedef, poisoned))
+    bad = jax.device_put(bad, shardings)
+    before = jax.tree_util.tree_map(np.asarray, jax.device_get((bad.params, bad.opt_state)))
+    after, metrics = step(bad, to_global(batch, mesh))
+    assert not np.isfinite(float(metrics["loss"]))
+    assert int(metrics["nonfinite_steps"]) == 1 and int(metrics["skipped_steps"]) == 1
+    assert int(after.step) == 1
+    now = jax.tree_util.tree_map(np.asarray, jax.device_get((after.params, after.opt_state)))
+    for a, b in zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(now), strict=True):
+        np.testing.assert_array_equal(a, b)  # NaN compares equal to NaN here
+    # A finite state again: the consecutive count resets, the skipped count stays.
+    clean = jax.tree_util.tree_unflatten(treedef, [np.asarray(x) for x in leaves])
+    fixed = after.replace(params=jax.device_put(clean, shardings.params))
+    _, metrics = step(fixed, to_global(batch, mesh))
+    assert np.isfinite(float(metrics["loss"]))
+    assert int(metrics["nonfinite_steps"]) == 0 and int(metrics["skipped_steps"]) == 1
+
+
 @pytest.fixture(scope="module")
 def vim_run(tok_workdir, tmp_path_factory):
     _, tok_bundle = tok_workdir

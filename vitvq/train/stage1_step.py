@@ -26,6 +26,7 @@ from vitvq.evaluation import metrics as eval_metrics
 from vitvq.evaluation.reconstruction import masked_code_counts
 from vitvq.models.kmeans import kmeans_codebook
 from vitvq.models.quantizer import l2_normalize, restart_dead_codes, usage_statistics
+from vitvq.train.finite import all_finite, global_norm
 
 
 @struct.dataclass
@@ -131,22 +132,6 @@ def phase_settings(settings: Stage1Settings, step: int) -> Stage1Settings:
     )
 
 
-def _global_norm(tree) -> jax.Array:
-    return optax.global_norm(tree) if jax.tree_util.tree_leaves(tree) else jnp.zeros(())
-
-
-def _all_finite(tree) -> jax.Array:
-    """Whether every value of `tree` is finite, read from its global norm: a NaN or an
-    infinity anywhere makes the norm non-finite (so does a value beyond ~1e19, whose square
-    overflows float32: no sane parameter or gradient gets there).
-
-    Not `all(isfinite(leaf))` per leaf: that boolean reduction over the convolutional
-    backbone's ~360 leaves took XLA:CPU 150 s to compile against 10 s (BENCHMARKS.md), and
-    the norms are computed for the metrics anyway (XLA computes them once).
-    """
-    return jnp.isfinite(_global_norm(tree))
-
-
 def _select(pred, new, old):
     return jax.tree_util.tree_map(lambda a, b: jnp.where(pred, a, b), new, old)
 
@@ -197,7 +182,7 @@ def _discriminator_update(carry, *, images, fake, disc, disc_tx, settings):
     (d_total, d_out), d_grads = jax.value_and_grad(disc_loss, has_aux=True)(disc_params)
     d_updates, new_opt = disc_tx.update(d_grads, disc_opt_state, disc_params)
     new_params = optax.apply_updates(disc_params, d_updates)
-    ok = jnp.isfinite(d_total) & _all_finite(d_grads) & _all_finite(new_params)
+    ok = jnp.isfinite(d_total) & all_finite(d_grads) & all_finite(new_params)
     if s.lecam > 0:
         lecam_ema = {
             k: losses.update_lecam_ema(lecam_ema[k], d_out[f"{k}_logits"], s.lecam_decay)
@@ -206,7 +191,7 @@ def _discriminator_update(carry, *, images, fake, disc, disc_tx, settings):
     new_carry = _select(ok, (new_params, new_opt, lecam_ema), carry)
     metrics = {f"disc/{k}": v for k, v in d_out.items()}
     metrics["disc/loss"] = d_total
-    metrics["disc/grad_norm"] = _global_norm(d_grads)
+    metrics["disc/grad_norm"] = global_norm(d_grads)
     return new_carry, metrics, ok
 
 
@@ -284,13 +269,13 @@ def train_step(
     updates, opt_state = tx.update(grads, state.opt_state, base_params)
     params = optax.apply_updates(base_params, updates)
     # An overflowing update (e.g. a huge learning rate) is as bad as a non-finite gradient.
-    finite = jnp.isfinite(g_total) & _all_finite(grads) & _all_finite(params)
+    finite = jnp.isfinite(g_total) & all_finite(grads) & all_finite(params)
 
     metrics = {f"loss/{k}": v for k, v in terms.items()}
     metrics["loss/total"] = g_total
-    metrics["grad_norm"] = _global_norm(grads)
-    metrics["update_norm"] = _global_norm(updates)
-    metrics["param_norm"] = _global_norm(params)
+    metrics["grad_norm"] = global_norm(grads)
+    metrics["update_norm"] = global_norm(updates)
+    metrics["param_norm"] = global_norm(params)
     metrics["lr"] = lr_schedule(step)
     for k in ("codes_used", "codebook_usage", "perplexity"):
         metrics[f"vq/{k}"] = aux[k]

@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from vitvq.train.finite import all_finite, global_norm
+
 
 @struct.dataclass
 class Stage2State:
@@ -59,11 +61,6 @@ def init_state(
         skipped=jnp.zeros((), jnp.int32),
         rng=jax.random.key_data(k_step),
     )
-
-
-def _all_finite(tree) -> jax.Array:
-    leaves = jax.tree_util.tree_leaves(tree)
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
 def encode_tokens(tokenizer: nn.Module, tok_vars: Any, images: jax.Array) -> jax.Array:
@@ -114,7 +111,7 @@ def train_step(
     (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    finite = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(params)
+    finite = jnp.isfinite(loss) & all_finite(grads) & all_finite(params)
 
     def select(new, old):
         return jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
@@ -130,7 +127,7 @@ def train_step(
         "loss": loss,
         "bits_per_token": loss / math.log(2.0),
         "accuracy": accuracy,
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": global_norm(grads),
         "lr": lr_schedule(step),
         "nonfinite_steps": new_state.nonfinite,
         "skipped_steps": new_state.skipped,
