@@ -5,6 +5,7 @@ The tokenizer is a tiny fresh-init ViT-VQGAN (tests/bundle_helpers.py): stage 2 
 its codes, not good ones.
 """
 
+import copy
 import importlib.util
 import json
 import os
@@ -19,12 +20,12 @@ from bundle_helpers import make_tokenizer_bundle
 from PIL import Image
 
 import vitvq
+from vitvq import bundle, parallel
 from vitvq import data as data_lib
-from vitvq import parallel
 from vitvq.data.globalize import to_global
 from vitvq.errors import BundleError, ConfigError, InputError
 from vitvq.export import export
-from vitvq.train import stage1, stage2
+from vitvq.train import restore, stage1, stage2
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -280,3 +281,70 @@ def test_probe_block_is_the_papers_for_its_sizes():
     assert linear_probe.probe_block(VIM_PRESETS["base"].depth) == 10
     assert linear_probe.probe_block(VIM_PRESETS["large"].depth) == 15
     assert [linear_probe.probe_block(d) for d in (1, 2, 4, 8)] == [1, 1, 2, 4]
+
+
+def _photo_folder(folder):
+    from vitvq.data import sources
+
+    folder.mkdir()
+    photo = sources.load_photo("astronaut")
+    for k in range(8):
+        Image.fromarray(photo[40 * k : 40 * k + 96, 40 * k : 40 * k + 96]).save(folder / f"{k}.png")
+    return folder
+
+
+def test_vim_continues_from_a_workdir_on_a_folder_dataset_and_resumes(vim_run, tmp_path):
+    """init_from a stage-2 workdir, training on another (unlabelled) folder dataset: the
+    shared weights start as the source's, the class embedding it no longer needs is left
+    out; a rerun of the same command resumes from its own checkpoint, not from init_from."""
+    from vitvq.checkpoint import Checkpointer
+
+    config, vim_dir, _ = vim_run
+    source, _ = restore.read_checkpoint(vim_dir)
+    ft = copy.deepcopy(config)
+    ft.init_from = str(vim_dir)
+    ft.dataset.update(name="folder", path=str(_photo_folder(tmp_path / "imgs")), num_classes=0)
+    ft.optimizer.update(lr=1e-12, end_lr=1e-12)  # the first step barely moves the weights
+    ft.update(total_steps=1, checkpoint_every_steps=1, eval_every_steps=1, image_every_steps=1)
+    ft.update(eval_num_examples=0)
+    workdir = tmp_path / "ft"
+    stage2.train_and_evaluate(ft, str(workdir))
+    trainer = stage2.Stage2(ft, parallel.make_mesh(ft.mesh))
+    assert not trainer.model.conditional
+    abstract, _ = trainer.abstract_state()
+    with Checkpointer(workdir / "checkpoints", save_every_steps=1) as ckpt:
+        new = ckpt.restore(abstract, 1)
+    got = bundle.flatten_tree(jax.device_get(new.params))
+    want = bundle.flatten_tree(jax.device_get(source["params"]))
+    # Unconditional now: a fresh start embedding replaces the class embedding.
+    assert set(got) - set(want) == {"start_embedding"}
+    assert set(want) - set(got) == {"class_embedding"}
+    for k in set(got) & set(want):
+        np.testing.assert_allclose(got[k], want[k], atol=1e-6, err_msg=k)
+    # Resume: 2 steps now; the run continues from its step-1 checkpoint.
+    ft.update(total_steps=2)
+    stage2.train_and_evaluate(ft, str(workdir))
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train/loss" in r] == [1, 2]  # step 1 not redone
+
+
+def test_vim_init_from_errors(tok_workdir, vim_run, tmp_path):
+    """Refused before any compile: another tokenizer's VIM, a tokenizer-only bundle, a stage-1
+    workdir, a missing path."""
+    tok_dir, tok_bundle = tok_workdir
+    config, vim_dir, _ = vim_run
+    other, _ = make_tokenizer_bundle(tmp_path / "other_tok", seed=5)
+    cases = (
+        (str(other), str(vim_dir), "codebook"),
+        (str(tok_bundle), str(tok_bundle), "without a VIM"),
+        (str(tok_bundle), str(tok_dir), "'vitvqgan' run"),
+        (str(tok_bundle), str(tmp_path / "nope"), "does not exist"),
+    )
+    for i, (tokenizer, init_from, message) in enumerate(cases):
+        bad = copy.deepcopy(config)
+        bad.update(tokenizer_bundle=tokenizer, init_from=init_from)
+        with pytest.raises(ConfigError, match=message):
+            stage2.train_and_evaluate(bad, str(tmp_path / f"w{i}"))
+        assert not (tmp_path / f"w{i}" / "checkpoints").exists() or not any(
+            (tmp_path / f"w{i}" / "checkpoints").iterdir()
+        )

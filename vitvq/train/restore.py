@@ -108,7 +108,29 @@ def apply_init_from(state, shardings, path: str) -> Any:
     """
     source = read_generator(path)
     loaded = bundle.flatten_tree(source["params"])
-    current = bundle.flatten_tree_abstract(jax.tree_util.tree_map(np.shape, state.params))
+    merge = _param_merger(state.params, loaded, path)
+
+    params = merge(state.params, loaded, shardings.params)
+    updates = {"params": params}
+    if jax.tree_util.tree_leaves(state.ema_params):
+        updates["ema_params"] = merge(state.ema_params, loaded, shardings.ema_params)
+    stats = bundle.flatten_tree(source["vq_stats"]) if source["vq_stats"] else {}
+    if stats:
+        updates["vq_stats"] = merge(state.vq_stats, stats, shardings.vq_stats)
+    logger.info(
+        "Initialized from %s %s (step %d%s).",
+        source["kind"],
+        path,
+        source["step"],
+        ", EMA parameters" if source["ema"] else "",
+    )
+    return state.replace(**updates)
+
+
+def _param_merger(params, loaded: dict[str, np.ndarray], path: str):
+    """`merge(fresh_tree, flat_source, shard_tree)` after checking `loaded` (flat) against the
+    shapes of `params`: a mismatch is a ConfigError; missing and unused tensors are logged."""
+    current = bundle.flatten_tree_abstract(jax.tree_util.tree_map(np.shape, params))
     mismatched = [
         f"{k}: {tuple(loaded[k].shape)} in {path}, {tuple(current[k])} in this model"
         for k in sorted(loaded.keys() & current.keys())
@@ -139,18 +161,82 @@ def apply_init_from(state, shardings, path: str) -> Any:
                 out[name] = fresh
         return bundle.unflatten_tree(out)
 
+    return merge
+
+
+def read_vim(path: str | os.PathLike, step: int | None = None) -> dict[str, Any]:
+    """A VIM's weights from a bundle with a VIM, a stage-2 workdir or a checkpoint directory.
+
+    Returns {"params", "codebook" (of the tokenizer it was trained on, or None when that is
+    unknown), "tokenizer" (where that codebook came from), "step", "kind"}; trees are numpy.
+    """
+    path = paths.as_path(path)
+    if (path / bundle.BUNDLE_JSON).is_file():
+        manifest = bundle.read_manifest(path)
+        if not isinstance(manifest.get("vim"), dict):
+            raise ConfigError(
+                f"config.init_from={path} is a tokenizer bundle without a VIM; give a bundle "
+                "exported with --vim_workdir, a stage-2 workdir or its checkpoints directory"
+            )
+        _, variables = bundle.load_vim_variables(path, manifest)
+        _, _, tok_vars = bundle.load_tokenizer_variables(path)
+        return {
+            "params": variables["params"],
+            "codebook": np.asarray(tok_vars["params"]["quantizer"]["codebook"]),
+            "tokenizer": str(path),
+            "step": int(manifest["vim"].get("step", 0)),
+            "kind": "bundle",
+        }
+    codebook, tokenizer = None, None
+    if (path / "config.json").is_file():  # a workdir: which run was it?
+        config = load_workdir_config(path)
+        if config.get("trainer") != "vim":
+            raise ConfigError(
+                f"config.init_from={path} is a {config.get('trainer')!r} run; a VIM starts from "
+                "a stage-2 (trainer 'vim') workdir, its checkpoints or a bundle with a VIM"
+            )
+        tokenizer = config.get("tokenizer_bundle")
+        if tokenizer and paths.exists(tokenizer):
+            _, _, tok_vars = bundle.load_tokenizer_variables(tokenizer)
+            codebook = np.asarray(tok_vars["params"]["quantizer"]["codebook"])
+    state, found = read_checkpoint(path, step)
+    if "opt_state" not in state or "vq_stats" in state:
+        raise ConfigError(f"config.init_from={path} holds no stage-2 (VIM) checkpoint")
+    host = lambda tree: jax.tree_util.tree_map(np.asarray, jax.device_get(tree))  # noqa: E731
+    return {
+        "params": host(state["params"]),
+        "codebook": codebook,
+        "tokenizer": tokenizer,
+        "step": int(found),
+        "kind": "checkpoint",
+    }
+
+
+def apply_vim_init_from(state, shardings, path: str, codebook: np.ndarray) -> Any:
+    """`state` (a fresh stage-2 state) with the VIM weights at `path` on its shardings.
+
+    The source must have been trained on a tokenizer with this `codebook` (its codes are what
+    the VIM predicts): another codebook is a ConfigError. Shapes are checked as for stage 1;
+    the optimizer state and step stay fresh.
+    """
+    source = read_vim(path)
+    if source["codebook"] is None:
+        logger.warning(
+            "init_from: cannot check that %s was trained on this tokenizer (%s is unknown or gone)",
+            path,
+            source["tokenizer"],
+        )
+    elif source["codebook"].shape != codebook.shape or not np.array_equal(
+        source["codebook"], codebook
+    ):
+        raise ConfigError(
+            f"config.init_from={path} was trained on the tokenizer {source['tokenizer']}, "
+            f"whose codebook ({source['codebook'].shape[0]} codes) differs from that of "
+            f"config.tokenizer_bundle ({codebook.shape[0]} codes): a VIM predicts its own "
+            "tokenizer's codes; train on that tokenizer bundle"
+        )
+    loaded = bundle.flatten_tree(source["params"])
+    merge = _param_merger(state.params, loaded, path)
     params = merge(state.params, loaded, shardings.params)
-    updates = {"params": params}
-    if jax.tree_util.tree_leaves(state.ema_params):
-        updates["ema_params"] = merge(state.ema_params, loaded, shardings.ema_params)
-    stats = bundle.flatten_tree(source["vq_stats"]) if source["vq_stats"] else {}
-    if stats:
-        updates["vq_stats"] = merge(state.vq_stats, stats, shardings.vq_stats)
-    logger.info(
-        "Initialized from %s %s (step %d%s).",
-        source["kind"],
-        path,
-        source["step"],
-        ", EMA parameters" if source["ema"] else "",
-    )
-    return state.replace(**updates)
+    logger.info("Initialized the VIM from %s %s (step %d).", source["kind"], path, source["step"])
+    return state.replace(params=params)

@@ -2,8 +2,8 @@
 
 The tokenizer's encoder runs inside the jitted step on the augmented images (its weights are
 an argument of the step, never part of the state). Restore order: the workdir's latest
-checkpoint, else a fresh init (`config.init_from` is not supported for stage 2 yet and is
-refused by `check_config`).
+checkpoint, else `config.init_from` (a bundle with a VIM, a stage-2 workdir or its checkpoints,
+trained on the same tokenizer; its optimizer state and step start fresh), else a fresh init.
 """
 
 import functools
@@ -15,12 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vitvq import bundle, config_check, parallel
+from vitvq import bundle, config_check, parallel, paths
 from vitvq import data as data_lib
 from vitvq.data.globalize import to_global
 from vitvq.errors import ConfigError
 from vitvq.models.vim import build_vim
-from vitvq.train import common, loop, stage2_step, writers
+from vitvq.train import common, loop, restore, stage2_step, writers
 from vitvq.train.optim import make_adam
 from vitvq.train.stage1 import compute_dtype
 from vitvq.train.stage2_step import Stage2Settings, Stage2State, eval_step, train_step
@@ -162,11 +162,9 @@ def check_config(config, mesh) -> None:
     """What needs the mesh, the files and the data, checked before building anything
     (ConfigError on a problem); every key's value was checked by `config_check.validate`."""
     common.check_loop_config(config, mesh)
-    if config.get("init_from"):
-        raise ConfigError(
-            f"config.init_from={config.init_from}: starting a VIM from other weights is not "
-            "supported yet; leave it unset (a rerun resumes from the workdir's checkpoints)"
-        )
+    init_from = config.get("init_from")
+    if init_from and not paths.exists(init_from):  # a local path or a URL (gs://...)
+        raise ConfigError(f"config.init_from={init_from} does not exist")
     if not config.get("tokenizer_bundle"):
         raise ConfigError(
             "config.tokenizer_bundle is required: a stage-1 bundle (python -m vitvq.export)"
@@ -192,8 +190,14 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     checkpointer = common.open_checkpointer(config, workdir)
 
     def start():
+        state = trainer.create_state(config.seed)[0]
+        if config.get("init_from"):
+            codebook = np.asarray(
+                jax.device_get(trainer.tok_vars["params"]["quantizer"]["codebook"])
+            )
+            return restore.apply_vim_init_from(state, shardings, config.init_from, codebook)
         logger.info("Started from a fresh init (seed %d).", config.seed)
-        return trainer.create_state(config.seed)[0]
+        return state
 
     state = common.restore_or_start(checkpointer, abstract, start, workdir)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state.params))
