@@ -41,6 +41,9 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from vitvq.models.vim import VIM_PRESETS  # noqa: E402
+from vitvq.models.vitvqgan import TRANSFORMER_PRESETS  # noqa: E402
+
 # --- presets: plain dicts with the keys of configs/common.py's stage1()/stage2() ----------
 
 
@@ -48,7 +51,11 @@ def _transformer(width, depth, num_heads, mlp_dim, dropout=0.0):
     return dict(width=width, depth=depth, num_heads=num_heads, mlp_dim=mlp_dim, dropout=dropout)
 
 
-S = _transformer(512, 8, 8, 2048)  # docs/paper.md table 2
+def _preset(spec):
+    return _transformer(spec.width, spec.depth, spec.num_heads, spec.mlp_dim, spec.dropout)
+
+
+S = _preset(TRANSFORMER_PRESETS["S"])  # the paper's sizes (docs/paper.md)
 
 
 def stage1_preset(
@@ -149,7 +156,7 @@ PRESETS = {
     # VIM-Base (docs/paper.md table 2) over the codes of an SS tokenizer at 256x256 (1024 tokens),
     # class-conditional (1000 classes), bf16.
     "vim_base_gpu": stage2_preset(
-        _transformer(1536, 24, 16, 6144, dropout=0.1),
+        _preset(VIM_PRESETS["base"]),
         stage1_preset(S, S, image_size=256, batch_size=1, dtype="bfloat16"),
         batch_size=16,
         dtype="bfloat16",

@@ -4,13 +4,17 @@ Config files import this module as `from configs import common` after putting th
 root on `sys.path` (two lines at the top of each file), so they work from any directory.
 """
 
+import dataclasses
+
 import ml_collections
 
-# docs/paper.md table 2: width, depth (blocks), heads, MLP width.
+from vitvq.models.vim import VIM_PRESETS
+from vitvq.models.vitvqgan import TRANSFORMER_PRESETS
+
+# The paper's sizes (docs/paper.md), written once in the models: width, depth, heads, MLP.
 TRANSFORMER_SIZES = {
-    "S": dict(width=512, depth=8, num_heads=8, mlp_dim=2048),
-    "B": dict(width=768, depth=12, num_heads=12, mlp_dim=3072),
-    "L": dict(width=1280, depth=32, num_heads=16, mlp_dim=5120),
+    name: {k: v for k, v in dataclasses.asdict(spec).items() if k != "dropout"}
+    for name, spec in TRANSFORMER_PRESETS.items()
 }
 
 DEFAULT_AXIS_RULES = [
@@ -178,10 +182,8 @@ def stage1(encoder: str = "S", decoder: str = "S", **overrides) -> ml_collection
     return c
 
 
-VIM_SIZES = {  # docs/paper.md table 2 (dropout 0.1 on residual, activation and attention outputs)
-    "base": dict(width=1536, depth=24, num_heads=16, mlp_dim=6144, dropout=0.1),
-    "large": dict(width=2048, depth=36, num_heads=32, mlp_dim=8192, dropout=0.1),
-}
+# VIM-Base and VIM-Large (dropout 0.1 on residual, activation and attention outputs).
+VIM_SIZES = {name: dataclasses.asdict(VIM_PRESETS[name]) for name in ("base", "large")}
 
 
 def stage2(size: str = "base", **overrides) -> ml_collections.ConfigDict:

@@ -36,7 +36,7 @@ OUTPUT_KINDS = ("sigmoid", "raw")
 BACKBONES = ("vit", "cnn")
 
 # docs/paper.md table 2. Parameter counts there are per transformer stack and rounded by the
-# authors; `tests/test_vitvqgan_shapes.py` prints ours next to them.
+# authors; `tests/test_vitvqgan.py` checks ours against them.
 TRANSFORMER_PRESETS = {
     "S": TransformerSpec(width=512, depth=8, num_heads=8, mlp_dim=2048),
     "B": TransformerSpec(width=768, depth=12, num_heads=12, mlp_dim=3072),
