@@ -8,6 +8,7 @@ import dataclasses
 
 import ml_collections
 
+from vitvq import parallel
 from vitvq.models.vim import VIM_PRESETS
 from vitvq.models.vitvqgan import TRANSFORMER_PRESETS
 
@@ -17,21 +18,8 @@ TRANSFORMER_SIZES = {
     for name, spec in TRANSFORMER_PRESETS.items()
 }
 
-DEFAULT_AXIS_RULES = [
-    ("batch", ("data", "fsdp")),
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("vocab", "tensor"),
-    ("kv", None),
-    ("length", None),
-    ("codebook", None),
-    ("code_dim", None),
-    ("patch", None),
-    ("classes", None),
-    ("conv_in", None),
-    ("conv_out", "fsdp"),  # the discriminator's channels: FSDP shards it too
-]
+# Logical axis name -> mesh axes (vitvq.parallel.default_axis_rules says why each).
+DEFAULT_AXIS_RULES = list(parallel.default_axis_rules())
 
 
 def transformer(size: str, dropout: float = 0.0, **overrides) -> ml_collections.ConfigDict:
