@@ -112,7 +112,6 @@ def _vim_export(vim_workdir: str, generator: dict, stage1_config):
     """(vim section, VIM params, classes) of a stage-2 run, checked against the tokenizer."""
     import numpy as np
 
-    from vitvq import bundle
     from vitvq.train import restore
 
     config = restore.load_workdir_config(vim_workdir)
@@ -125,8 +124,7 @@ def _vim_export(vim_workdir: str, generator: dict, stage1_config):
     codebook = np.asarray(generator["params"]["quantizer"]["codebook"])
     trained_on = config.get("tokenizer_bundle")
     if trained_on and _is_dir(trained_on):
-        _, _, variables = bundle.load_tokenizer_variables(trained_on)
-        if not np.array_equal(variables["params"]["quantizer"]["codebook"], codebook):
+        if not np.array_equal(restore.tokenizer_codebook(trained_on), codebook):
             raise ConfigError(
                 f"--vim_workdir={vim_workdir} was trained on the tokenizer {trained_on}, whose "
                 f"codebook differs from --workdir's at this step: export the same tokenizer "

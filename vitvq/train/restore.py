@@ -164,6 +164,12 @@ def _param_merger(params, loaded: dict[str, np.ndarray], path: str):
     return merge
 
 
+def tokenizer_codebook(path: str | os.PathLike) -> np.ndarray:
+    """The codebook [codes, code_dim] of the tokenizer in the bundle at `path`."""
+    _, _, variables = bundle.load_tokenizer_variables(path)
+    return np.asarray(variables["params"]["quantizer"]["codebook"])
+
+
 def read_vim(path: str | os.PathLike, step: int | None = None) -> dict[str, Any]:
     """A VIM's weights from a bundle with a VIM, a stage-2 workdir or a checkpoint directory.
 
@@ -179,10 +185,9 @@ def read_vim(path: str | os.PathLike, step: int | None = None) -> dict[str, Any]
                 "exported with --vim_workdir, a stage-2 workdir or its checkpoints directory"
             )
         _, variables = bundle.load_vim_variables(path, manifest)
-        _, _, tok_vars = bundle.load_tokenizer_variables(path)
         return {
             "params": variables["params"],
-            "codebook": np.asarray(tok_vars["params"]["quantizer"]["codebook"]),
+            "codebook": tokenizer_codebook(path),
             "tokenizer": str(path),
             "step": int(manifest["vim"].get("step", 0)),
             "kind": "bundle",
@@ -197,8 +202,7 @@ def read_vim(path: str | os.PathLike, step: int | None = None) -> dict[str, Any]
             )
         tokenizer = config.get("tokenizer_bundle")
         if tokenizer and paths.exists(tokenizer):
-            _, _, tok_vars = bundle.load_tokenizer_variables(tokenizer)
-            codebook = np.asarray(tok_vars["params"]["quantizer"]["codebook"])
+            codebook = tokenizer_codebook(tokenizer)
     state, found = read_checkpoint(path, step)
     if "opt_state" not in state or "vq_stats" in state:
         raise ConfigError(f"config.init_from={path} holds no stage-2 (VIM) checkpoint")
@@ -226,9 +230,7 @@ def apply_vim_init_from(state, shardings, path: str, codebook: np.ndarray) -> An
             path,
             source["tokenizer"],
         )
-    elif source["codebook"].shape != codebook.shape or not np.array_equal(
-        source["codebook"], codebook
-    ):
+    elif not np.array_equal(source["codebook"], codebook):  # False for other shapes too
         raise ConfigError(
             f"config.init_from={path} was trained on the tokenizer {source['tokenizer']}, "
             f"whose codebook ({source['codebook'].shape[0]} codes) differs from that of "
