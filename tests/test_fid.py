@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.numpy
+from inception_helpers import random_inception_params
 
 from vitvq import errors
 from vitvq.evaluation import fid, torch_reader
@@ -327,27 +328,10 @@ def test_torch_reader_rejects_bad_files(fake_torch, tmp_path):
 # The InceptionV3 module, the converter and the loader.
 
 
-def _random_flat_params(seed: int = 0) -> dict[str, np.ndarray]:
-    """Weights that keep activations O(1) through the network (He init, mild BN statistics)."""
-    rng = np.random.default_rng(seed)
-    flat = {}
-    for name, shape in inception.flax_param_shapes().items():
-        if name.endswith("conv/kernel"):
-            value = rng.normal(size=shape) * np.sqrt(2.0 / np.prod(shape[:3]))
-        elif name.endswith(("bn/scale", "bn/var")):
-            value = rng.uniform(0.5, 1.5, size=shape)
-        elif name == "fc/kernel":
-            value = rng.normal(size=shape) / np.sqrt(shape[0])
-        else:
-            value = rng.normal(scale=0.1, size=shape)
-        flat[name] = value.astype(np.float32)
-    return flat
-
-
 @pytest.fixture(scope="module")
 def direct():
     """Random weights, two 64x64 uint8 images and the module applied to them directly."""
-    flat = _random_flat_params()
+    flat = random_inception_params()
     images = np.random.default_rng(5).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
     apply = jax.jit(inception.InceptionV3().apply)
     outputs = apply({"params": inception.unflatten_params(flat)}, images)

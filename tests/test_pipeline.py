@@ -36,12 +36,14 @@ def test_demo_pipeline_writes_bundle_and_images(tmp_path, capsys):
     config = demo_config(4)
     result = pipeline.train_and_evaluate(config, str(tmp_path))
     out = capsys.readouterr().out
-    for stage in ("[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]", "samples recognized"):
+    for stage in ("[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]", "samples recognized", "with rejection"):
         assert stage in out
     final = json.loads(out.strip().splitlines()[-1])["final_eval"]
     assert final == result
     assert 0.0 <= result["samples/recognized"] <= 1.0
     assert result["samples/real_top1"] > 0.85  # the judge itself works on real digits
+    assert result["samples/rejecter_real_top1"] > 0.8  # and so does the rejecting classifier
+    assert 0.0 <= result["samples/recognized_with_rejection"] <= 1.0
     assert result["probe/pixels_top1"] > 0.85
     for name in ("tokenizer/psnr", "vim/loss", "probe/vim_top1"):
         assert name in result

@@ -234,6 +234,7 @@ def test_sample_cli(tok_workdir, vim_run, tmp_path):
         ("--class_label=12", "class"),
         ("--class_label=x", "--class_label"),
         ("--num_samples=0", "num_samples"),
+        ("--acceptance_rate=1.5", "acceptance_rate must be in (0, 1]"),
     ):
         proc = _sample_cli(f"--bundle={out}", f"--output={tmp_path}/x.png", bad)
         assert proc.returncode == 2, (bad, proc.stderr[-1000:])

@@ -609,9 +609,20 @@ class Sampler:
         cfg_scale: float = 1.0,
         seed: int = 0,
         prefix=None,
+        acceptance_rate: float = 1.0,
+        classifier=None,
+        class_map=None,
+        candidate_batch: int = 64,
     ) -> np.ndarray:
-        """int32 codes [N, grid, grid]; `prefix` [N, P] fixes the first P codes (completion)."""
-        from vitvq import sampling
+        """int32 codes [N, grid, grid]; `prefix` [N, P] fixes the first P codes (completion).
+
+        With `acceptance_rate` r < 1, classifier-based rejection (`vitvq.rejection`): for each
+        class asked for n times, ceil(n / r) candidates are drawn in batches of
+        `candidate_batch`, `classifier(uint8 images [B, H, W, 3]) -> logits [B, C]` scores
+        each by the log-probability of its class, and the n best are kept, best first.
+        `class_map[k]` is the classifier's output for the bundle's class k when C differs.
+        """
+        from vitvq import rejection
 
         if isinstance(num_samples, bool) or int(num_samples) != num_samples or num_samples < 1:
             raise InputError(f"num_samples must be a positive integer, got {num_samples!r}")
@@ -619,20 +630,53 @@ class Sampler:
         labels = self._labels(num_samples, class_labels)
         if labels is not None and np.all(labels == self.num_classes):
             cfg_scale = 1.0  # nothing to guide towards
+        knobs = dict(temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale)
+        rate = rejection.check_rate(acceptance_rate)
+        if rate == 1.0 and classifier is None:
+            return self._draw(labels, num_samples, jax.random.key(int(seed)), prefix, knobs)
+        if classifier is None:
+            raise InputError("acceptance_rate < 1 needs a classifier to score the candidates")
+        if labels is None or np.any(labels == self.num_classes):
+            raise InputError(
+                "rejection sampling keeps the samples a classifier finds most like their "
+                "class: give class_labels (of a class-conditional VIM)"
+            )
+        if prefix is not None:
+            raise InputError("rejection sampling does not take a prefix")
+        if getattr(classifier, "num_classes", None) is not None:  # refuse before drawing
+            rejection.check_class_map(classifier.num_classes, self.num_classes, class_map)
+        key = jax.random.key(int(seed))
+
+        def draw(batch, index):  # the first batch is what a plain draw of that batch gives
+            batch_key = key if index == 0 else jax.random.fold_in(key, index)
+            return self._draw(batch, len(batch), batch_key, None, knobs)
+
+        codes, _ = rejection.rejection_sample(
+            draw,
+            self.tokenizer.decode,
+            classifier,
+            labels,
+            acceptance_rate=rate,
+            num_classes=self.num_classes,
+            class_map=class_map,
+            batch_size=candidate_batch,
+        )
+        return codes
+
+    def _draw(self, labels, num_samples: int, key, prefix, knobs) -> np.ndarray:
+        from vitvq import sampling
+
         tokens = sampling.sample_tokens(
             self.model,
             self._params,
-            jax.random.key(int(seed)),
+            key,
             batch_size=num_samples,
             labels=None if labels is None else jnp.asarray(labels),
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            cfg_scale=cfg_scale,
             prefix=None if prefix is None else jnp.asarray(prefix, jnp.int32),
             # Split over the local devices when the batch divides evenly; the samples are the
-            # same either way (a function of seed, num_samples and labels only).
+            # same either way (a function of the key, num_samples and labels only).
             mesh=self.tokenizer._mesh if num_samples % len(self.tokenizer._devices) == 0 else None,
+            **knobs,
         )
         g = self.tokenizer.grid_size
         return np.asarray(tokens).reshape(num_samples, g, g).astype(np.int32)
@@ -646,9 +690,11 @@ class Sampler:
         top_p: float = 1.0,
         cfg_scale: float = 1.0,
         seed: int = 0,
+        **rejection,
     ) -> np.ndarray:
         """uint8 images [N, H, W, 3]. `class_labels`: None (unconditional; for a conditional
-        VIM, its null class), one int, or N ints. Same seed, same samples."""
+        VIM, its null class), one int, or N ints. Same seed, same samples. `rejection`:
+        `acceptance_rate`, `classifier`, `class_map`, `candidate_batch` (see `sample_codes`)."""
         codes = self.sample_codes(
             num_samples,
             class_labels,
@@ -657,6 +703,7 @@ class Sampler:
             top_p=top_p,
             cfg_scale=cfg_scale,
             seed=seed,
+            **rejection,
         )
         return self.tokenizer.decode(codes)
 

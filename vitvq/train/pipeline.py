@@ -50,6 +50,7 @@ def _digits_checks(sampler, vim_config) -> dict[str, float]:
         top_k=sc.top_k,
         top_p=sc.top_p,
         cfg_scale=sc.cfg_scale,
+        acceptance_rate=0.5,  # also with rejection at the paper's rate (another classifier)
     )
     block = linear_probe.probe_block(sampler.model.transformer.depth)
     probe = linear_probe.vim_probe(sampler, train_x, train_y, test_x, test_y, block=block)
@@ -57,6 +58,9 @@ def _digits_checks(sampler, vim_config) -> dict[str, float]:
     print(
         f"samples recognized as their class: {recognition['recognized']:.3f} (a logistic "
         f"regression on real digits; {recognition['real_top1']:.3f} on held-out real digits)\n"
+        f"with rejection (acceptance rate 0.5, a classifier on 8x8 digits that scores "
+        f"{recognition['rejecter_real_top1']:.3f}): "
+        f"{recognition['recognized_with_rejection']:.3f}\n"
         f"linear probe, VIM block {block}: {probe['top1']:.3f} top-1; raw pixels: "
         f"{pixels['top1']:.3f}",
         flush=True,
