@@ -34,3 +34,26 @@ def make_tokenizer_bundle(path, image_size: int = 32, seed: int = 0, dtype="floa
         **kw,
     )
     return out, variables
+
+
+TINY_VIM = {"width": 32, "depth": 2, "num_heads": 2, "mlp_dim": 64}
+
+
+def make_vim_bundle(path, num_classes: int = 10, seed: int = 0):
+    """A bundle with a fresh-init tiny tokenizer (32x32, 64 codes, 4x4 grid) and a fresh-init
+    tiny VIM (2 blocks; class-conditional when num_classes > 0)."""
+    from vitvq.models.vim import build_vim
+
+    _, tok = tiny_variables(32, seed=seed)
+    vim = build_vim(TINY_VIM, vocab_size=64, grid_size=4, num_classes=num_classes)
+    labels = jnp.zeros((1,), jnp.int32) if num_classes else None
+    params = vim.init(jax.random.key(seed + 1), jnp.zeros((1, 16), jnp.int32), labels)
+    return bundle.write_bundle(
+        path,
+        tokenizer={"model": TINY_MODEL, "image_size": 32, "step": 0},
+        tokenizer_params=tok["params"],
+        tokenizer_stats=tok["vq_stats"],
+        vim={"model": TINY_VIM, "step": 0, "vocab_size": 64, "num_classes": num_classes},
+        vim_params=jax.device_get(params["params"]),
+        classes={"num_classes": num_classes, "names": [str(i) for i in range(num_classes)]},
+    )

@@ -1,13 +1,11 @@
 """Evaluating a bundle on a dataset (vitvq.evaluation.tokenizer_eval, python -m vitvq.evaluate)."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from bundle_helpers import make_tokenizer_bundle
+from cli_helpers import run_module
 from skimage.metrics import structural_similarity
 
 import vitvq
@@ -85,13 +83,7 @@ def test_fid_path_with_inception_weights(tiny_bundle, tmp_path, monkeypatch):
 
 
 def _cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "vitvq.evaluate", *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
-        timeout=300,
-    )
+    return run_module("vitvq.evaluate", *args, timeout=300)
 
 
 def test_cli_prints_json_and_skips_fid_without_weights(tiny_bundle, tmp_path):

@@ -36,7 +36,15 @@ def test_demo_pipeline_writes_bundle_and_images(tmp_path, capsys):
     config = demo_config(4)
     result = pipeline.train_and_evaluate(config, str(tmp_path))
     out = capsys.readouterr().out
-    for stage in ("[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]", "samples recognized", "with rejection"):
+    for stage in (
+        "[1/5]",
+        "[2/5]",
+        "[3/5]",
+        "[4/5]",
+        "[5/5]",
+        "samples recognized",
+        "with rejection",
+    ):
         assert stage in out
     final = json.loads(out.strip().splitlines()[-1])["final_eval"]
     assert final == result

@@ -8,23 +8,19 @@ a classifier that records every candidate it scores.
 import json
 import math
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.numpy
 import scipy.special
-from bundle_helpers import TINY_MODEL, tiny_variables
+from bundle_helpers import make_vim_bundle
 from inception_helpers import random_inception_params
 
 import vitvq
-from vitvq import bundle, rejection
+from vitvq import rejection
 from vitvq.errors import BundleError, InputError, VitvqError
-from vitvq.models.vim import build_vim
 from vitvq.sample import rejection_knobs
 
 NUM_CLASSES = 10
-VIM_MODEL = {"width": 32, "depth": 1, "num_heads": 2, "mlp_dim": 64}
 
 
 @pytest.mark.parametrize("rate", [1.0, 0.5, 0.3, 0.25, 0.07])
@@ -104,19 +100,7 @@ def test_read_class_map(tmp_path):
 @pytest.fixture(scope="module")
 def sampler(tmp_path_factory):
     """A bundle with a fresh-init tiny tokenizer (32x32, 64 codes) and a 10-class VIM."""
-    _, tok = tiny_variables(32, seed=0)
-    vim = build_vim(VIM_MODEL, vocab_size=64, grid_size=4, num_classes=NUM_CLASSES)
-    params = vim.init(jax.random.key(1), jnp.zeros((1, 16), jnp.int32), jnp.zeros((1,), jnp.int32))
-    path = bundle.write_bundle(
-        tmp_path_factory.mktemp("rejection") / "bundle",
-        tokenizer={"model": TINY_MODEL, "image_size": 32, "step": 0},
-        tokenizer_params=tok["params"],
-        tokenizer_stats=tok["vq_stats"],
-        vim={"model": VIM_MODEL, "step": 0, "vocab_size": 64, "num_classes": NUM_CLASSES},
-        vim_params=jax.device_get(params["params"]),
-        classes={"num_classes": NUM_CLASSES, "names": [str(i) for i in range(NUM_CLASSES)]},
-    )
-    return vitvq.load_sampler(path)
+    return vitvq.load_sampler(make_vim_bundle(tmp_path_factory.mktemp("rejection") / "bundle"))
 
 
 class Recorder:

@@ -8,15 +8,13 @@ its codes, not good ones.
 import copy
 import importlib.util
 import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 from bundle_helpers import make_tokenizer_bundle
+from cli_helpers import run_module
 from PIL import Image
 
 import vitvq
@@ -209,14 +207,7 @@ def test_export_tokenizer_and_vim_and_sample(tok_workdir, vim_run, tmp_path):
 
 
 def _sample_cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "vitvq.sample", *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
-        cwd=REPO,
-        timeout=300,
-    )
+    return run_module("vitvq.sample", *args, timeout=300)
 
 
 def test_sample_cli(tok_workdir, vim_run, tmp_path):

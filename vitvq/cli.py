@@ -76,3 +76,16 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
         return flags.FLAGS(list(argv))
     except flags.Error as err:
         exit_with(err)
+
+
+def dataset_config(name: str, **kwargs) -> dict:
+    """The `dataset` block `vitvq.data` reads, for a source named on the command line."""
+    return {
+        "name": name,
+        "path": kwargs.get("path"),
+        "tfds_name": kwargs.get("tfds_name", "imagenet2012"),
+        "data_dir": kwargs.get("data_dir"),
+        "train_split": "train",
+        "eval_split": kwargs.get("split", "validation"),
+        "num_classes": 0,
+    }

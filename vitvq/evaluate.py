@@ -18,6 +18,7 @@ import sys
 from absl import app, flags
 
 from vitvq import cli
+from vitvq.cli import dataset_config
 
 _BUNDLE = flags.DEFINE_string("bundle", None, "The bundle whose tokenizer is evaluated.")
 _DATASET = flags.DEFINE_enum(
@@ -34,19 +35,6 @@ _INCEPTION = flags.DEFINE_string(
 )
 _NO_LPIPS = flags.DEFINE_bool("no_lpips", False, "Skip LPIPS.")
 _OUTPUT = flags.DEFINE_string("output", None, "Write the metrics JSON here too.")
-
-
-def dataset_config(name: str, **kwargs) -> dict:
-    """The `dataset` block `vitvq.data` reads, for a source named on the command line."""
-    return {
-        "name": name,
-        "path": kwargs.get("path"),
-        "tfds_name": kwargs.get("tfds_name", "imagenet2012"),
-        "data_dir": kwargs.get("data_dir"),
-        "train_split": "train",
-        "eval_split": kwargs.get("split", "validation"),
-        "num_classes": 0,
-    }
 
 
 def run(bundle_path: str, dataset: dict, **options) -> dict[str, float]:

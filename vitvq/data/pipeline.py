@@ -246,28 +246,36 @@ def eval_batches(
     process_index: int = 0,
     process_count: int = 1,
     num_examples: int | None = None,
+    split: str = "eval",
+    start_batch: int = 0,
 ):
     """This process's batches of one pass over the eval split (its first `num_examples`).
 
     Yields dict(image=float32 [b, H, W, 3], label=int32 [b], mask=float32 [b]) with mask 1
     for real examples and 0 for padding; every process yields ceil(n / global_batch_size)
     batches. Center crops (after resizing the shorter side, for folder and tfds).
+    `split="train"` walks the training split the same way (no augmentation: the linear
+    probe's features); `start_batch` skips the batches before it (a resumed pass).
     """
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     local = local_batch_size(global_batch_size, process_index, process_count)
     _check_image_size(image_size)
     source = _open_source(dataset_config, image_size)
-    total = _split_size(source, "eval")
+    total = _split_size(source, split)
     if num_examples is not None:
         if int(num_examples) < 0:
             raise ConfigError(f"num_examples must be >= 0, got {num_examples}")
         total = min(total, int(num_examples))
-    num_batches = math.ceil(total / global_batch_size)
+    first = int(start_batch)
+    num_batches = max(0, math.ceil(total / global_batch_size) - first)
     start = process_index * local
-    plan = _eval_plan(total, global_batch_size, start, start + local)
+    whole = _eval_plan(total, global_batch_size, start, start + local)
+    plan = lambda batch: whole(first + batch)  # noqa: E731
     if isinstance(source, sources.ArraySource):
-        return _array_eval(source.eval, plan, num_batches, image_size)
+        return _array_eval(getattr(source, split), plan, num_batches, image_size)
     example_fn = preprocess.tf_eval_example(image_size)
-    return _record_batches(source, "eval", plan, num_batches, local, example_fn)
+    return _record_batches(source, split, plan, num_batches, local, example_fn)
 
 
 def _crop_scale(dataset_config) -> tuple[float, float] | None:

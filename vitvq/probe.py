@@ -1,0 +1,226 @@
+"""python -m vitvq.probe --bundle=BUNDLE --dataset=NAME [--path=DIR] [--tfds_name=NAME]
+                        [--block=N] [--workdir=DIR] [--batch_size=64]
+                        [--num_train=N] [--num_eval=N] [--output=probe.json]
+
+The linear probe of a bundle's VIM (the paper's image-understanding result) on a labelled
+dataset: the token-averaged output of one VIM block (default: the paper's, 10 of 24 or 15 of
+36; the middle block otherwise), with the null class in the class slot for a
+class-conditional VIM, as features of the center crops of the training and evaluation splits;
+then a softmax classifier trained with optax, its L2 weight decay chosen on a held-out tenth
+of the training features (`vitvq.evaluation.linear_probe.softmax_probe`).
+
+Images are read, tokenized and featurized one batch at a time, split over the local devices,
+and never all held: only the features ([N, width] float32) are kept. With --workdir every
+batch's features are written there as it is done (atomically), so a run that is stopped at
+any point resumes where it was, reusing them; a workdir that holds another probe's features
+(another bundle, block, dataset or batch size) is refused. Prints the top-1 on the evaluation
+split and one JSON object as the last line. Bad arguments print one `error:` line and exit 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import app, flags
+
+from vitvq import cli
+
+
+def define_flags() -> None:
+    flags.DEFINE_string("bundle", None, "A bundle with a VIM (python -m vitvq.export).")
+    flags.DEFINE_enum(
+        "dataset", None, ["digits", "photos", "folder", "tfds", "synthetic"], "Dataset source."
+    )
+    flags.DEFINE_string("path", None, "Root directory of a folder dataset.")
+    flags.DEFINE_string("tfds_name", "imagenet2012", "TFDS dataset name.")
+    flags.DEFINE_string("data_dir", None, "TFDS data directory.")
+    flags.DEFINE_string("split", "validation", "Evaluation split (folder/tfds).")
+    flags.DEFINE_integer("block", None, "VIM block to probe, 1-based (default: the paper's).")
+    flags.DEFINE_string("workdir", None, "Where features are cached (resumable runs).")
+    flags.DEFINE_integer("batch_size", 64, "Images per batch.")
+    flags.DEFINE_integer("num_train", None, "Use the first N training examples only.")
+    flags.DEFINE_integer("num_eval", None, "Use the first N evaluation examples only.")
+    flags.DEFINE_string("output", None, "Write the result JSON here too.")
+
+
+class FeatureCache:
+    """Per-batch feature files under `workdir/probe_features/`, described by meta.json."""
+
+    def __init__(self, workdir: str | None, meta: dict):
+        from vitvq.errors import InputError
+
+        self.root = None if workdir is None else os.path.join(workdir, "probe_features")
+        if self.root is None:
+            return
+        os.makedirs(self.root, exist_ok=True)
+        meta_path = os.path.join(self.root, "meta.json")
+        if os.path.exists(meta_path):
+            with open(meta_path) as f:
+                saved = json.load(f)
+            if saved != meta:
+                diff = sorted(k for k in set(saved) | set(meta) if saved.get(k) != meta.get(k))
+                raise InputError(
+                    f"--workdir={workdir} holds the features of another probe (it differs in "
+                    f"{', '.join(diff)}): use another --workdir, or delete {self.root}"
+                )
+        else:
+            _write_atomic(meta_path, json.dumps(meta, indent=1).encode())
+
+    def _file(self, split: str, batch: int) -> str:
+        return os.path.join(self.root, f"{split}_{batch:07d}.npz")
+
+    def done(self, split: str) -> int:
+        """The number of leading batches of `split` whose features are saved."""
+        count = 0
+        while self.root is not None and os.path.exists(self._file(split, count)):
+            count += 1
+        return count
+
+    def load(self, split: str, count: int):
+        import numpy as np
+
+        for batch in range(count):
+            with np.load(self._file(split, batch)) as data:
+                yield data["features"], data["labels"]
+
+    def save(self, split: str, batch: int, features, labels) -> None:
+        import io
+
+        import numpy as np
+
+        if self.root is None:
+            return
+        buffer = io.BytesIO()
+        np.savez(buffer, features=features, labels=labels)
+        _write_atomic(self._file(split, batch), buffer.getvalue())
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def split_features(features, dataset: dict, split: str, cache: FeatureCache, **options):
+    """(features [N, width], labels [N]) of one split, batch by batch, resuming from the
+    cache."""
+    import math
+
+    import numpy as np
+
+    from vitvq import data as data_lib
+
+    batch_size, stream = options["batch_size"], options.get("stream", sys.stderr)
+    done = cache.done(split)
+    feats, labels = [], []
+    for f, y in cache.load(split, done):
+        feats.append(f)
+        labels.append(y)
+    info = data_lib.dataset_info(dataset)
+    total = info["num_train" if split == "train" else "num_eval"]
+    limit = options.get(f"num_{split}")
+    if limit is not None:
+        total = min(total, int(limit))
+    num_batches = math.ceil(total / batch_size)
+    if done:
+        print(f"{split}: reusing the features of {done} of {num_batches} batches", file=stream)
+    batches = data_lib.eval_batches(
+        dataset,
+        image_size=features.image_size,
+        global_batch_size=batch_size,
+        num_examples=limit,
+        split=split,
+        start_batch=done,
+    )
+    for index, batch in enumerate(batches, start=done):
+        keep = batch["mask"] > 0
+        images = np.round(batch["image"][keep] * 255.0).astype(np.uint8)
+        f, y = features(images), batch["label"][keep].astype(np.int32)
+        cache.save(split, index, f, y)
+        feats.append(f)
+        labels.append(y)
+        if (index + 1) % 10 == 0 or index + 1 == num_batches:
+            print(f"{split}: {index + 1}/{num_batches} batches", file=stream, flush=True)
+    if not feats:
+        return np.zeros((0, features.width), np.float32), np.zeros((0,), np.int32)
+    return np.concatenate(feats), np.concatenate(labels)
+
+
+def run(bundle_path: str, dataset: dict, *, block=None, workdir=None, **options) -> dict:
+    from vitvq import data as data_lib
+    from vitvq.bundle import load_sampler, read_manifest
+    from vitvq.errors import InputError
+    from vitvq.evaluation import linear_probe
+
+    options.setdefault("batch_size", 64)
+    batch_size = options["batch_size"]
+    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+        raise InputError(f"--batch_size must be a positive integer, got {batch_size!r}")
+    for key in ("num_train", "num_eval"):
+        if options.get(key) is not None and int(options[key]) < 1:
+            raise InputError(f"--{key} must be >= 1, got {options[key]}")
+    info = data_lib.dataset_info(dataset)
+    if not info["num_classes"]:
+        raise InputError(
+            f"the linear probe needs class labels, and the {dataset['name']!r} dataset has none "
+            "(a folder dataset needs one subfolder per class)"
+        )
+    sampler = load_sampler(bundle_path)
+    depth = sampler.model.transformer.depth
+    block = linear_probe.probe_block(depth) if block is None else block
+    features = linear_probe.VimFeatures(sampler, block)
+    manifest = read_manifest(bundle_path)
+    meta = {
+        "bundle": os.path.abspath(os.fspath(bundle_path)),
+        "sha256": [manifest["tokenizer"].get("sha256"), manifest["vim"].get("sha256")],
+        "block": features.block,
+        "dataset": {k: v for k, v in sorted(dataset.items())},
+        "batch_size": int(batch_size),
+        "num_train": options.get("num_train"),
+        "num_eval": options.get("num_eval"),
+    }
+    cache = FeatureCache(workdir, meta)
+    train_x, train_y = split_features(features, dataset, "train", cache, **options)
+    test_x, test_y = split_features(features, dataset, "eval", cache, **options)
+    result = linear_probe.softmax_probe(
+        train_x, train_y, test_x, test_y, num_classes=info["num_classes"]
+    )
+    result["block"] = features.block
+    result["depth"] = depth
+    return result
+
+
+def main(argv):
+    cli.no_extra_args(argv)
+    cli.require_flags("bundle", "dataset")
+    f = flags.FLAGS
+    with cli.user_errors():
+        result = run(
+            f.bundle,
+            cli.dataset_config(
+                f.dataset, path=f.path, tfds_name=f.tfds_name, data_dir=f.data_dir, split=f.split
+            ),
+            block=f.block,
+            workdir=f.workdir,
+            batch_size=f.batch_size,
+            num_train=f.num_train,
+            num_eval=f.num_eval,
+        )
+        print(
+            f"linear probe, VIM block {result['block']} of {result['depth']}: top-1 "
+            f"{result['top1']:.4f} on {result['num_test']} evaluation images (weight decay "
+            f"{result['weight_decay']:g}, chosen on {result['held_out_top1']:.4f} held-out top-1)"
+        )
+        text = json.dumps(result)
+        if f.output:
+            with open(f.output, "w") as out:
+                out.write(text + "\n")
+        print(text)
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main, flags_parser=cli.parse_flags)
