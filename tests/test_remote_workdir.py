@@ -21,6 +21,7 @@ from PIL import Image
 from vitvq import bundle, paths
 from vitvq.checkpoint import Checkpointer
 from vitvq.errors import BundleError, ConfigError
+from vitvq.images import save_png
 from vitvq.train import common, restore, stage1, writers
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -152,8 +153,8 @@ def test_workdir_files_on_a_url(tmp_path, monkeypatch, bucket):
     assert any(name.startswith("events.out.tfevents.") for name in tree[RUN])
 
     image = np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3)
-    writers.save_png(f"{RUN}/images/a.png", np.zeros_like(image))
-    writers.save_png(f"{RUN}/images/a.png", image)
+    save_png(f"{RUN}/images/a.png", np.zeros_like(image))
+    save_png(f"{RUN}/images/a.png", image)
     with Image.open(io.BytesIO(_ram_read(f"{RUN}/images/a.png", "rb"))) as png:
         np.testing.assert_array_equal(np.asarray(png), image)
     assert remote_fs.ram_tree(f"{RUN}/images") == {f"{RUN}/images": ["a.png"]}

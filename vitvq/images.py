@@ -3,6 +3,7 @@
     image = read_image("photo.heic.jpg")          # uint8 [H, W, 3], EXIF orientation applied
     square = fit_square(image, 256)                # uint8 [256, 256, 3], center crop
     paths = list_images("photos/")                 # every regular, non-hidden file, sorted
+    save_png(path, image_grid([originals, recons]))   # rows of images -> one PNG
 
 `read_image` opens whatever PIL can decode, whatever the file's extension, and converts
 every mode to RGB: grayscale, palette (with or without transparency), alpha (composited
@@ -14,6 +15,7 @@ raises `ImageReadError`, a `DataError` that names the file and the reason.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import pathlib
 import threading
@@ -21,6 +23,7 @@ import threading
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
+from vitvq import paths
 from vitvq.errors import DataError, InputError
 
 MAX_PIXELS = 20000 * 20000  # larger than PIL's own decompression-bomb limit (~89.5M pixels)
@@ -273,3 +276,23 @@ def list_images(path: str | os.PathLike) -> list[pathlib.Path]:
             if not name.startswith(".") and candidate.is_file():
                 found.append(candidate)
     return sorted(found, key=lambda p: p.relative_to(path).parts)
+
+
+def image_grid(rows: list[np.ndarray], max_columns: int = 8) -> np.ndarray:
+    """Stacks rows of images [N, H, W, 3] in [0, 1] into one uint8 grid with 2-pixel gaps."""
+    n = min(max_columns, min(len(r) for r in rows))
+    h, w = rows[0].shape[1:3]
+    gap = 2
+    grid = np.ones(((h + gap) * len(rows) - gap, (w + gap) * n - gap, 3), np.float32)
+    for i, row in enumerate(rows):
+        for j in range(n):
+            grid[i * (h + gap) : i * (h + gap) + h, j * (w + gap) : j * (w + gap) + w] = row[j]
+    return (np.clip(grid, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def save_png(path: str, image: np.ndarray) -> None:
+    """Writes a uint8 [H, W, 3] image atomically (locally: a temporary name, then rename; on
+    an object store such as gs://: one upload), creating its directory."""
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    paths.write_bytes(path, buffer.getvalue())

@@ -43,7 +43,7 @@ def sample_grid(sampler, *, num_samples, labels, seed, stream=sys.stderr, **knob
     import numpy as np
 
     from vitvq.errors import InputError
-    from vitvq.train.writers import image_grid
+    from vitvq.images import image_grid
 
     if num_samples < 1:
         raise InputError(f"--num_samples must be >= 1, got {num_samples}")
@@ -113,7 +113,7 @@ def main(argv):
     cli.require_flags("bundle", "output")
     with cli.user_errors():
         from vitvq.bundle import load_sampler
-        from vitvq.train.writers import save_png
+        from vitvq.images import save_png
 
         labels = _parse_labels(flags.FLAGS.class_label)
         sampler = load_sampler(flags.FLAGS.bundle)

@@ -22,6 +22,7 @@ from vitvq import data as data_lib
 from vitvq.data.globalize import to_global, to_host
 from vitvq.errors import ConfigError
 from vitvq.evaluation.reconstruction import ReconstructionAccumulator
+from vitvq.images import image_grid, save_png
 from vitvq.models.discriminator import discriminator_from_config
 from vitvq.models.perceptual import lpips_fn
 from vitvq.models.vitvqgan import build_vitvqgan
@@ -284,11 +285,9 @@ def make_image_writer(trainer: Stage1, config, workdir: str, writer, eval_fn):
         batch = to_global(host_batch, trainer.mesh)
         recon = to_host(eval_fn(state, batch)["reconstruction"])
         images = to_host(batch["image"])  # gathered from all processes
-        grid = writers.image_grid([images, recon])
+        grid = image_grid([images, recon])
         if jax.process_index() == 0:
-            writers.save_png(
-                os.path.join(workdir, "images", f"reconstructions_{step:07d}.png"), grid
-            )
+            save_png(os.path.join(workdir, "images", f"reconstructions_{step:07d}.png"), grid)
         writer.write_images(step, {"reconstructions": grid[None]})
 
     return write_images

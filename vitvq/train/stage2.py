@@ -19,6 +19,7 @@ from vitvq import bundle, config_check, parallel, paths
 from vitvq import data as data_lib
 from vitvq.data.globalize import to_global
 from vitvq.errors import ConfigError
+from vitvq.images import image_grid, save_png
 from vitvq.models.vim import build_vim
 from vitvq.train import common, loop, restore, stage2_step, writers
 from vitvq.train.optim import make_adam
@@ -226,9 +227,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         images = trainer.sample_images(state.params, labels, seed=config.seed + step)
         per_row = int(config.sampling.num_per_class) if labels is not None else 8
         rows = [images[i : i + per_row] for i in range(0, len(images), per_row)]
-        grid = writers.image_grid([r.astype(np.float32) / 255.0 for r in rows])
+        grid = image_grid([r.astype(np.float32) / 255.0 for r in rows])
         if jax.process_index() == 0:
-            writers.save_png(os.path.join(workdir, "images", f"samples_{step:07d}.png"), grid)
+            save_png(os.path.join(workdir, "images", f"samples_{step:07d}.png"), grid)
         writer.write_images(step, {"samples": grid[None]})
 
     task = loop.Task(
