@@ -2,12 +2,11 @@
 
 Importing this package does not import TensorFlow (nor JAX, until a loader is used):
 
-    tok = vitvq.load_tokenizer(BUNDLE)   # see vitvq.bundle
+    tok = vitvq.load_tokenizer(BUNDLE)   # see vitvq.tokenizer
 """
 
 from vitvq.errors import BundleError, ConfigError, DataError, InputError, VitvqError
-
-__version__ = "0.1.0"
+from vitvq.version import __version__
 
 __all__ = [
     "BundleError",
@@ -24,9 +23,9 @@ __all__ = [
 def load_tokenizer(path, **kwargs):
     """The tokenizer of a bundle: `encode` uint8 images -> codes, `decode` codes -> images.
 
-    See `vitvq.bundle.load_tokenizer` for the keyword arguments.
+    See `vitvq.tokenizer.load_tokenizer` for the keyword arguments.
     """
-    from vitvq.bundle import load_tokenizer as _load
+    from vitvq.tokenizer import load_tokenizer as _load
 
     return _load(path, **kwargs)
 
@@ -34,8 +33,8 @@ def load_tokenizer(path, **kwargs):
 def load_sampler(path, **kwargs):
     """The VIM and tokenizer of a bundle: `sample(num_samples, class_labels, ...)` -> images.
 
-    See `vitvq.bundle.load_sampler` for the keyword arguments.
+    See `vitvq.sampler.load_sampler` for the keyword arguments.
     """
-    from vitvq.bundle import load_sampler as _load
+    from vitvq.sampler import load_sampler as _load
 
     return _load(path, **kwargs)

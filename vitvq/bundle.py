@@ -1,4 +1,4 @@
-"""Bundles: trained models exported for downstream use, and the Tokenizer that loads them.
+"""Bundles: trained models exported for downstream use (the file format and its readers).
 
 A bundle is a directory:
 
@@ -14,7 +14,8 @@ the format version, each file's sha256, every tensor's presence and shape agains
 the config describes, and names what is wrong (BundleError). A bundle may be a local directory
 or a URL (gs://bucket/bundle, read and written through `vitvq.paths`).
 
-This module uses the models only (no TensorFlow, no training code):
+This module uses the models only (no TensorFlow, no training code). `vitvq.tokenizer` and
+`vitvq.sampler` load bundles for inference:
 
     tok = vitvq.load_tokenizer("runs/demo/bundle")
     codes = tok.encode(images)     # uint8 [B, H, W, 3] -> int32 [B, H/p, W/p]
@@ -41,8 +42,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from vitvq import paths
-from vitvq.errors import BundleError, InputError
+from vitvq.errors import BundleError, ConfigError, InputError
 from vitvq.models import tree as treeutil
+from vitvq.models.vim import build_vim
+from vitvq.models.vitvqgan import build_vitvqgan
+from vitvq.version import __version__
 
 FORMAT = "vitvq-bundle"
 FORMAT_VERSION = 1
@@ -231,7 +235,6 @@ def _json_default(value: Any) -> Any:
 
 
 def _version() -> str:
-    from vitvq import __version__
 
     return __version__
 
@@ -321,8 +324,6 @@ def check_tree(loaded: Mapping[str, np.ndarray], expected: Mapping[str, Any], wh
 
 def tokenizer_model(manifest: Mapping[str, Any], dtype: Any = jnp.float32):
     """The ViTVQGAN module the manifest describes."""
-    from vitvq.errors import ConfigError
-    from vitvq.models.vitvqgan import build_vitvqgan
 
     section = manifest["tokenizer"]
     try:
@@ -358,163 +359,11 @@ def flatten_tree_abstract(tree: Mapping[str, Any], prefix: str = "") -> dict[str
     return treeutil.flatten(tree, prefix)
 
 
-# --- the Tokenizer -------------------------------------------------------------------------
-
-
-class Tokenizer:
-    """A trained ViT-VQGAN for inference: images <-> codes on the local devices.
-
-    `encode` and `decode` take any batch size: batches are padded to a bucket (the device
-    count times a power of two, at most `max_batch`) and split into chunks beyond that, so
-    only a few shapes are ever compiled. Work is split over all local devices (data
-    parallel; the parameters are replicated).
-    """
-
-    def __init__(self, model, variables, manifest, *, devices=None, max_batch: int = 64):
-        self.model = model
-        self.manifest = manifest
-        self._devices = list(devices or jax.local_devices())
-        n = len(self._devices)
-        self._mesh = jax.sharding.Mesh(np.array(self._devices), ("batch",))
-        self._replicated = jax.sharding.NamedSharding(self._mesh, jax.sharding.PartitionSpec())
-        self._batched = jax.sharding.NamedSharding(self._mesh, jax.sharding.PartitionSpec("batch"))
-        self.max_batch = max(n, -(-int(max_batch) // n) * n)
-        self._variables = jax.device_put(variables, self._replicated)
-
-        def encode(variables, images_uint8):
-            x = images_uint8.astype(jnp.float32) / 255.0
-            codes, _ = model.apply(variables, x, method=model.encode)
-            return codes.astype(jnp.int32)
-
-        def decode(variables, codes):
-            images = model.apply(variables, codes, method=model.decode)
-            return jnp.round(jnp.clip(images, 0.0, 1.0) * 255.0).astype(jnp.uint8)
-
-        shardings = dict(
-            in_shardings=(self._replicated, self._batched), out_shardings=self._batched
-        )
-        self._encode = jax.jit(encode, **shardings)
-        self._decode = jax.jit(decode, **shardings)
-
-    # --- properties ---
-    @property
-    def image_size(self) -> int:
-        return int(self.model.image_size)
-
-    @property
-    def grid_size(self) -> int:
-        return int(self.model.grid_size)
-
-    @property
-    def patch_size(self) -> int:
-        return int(self.model.patch_size)
-
-    @property
-    def codebook_size(self) -> int:
-        return int(self.model.codebook_size)
-
-    @property
-    def step(self) -> int:
-        return int(self.manifest["tokenizer"].get("step", 0))
-
-    @property
-    def num_classes(self) -> int:
-        return int(self.manifest["classes"].get("num_classes", 0))
-
-    @property
-    def class_names(self) -> list[str] | None:
-        return self.manifest["classes"].get("names")
-
-    @property
-    def params(self):
-        return self._variables["params"]
-
-    @property
-    def code_usage(self) -> np.ndarray:
-        """The training run's EMA of per-code usage (tokens per step) at export time."""
-        return np.asarray(self._variables["vq_stats"]["quantizer"]["usage"])
-
-    # --- inference ---
-    def _bucket(self, n: int) -> int:
-        size = len(self._devices)
-        while size < n and size < self.max_batch:
-            size *= 2
-        return min(size, self.max_batch)
-
-    def _run(self, fn, x: np.ndarray, pad_value) -> np.ndarray:
-        outputs = []
-        for start in range(0, len(x), self.max_batch):
-            chunk = x[start : start + self.max_batch]
-            size = self._bucket(len(chunk))
-            if size > len(chunk):
-                pad = np.full((size - len(chunk), *chunk.shape[1:]), pad_value, chunk.dtype)
-                chunk = np.concatenate([chunk, pad])
-            out = fn(self._variables, jax.device_put(chunk, self._batched))
-            outputs.append(np.asarray(jax.device_get(out))[: min(self.max_batch, len(x) - start)])
-        return np.concatenate(outputs)
-
-    def encode(self, images) -> np.ndarray:
-        """uint8 [B, H, W, 3] (H = W = image_size) -> int32 codes [B, grid, grid].
-
-        Float images in [0, 1] are accepted too (rounded to uint8 first, so encode(x) and
-        encode of the same picture saved as 8-bit agree).
-        """
-        x = np.asarray(images)
-        size = self.image_size
-        if x.ndim != 4 or x.shape[1:] != (size, size, 3):
-            raise InputError(
-                f"images must be [batch, {size}, {size}, 3] for this tokenizer, got shape "
-                f"{x.shape}; resize or crop them first (python -m vitvq.reconstruct does)."
-            )
-        if np.issubdtype(x.dtype, np.floating):
-            if x.size and (np.nanmin(x) < 0.0 or np.nanmax(x) > 1.0 or np.isnan(x).any()):
-                raise InputError("float images must be in [0, 1] (or pass uint8 in [0, 255])")
-            x = np.round(x * 255.0).astype(np.uint8)
-        elif x.dtype != np.uint8:
-            raise InputError(f"images must be uint8 (or float in [0, 1]), got dtype {x.dtype}")
-        if len(x) == 0:
-            return np.zeros((0, self.grid_size, self.grid_size), np.int32)
-        return self._run(self._encode, x, 0)
-
-    def decode(self, codes) -> np.ndarray:
-        """int32 codes [B, grid, grid] in [0, codebook_size) -> uint8 images [B, H, W, 3]."""
-        from vitvq.models.vitvqgan import check_indices
-
-        c = np.asarray(codes)
-        check_indices(c, self.grid_size, self.codebook_size)
-        if len(c) == 0:
-            return np.zeros((0, self.image_size, self.image_size, 3), np.uint8)
-        return self._run(self._decode, c.astype(np.int32), 0)
-
-    def reconstruct(self, images) -> np.ndarray:
-        """decode(encode(images))."""
-        return self.decode(self.encode(images))
-
-    def __repr__(self) -> str:
-        return (
-            f"Tokenizer(image_size={self.image_size}, grid_size={self.grid_size}, "
-            f"codebook_size={self.codebook_size}, step={self.step})"
-        )
-
-
-def load_tokenizer(
-    path: str | os.PathLike, *, devices=None, max_batch: int = 64, verify: bool = True
-) -> Tokenizer:
-    """Loads the tokenizer of the bundle at `path` onto the local devices (see `Tokenizer`).
-
-    `verify` checks the tensor file's sha256 against bundle.json (reads the file twice).
-    """
-    manifest, model, variables = load_tokenizer_variables(path, verify=verify)
-    return Tokenizer(model, variables, manifest, devices=devices, max_batch=max_batch)
-
-
-# --- the Sampler (stage 2) -----------------------------------------------------------------
+# --- the VIM (stage 2) ---------------------------------------------------------------------
 
 
 def vim_model(manifest: Mapping[str, Any], dtype: Any = jnp.float32):
     """The VIM module the manifest describes (checked against the tokenizer's codebook)."""
-    from vitvq.errors import ConfigError
-    from vitvq.models.vim import build_vim
 
     section = manifest.get("vim")
     if not isinstance(section, Mapping):
@@ -554,163 +403,3 @@ def load_vim_variables(path: str | os.PathLike, manifest=None, *, verify: bool =
     expected = flatten_tree_abstract({"params": abstract["params"]})
     check_tree(tensors, expected, f"{_path(path) / manifest['vim']['file']}")
     return model, unflatten_tree(_cast(tensors, "float32"))
-
-
-class Sampler:
-    """A trained VIM with its tokenizer: class-conditional or unconditional image samples."""
-
-    def __init__(self, tokenizer: Tokenizer, model, variables, manifest):
-        self.tokenizer = tokenizer
-        self.model = model
-        self.manifest = manifest
-        self._params = jax.device_put(variables["params"], tokenizer._replicated)
-
-    @property
-    def num_classes(self) -> int:
-        return int(self.model.num_classes)
-
-    @property
-    def class_names(self) -> list[str] | None:
-        return self.manifest["classes"].get("names")
-
-    @property
-    def image_size(self) -> int:
-        return self.tokenizer.image_size
-
-    def _labels(self, num_samples: int, class_labels) -> np.ndarray | None:
-        if class_labels is None:
-            if self.num_classes:  # the null class: unconditional samples of a guided model
-                return np.full((num_samples,), self.num_classes, np.int32)
-            return None
-        if not self.num_classes:
-            raise InputError("class_labels were given but this VIM is unconditional")
-        labels = np.asarray(class_labels)
-        if labels.ndim == 0:
-            labels = np.full((num_samples,), int(labels), np.int64)
-        if labels.shape != (num_samples,) or not np.issubdtype(labels.dtype, np.integer):
-            raise InputError(
-                f"class_labels must be one int or {num_samples} ints, got {class_labels!r}"
-            )
-        if labels.min() < 0 or labels.max() >= self.num_classes:
-            raise InputError(
-                f"class labels must be in [0, {self.num_classes - 1}], got values in "
-                f"[{labels.min()}, {labels.max()}]"
-            )
-        return labels.astype(np.int32)
-
-    def sample_codes(
-        self,
-        num_samples: int,
-        class_labels=None,
-        *,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        cfg_scale: float = 1.0,
-        seed: int = 0,
-        prefix=None,
-        acceptance_rate: float = 1.0,
-        classifier=None,
-        class_map=None,
-        candidate_batch: int = 64,
-    ) -> np.ndarray:
-        """int32 codes [N, grid, grid]; `prefix` [N, P] fixes the first P codes (completion).
-
-        With `acceptance_rate` r < 1, classifier-based rejection (`vitvq.rejection`): for each
-        class asked for n times, ceil(n / r) candidates are drawn in batches of
-        `candidate_batch`, `classifier(uint8 images [B, H, W, 3]) -> logits [B, C]` scores
-        each by the log-probability of its class, and the n best are kept, best first.
-        `class_map[k]` is the classifier's output for the bundle's class k when C differs.
-        """
-        from vitvq import rejection
-
-        if isinstance(num_samples, bool) or int(num_samples) != num_samples or num_samples < 1:
-            raise InputError(f"num_samples must be a positive integer, got {num_samples!r}")
-        num_samples = int(num_samples)
-        labels = self._labels(num_samples, class_labels)
-        if labels is not None and np.all(labels == self.num_classes):
-            cfg_scale = 1.0  # nothing to guide towards
-        knobs = dict(temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale)
-        rate = rejection.check_rate(acceptance_rate)
-        if rate == 1.0 and classifier is None:
-            return self._draw(labels, num_samples, jax.random.key(int(seed)), prefix, knobs)
-        if classifier is None:
-            raise InputError("acceptance_rate < 1 needs a classifier to score the candidates")
-        if labels is None or np.any(labels == self.num_classes):
-            raise InputError(
-                "rejection sampling keeps the samples a classifier finds most like their "
-                "class: give class_labels (of a class-conditional VIM)"
-            )
-        if prefix is not None:
-            raise InputError("rejection sampling does not take a prefix")
-        if getattr(classifier, "num_classes", None) is not None:  # refuse before drawing
-            rejection.check_class_map(classifier.num_classes, self.num_classes, class_map)
-        key = jax.random.key(int(seed))
-
-        def draw(batch, index):  # the first batch is what a plain draw of that batch gives
-            batch_key = key if index == 0 else jax.random.fold_in(key, index)
-            return self._draw(batch, len(batch), batch_key, None, knobs)
-
-        codes, _ = rejection.rejection_sample(
-            draw,
-            self.tokenizer.decode,
-            classifier,
-            labels,
-            acceptance_rate=rate,
-            num_classes=self.num_classes,
-            class_map=class_map,
-            batch_size=candidate_batch,
-        )
-        return codes
-
-    def _draw(self, labels, num_samples: int, key, prefix, knobs) -> np.ndarray:
-        from vitvq import sampling
-
-        tokens = sampling.sample_tokens(
-            self.model,
-            self._params,
-            key,
-            batch_size=num_samples,
-            labels=None if labels is None else jnp.asarray(labels),
-            prefix=None if prefix is None else jnp.asarray(prefix, jnp.int32),
-            # Split over the local devices when the batch divides evenly; the samples are the
-            # same either way (a function of the key, num_samples and labels only).
-            mesh=self.tokenizer._mesh if num_samples % len(self.tokenizer._devices) == 0 else None,
-            **knobs,
-        )
-        g = self.tokenizer.grid_size
-        return np.asarray(tokens).reshape(num_samples, g, g).astype(np.int32)
-
-    def sample(
-        self,
-        num_samples: int,
-        class_labels=None,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        cfg_scale: float = 1.0,
-        seed: int = 0,
-        **rejection,
-    ) -> np.ndarray:
-        """uint8 images [N, H, W, 3]. `class_labels`: None (unconditional; for a conditional
-        VIM, its null class), one int, or N ints. Same seed, same samples. `rejection`:
-        `acceptance_rate`, `classifier`, `class_map`, `candidate_batch` (see `sample_codes`)."""
-        codes = self.sample_codes(
-            num_samples,
-            class_labels,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            cfg_scale=cfg_scale,
-            seed=seed,
-            **rejection,
-        )
-        return self.tokenizer.decode(codes)
-
-
-def load_sampler(path: str | os.PathLike, *, devices=None, verify: bool = True) -> Sampler:
-    """The VIM and tokenizer of the bundle at `path` (see `Sampler`)."""
-    manifest, model, variables = load_tokenizer_variables(path, verify=verify)
-    tokenizer = Tokenizer(model, variables, manifest, devices=devices)
-    vim, vim_variables = load_vim_variables(path, manifest, verify=verify)
-    return Sampler(tokenizer, vim, vim_variables, manifest)

@@ -39,10 +39,10 @@ _OUTPUT = flags.DEFINE_string("output", None, "Write the metrics JSON here too."
 
 def run(bundle_path: str, dataset: dict, **options) -> dict[str, float]:
     from vitvq import data as data_lib
-    from vitvq.bundle import load_tokenizer
     from vitvq.errors import InputError
     from vitvq.evaluation import fid as fid_lib
     from vitvq.evaluation.tokenizer_eval import evaluate_tokenizer
+    from vitvq.tokenizer import load_tokenizer
 
     batch_size = int(options.get("batch_size", 64))
     if batch_size < 1:

@@ -151,9 +151,10 @@ def split_features(features, dataset: dict, split: str, cache: FeatureCache, **o
 
 def run(bundle_path: str, dataset: dict, *, block=None, workdir=None, **options) -> dict:
     from vitvq import data as data_lib
-    from vitvq.bundle import load_sampler, read_manifest
+    from vitvq.bundle import read_manifest
     from vitvq.errors import InputError
     from vitvq.evaluation import linear_probe
+    from vitvq.sampler import load_sampler
 
     options.setdefault("batch_size", 64)
     batch_size = options["batch_size"]

@@ -317,7 +317,7 @@ def run(
     if not paths:
         raise DataError(f"no files in --input={root} (hidden files are skipped)")
 
-    from vitvq.bundle import load_tokenizer
+    from vitvq.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(bundle)
     summary = reconstruct_files(

@@ -18,8 +18,6 @@ graph's label map (`target_class` / `target_class_string` entries) matched by cl
 
 from __future__ import annotations
 
-import sys
-
 from absl import app, flags
 
 from vitvq import cli
@@ -36,37 +34,6 @@ def _parse_labels(text: str | None) -> list[int] | None:
         raise InputError(
             f"--class_label must be an integer or comma-separated integers, got {text!r}"
         ) from None
-
-
-def sample_grid(sampler, *, num_samples, labels, seed, stream=sys.stderr, **knobs):
-    """uint8 grid: one row per label (conditional) or rows of 8 (unconditional)."""
-    import numpy as np
-
-    from vitvq.errors import InputError
-    from vitvq.images import image_grid
-
-    if num_samples < 1:
-        raise InputError(f"--num_samples must be >= 1, got {num_samples}")
-    if sampler.num_classes and labels is None:
-        labels = list(range(sampler.num_classes))
-    rows = []
-    if labels is None:
-        images = sampler.sample(num_samples, None, seed=seed, **knobs)
-        print(f"sampled {num_samples} images", file=stream)
-        rows = [images[i : i + 8] for i in range(0, num_samples, 8)]
-        columns = 8
-    else:
-        for i, label in enumerate(labels):
-            rows.append(sampler.sample(num_samples, label, seed=seed + i, **knobs))
-            done = i + 1
-            bar = "#" * (20 * done // len(labels))
-            print(f"\r[{bar:<20}] {done}/{len(labels)} classes", end="", file=stream)
-        print(file=stream)
-        columns = num_samples
-    if len(rows) > 1 and len(rows[-1]) < len(rows[0]):  # pad the last unconditional row
-        pad = np.ones((len(rows[0]) - len(rows[-1]), *rows[-1].shape[1:]), np.uint8) * 255
-        rows[-1] = np.concatenate([rows[-1], pad])
-    return image_grid([r.astype(np.float32) / 255.0 for r in rows], max_columns=columns)
 
 
 def define_flags() -> None:
@@ -112,8 +79,8 @@ def main(argv):
     cli.no_extra_args(argv)
     cli.require_flags("bundle", "output")
     with cli.user_errors():
-        from vitvq.bundle import load_sampler
         from vitvq.images import save_png
+        from vitvq.sampler import load_sampler, sample_grid
 
         labels = _parse_labels(flags.FLAGS.class_label)
         sampler = load_sampler(flags.FLAGS.bundle)

@@ -68,7 +68,7 @@ def evaluate_tokenizer(
     max_examples: int | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
-    """Metrics of `tokenizer` (a `vitvq.bundle.Tokenizer`) over `batches`.
+    """Metrics of `tokenizer` (a `vitvq.tokenizer.Tokenizer`) over `batches`.
 
     batches: dicts with "image" (float [B, H, W, 3] in [0, 1] or uint8) and optionally "mask"
     ([B], 0 for padding examples), e.g. `vitvq.data.eval_batches`.
