@@ -86,9 +86,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
 
     from vitvq import bundle as bundle_lib
     from vitvq import data as data_lib
-    from vitvq.export import export
     from vitvq.images import image_grid, save_png
     from vitvq.sampler import sample_grid
+    from vitvq.train.export import export
 
     # Both stages' keys now: a bad VIM value must not wait for the tokenizer's training.
     config_check.validate(config, trainer="pipeline", num_devices=jax.device_count())
