@@ -89,6 +89,7 @@ def base(**overrides) -> ml_collections.ConfigDict:
     c.inception_weights = ml_collections.FieldReference(None, field_type=str)  # FID at eval
     c.trainable = "all"  # "decoder": encoder and codebook frozen (fine-tuning, stage 1)
     c.max_consecutive_nonfinite = 10  # skipped steps in a row before the run stops
+    c.restart_from_scratch = False  # True: when every checkpoint is damaged, start again
     c.update(overrides)
     return c
 

@@ -11,6 +11,9 @@
   previous checkpoint stays valid.
 - A workdir whose checkpoint was written by another config (other widths, codebook size) is
   a one-line error naming the parameters whose shapes differ.
+- A committed checkpoint damaged afterwards (a flipped byte): the restart names it, resumes
+  from the previous one and ends bit-identical; with every checkpoint damaged, training and
+  export stop with one line (tests/test_damaged_checkpoints.py covers each kind of damage).
 
 Subprocesses share a persistent compilation cache and LLVM's cheapest optimization level.
 """
@@ -289,3 +292,56 @@ def test_checkpoint_of_another_config_names_the_differing_shapes(env, uninterrup
     message = log[log.index("error: ") :]
     assert "does not match the train state" in message, message
     assert re.search(r"codebook\S*: checkpoint shape \(64, 8\) != state shape \(32, 8\)", message)
+
+
+def _flip_largest_data_file(step_dir: pathlib.Path) -> pathlib.Path:
+    files = [p for p in step_dir.rglob("*") if p.is_file() and p.parent.name == "d"]
+    victim = max(files, key=lambda p: p.stat().st_size)
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 3] ^= 0x01
+    victim.write_bytes(bytes(data))
+    return victim
+
+
+def test_damaged_newest_checkpoint_resumes_from_the_previous_and_ends_identically(
+    env, uninterrupted, tmp_path
+):
+    workdir = _copy_of_finished_run(uninterrupted, tmp_path / "damaged")
+    steps = committed_steps(workdir)
+    assert steps[-1] == TOTAL and len(steps) >= 2
+    _flip_largest_data_file(workdir / "checkpoints" / str(TOTAL))
+    rc, log = run(env, workdir)
+    assert rc == 0, log[-3000:]
+    assert f"Checkpoint step {TOTAL} in " in log and "sha256 mismatch" in log, log[-3000:]
+    assert f"resuming from step {steps[-2]}, the newest intact checkpoint" in log, log[-3000:]
+    assert (workdir / "damaged_checkpoints" / str(TOTAL)).is_dir()
+    assert_bitwise_equal(final_state(workdir), uninterrupted[0][0])
+
+
+def test_no_intact_checkpoint_stops_training_and_export_with_one_line(env, uninterrupted, tmp_path):
+    workdir = _copy_of_finished_run(uninterrupted, tmp_path / "ruined")
+    for step in committed_steps(workdir):
+        _flip_largest_data_file(workdir / "checkpoints" / str(step))
+    rc, log = run(env, workdir, f"--config.total_steps={TOTAL + 4}")
+    assert rc == 2, log[-3000:]
+    line = error_line(log)
+    assert "every checkpoint in" in line and "--config.restart_from_scratch=True" in line, line
+    assert not (workdir / "damaged_checkpoints").exists()  # nothing moved, nothing trained
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vitvq.export",
+            f"--workdir={workdir}",
+            f"--output={tmp_path / 'b'}",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: ") and f"checkpoint step {TOTAL}" in line, line
+    assert "none is intact" in line and "--step=N" in line, line

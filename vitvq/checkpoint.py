@@ -35,6 +35,16 @@ atomic there) orbax writes the step directory in place and commits it by writing
 `commit_success.txt` last; a step without that file is likewise never listed. orbax lists and
 deletes steps on GCS through the google-cloud-storage package (`pip install 'vitvq[gcs]'`).
 
+Damage after the commit (a truncated or bit-flipped file after a storage incident, a partial
+copy between buckets) is caught by a record of every file's size and sha256 that process 0
+writes into the step directory once the step is committed (`vitvq.digests`; written within a
+step of the commit, checked on every restore). `restore_latest` skips a damaged or unrecorded
+step, moves it aside to `<checkpoints>/../damaged_checkpoints/<step>` (nothing is deleted) and
+resumes from the newest intact one, saying so in one line. When no intact checkpoint is left
+it raises `DataError` rather than start from scratch, unless `restart_from_scratch=True`. A
+directory in which no step has a record (written before records existed) is restored as
+before, with a warning that it is unverified.
+
 Asynchronous saves: `save` returns once the arrays are copied off the devices (so the
 caller may donate or delete the state right after), and the files are written by background
 threads. `wait()` or `close()` (also on leaving a `with` block) blocks until they are done.
@@ -53,7 +63,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from vitvq import paths, preemption
+from vitvq import digests, paths, preemption
 from vitvq.errors import ConfigError, DataError, StorageError, VitvqError, caused_by
 
 logger = logging.getLogger(__name__)
@@ -110,6 +120,7 @@ class Checkpointer:
         self.save_every_steps = save_every_steps
         self.read_only = read_only
         self._writing: int | None = None  # the step of the newest started save
+        self._unrecorded: int | None = None  # a started save whose digests are not written yet
         _check_gcs_support(self.directory)
         if read_only and not paths.is_dir(self.directory):
             raise DataError(f"There is no checkpoint directory {self.directory}.")
@@ -174,6 +185,7 @@ class Checkpointer:
         if self.read_only:
             raise RuntimeError(f"Checkpointer on {self.directory} is read-only")
         step = int(step)
+        self._record_digests(block=False)  # the previous save, as soon as it has committed
         if step in self._manager.all_steps():
             return False
         # A failed earlier asynchronous save is reported under its own step (orbax would
@@ -181,15 +193,33 @@ class Checkpointer:
         self.wait()
         self._writing = step
         with self._storage_errors():
-            return self._manager.save(
+            started = self._manager.save(
                 step, args=ocp.args.Composite(**{ITEM: ocp.args.StandardSave(state)}), force=force
             )
+        if started:
+            self._unrecorded = step
+        return started
+
+    def _record_digests(self, block: bool) -> None:
+        """Writes the digest record of the last started save once it is committed (process 0;
+        without `block`, only if the background write has already finished)."""
+        if self._unrecorded is None:
+            return
+        if not block and self._manager.is_saving_in_progress():
+            return
+        step, self._unrecorded = self._unrecorded, None
+        if jax.process_index() == 0 and step in self._manager.all_steps():
+            digests.write(self._step_dir(step))
+
+    def _step_dir(self, step: int) -> str:
+        return paths.join(self.directory, str(step))
 
     def wait(self) -> None:
         """Blocks until every started save is committed; a failed write (disk full, no
         permission) raises StorageError naming the step and the checkpoints still intact."""
         with self._storage_errors():
             self._manager.wait_until_finished()
+            self._record_digests(block=True)
 
     @contextlib.contextmanager
     def _storage_errors(self):
@@ -210,6 +240,7 @@ class Checkpointer:
 
     def close(self) -> None:
         """Waits for pending saves and releases orbax's threads."""
+        self.wait()
         with self._storage_errors():
             self._manager.close()
 
@@ -221,13 +252,83 @@ class Checkpointer:
 
     # --- restoring -----------------------------------------------------------------------
 
-    def restore_latest(self, abstract_state: Any) -> tuple[Any, int] | None:
-        """`(state, step)` from the newest checkpoint, or None when there is none (auto-resume)."""
+    def restore_latest(
+        self, abstract_state: Any, *, restart_from_scratch: bool = False
+    ) -> tuple[Any, int] | None:
+        """`(state, step)` from the newest intact checkpoint, or None when there is none
+        (auto-resume). Damaged steps are set aside (see the module docstring); when every
+        step is damaged, DataError, or None with `restart_from_scratch`."""
         self.wait()
-        step = self.latest_step()
-        if step is None:
+        steps = self.all_steps()
+        if not steps:
             return None
-        return self.restore(abstract_state, step), step
+        if not any(digests.has_record(self._step_dir(s)) for s in steps):
+            logger.warning(
+                "The checkpoints in %s have no digest records (written by an older vitvq): "
+                "restoring step %d unverified.",
+                self.directory,
+                steps[-1],
+            )
+            return self.restore(abstract_state, steps[-1]), steps[-1]
+        damaged, intact = {}, None
+        for step in reversed(steps):
+            problem = digests.check(self._step_dir(step))
+            if problem is None:
+                intact = step
+                break
+            damaged[step] = problem
+        described = "; ".join(f"step {s}: {why}" for s, why in damaged.items())
+        if intact is None and not restart_from_scratch:
+            raise DataError(
+                f"every checkpoint in {self.directory} is damaged ({described}). Nothing was "
+                "changed; to start this run again from step 0, moving them aside, pass "
+                "--config.restart_from_scratch=True"
+            )
+        if damaged:
+            aside = self._set_aside(sorted(damaged))
+            for step, why in damaged.items():
+                logger.warning(
+                    "Checkpoint step %d in %s is damaged: %s.", step, self.directory, why
+                )
+            logger.warning(
+                "Moved the damaged checkpoints %s to %s; %s.",
+                sorted(damaged),
+                aside,
+                f"resuming from step {intact}, the newest intact checkpoint"
+                if intact is not None
+                else "starting from scratch (restart_from_scratch=True)",
+            )
+        if intact is None:
+            return None
+        return self.restore(abstract_state, intact), intact
+
+    def _set_aside(self, steps: list[int]) -> str:
+        """Moves the step directories to `damaged_checkpoints/` beside the checkpoints
+        directory (process 0, the others wait); returns where they went."""
+        aside = paths.join(os.path.dirname(self.directory.rstrip("/")), "damaged_checkpoints")
+        if jax.process_index() == 0:
+            paths.makedirs(aside)
+            for step in steps:
+                target = paths.as_path(paths.join(aside, str(step)))
+                if target.exists():  # set aside before: keep both
+                    target = paths.as_path(
+                        paths.join(aside, f"{step}.{len(list(target.parent.iterdir()))}")
+                    )
+                paths.as_path(self._step_dir(step)).rename(target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("vitvq_damaged_checkpoints_set_aside")
+        self._manager.reload()
+        return aside
+
+    def damage(self, step: int) -> str | None:
+        """What is wrong with checkpoint `step`, or None when it is intact (or unrecorded in
+        a directory where no step has a record)."""
+        steps = self.all_steps()
+        if not any(digests.has_record(self._step_dir(s)) for s in steps):
+            return None
+        return digests.check(self._step_dir(step))
 
     def restore(self, abstract_state: Any, step: int | None = None) -> Any:
         """Restores checkpoint `step` (default: the newest) into `abstract_state`'s layout.
@@ -276,6 +377,14 @@ class Checkpointer:
         train state: dataclasses come back as dicts, optimizer tuples as lists.
         """
         step = self._resolve_step(step)
+        problem = self.damage(step)
+        if problem is not None:
+            intact = [s for s in self.all_steps() if self.damage(s) is None]
+            offer = f"choose an intact one: steps {intact}" if intact else "none is intact"
+            raise DataError(
+                f"checkpoint step {step} in {self.directory} is damaged: {problem}; {offer} "
+                "(export: --step=N)"
+            )
         try:
             items = self._manager.item_metadata(step)
             tree = getattr(items[ITEM], "tree", items[ITEM])

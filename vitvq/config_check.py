@@ -270,6 +270,7 @@ LOOP_RULES = (
     Rule("eval_num_examples", Int(lo=0, note="0: the whole split")),
     Rule("keep_checkpoints", Int(lo=1, also=(None,), note="None: keep all"), required=True),
     Rule("max_consecutive_nonfinite", POSITIVE),
+    Rule("restart_from_scratch", Bool()),
     Rule("dtype", OneOf(DTYPES), required=True),
     Rule("init_from", Text(optional=True, note="a bundle or checkpoint directory")),
     Rule("inception_weights", Text(optional=True, note="converted InceptionV3 safetensors")),

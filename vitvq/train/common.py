@@ -75,9 +75,14 @@ def open_checkpointer(config, workdir: str) -> Checkpointer:
     )
 
 
-def restore_or_start(checkpointer: Checkpointer, abstract, start: Callable[[], Any], workdir: str):
-    """The workdir's latest checkpoint, else `start()` (a fresh or initialized state)."""
-    restored = checkpointer.restore_latest(abstract)
+def restore_or_start(
+    checkpointer: Checkpointer, abstract, start: Callable[[], Any], workdir: str, config
+):
+    """The workdir's newest intact checkpoint, else `start()` (a fresh or initialized state);
+    when every checkpoint is damaged, an error unless `config.restart_from_scratch`."""
+    restored = checkpointer.restore_latest(
+        abstract, restart_from_scratch=bool(config.get("restart_from_scratch", False))
+    )
     if restored is None:
         return start()
     state, step = restored

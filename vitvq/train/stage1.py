@@ -329,7 +329,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         logger.info("Started from a fresh init (seed %d).", config.seed)
         return state
 
-    state = common.restore_or_start(checkpointer, abstract, start, workdir)
+    state = common.restore_or_start(checkpointer, abstract, start, workdir, config)
 
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state.params))
     logger.info("generator parameters: %.2fM; mesh %s", n_params / 1e6, dict(mesh.shape))
