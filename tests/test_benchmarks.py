@@ -421,3 +421,14 @@ def test_side_by_side_picture(tmp_path):
     ):
         proc = _bench("side_by_side", *runs, f"--out={out}", cwd=tmp_path)
         assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+
+
+def test_checkpoint_digest_benchmark_runs(tmp_path):
+    proc = _bench(
+        "checkpoint_digests", "--params=20000", f"--dir={tmp_path / 'd'}", cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = _last_json(proc.stdout)
+    assert result["params"] >= 20000 and result["checkpoint_bytes"] > 20000  # compressed
+    _positive(result, "record_seconds", "check_seconds", "restore_seconds")
+    assert not (tmp_path / "d").exists()  # it cleans up after itself
