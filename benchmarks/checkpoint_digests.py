@@ -67,10 +67,10 @@ def main():
             {
                 "params": rows * cols,
                 "checkpoint_bytes": size,
-                "save_with_record_seconds": round(save_total, 2),
-                "record_seconds": round(write_seconds, 2),
-                "check_seconds": round(check_seconds, 2),
-                "restore_seconds": round(restore_seconds, 2),
+                "save_with_record_seconds": round(save_total, 4),
+                "record_seconds": round(write_seconds, 4),
+                "check_seconds": round(check_seconds, 4),
+                "restore_seconds": round(restore_seconds, 4),
                 "hash_gb_per_second": round(size / check_seconds / 1e9, 2),
             }
         )
