@@ -18,7 +18,8 @@ coffee; never seen in training):
 - the same figures on a wider held-out set (`"wide"` in the JSON): the two held-out photos plus
   the seven other photographs bundled with scikit-image that training never sees
   (`WIDE_EXTRA`, greyscale, as RGB), because overlapping crops of two smooth photos repeat
-  their patches and cap the usage any tokenizer can reach on them (BENCHMARKS.md measures it).
+  their patches and cap the usage any tokenizer can reach on them (BENCHMARKS.md measures it);
+  with PSNR per photo (ours and the thumbnail's).
 
 Prints progress (with per-batch codebook usage), writes a PNG of originals above
 reconstructions and DIR/held_out.npz (every held-out image, its reconstruction and PSNR, for
@@ -196,6 +197,16 @@ def main(argv):
     wide_images = np.concatenate([held_out, extra])
     wide_psnr = np.concatenate([ours, psnr_uint8(extra, extra_recon)])
     wide_thumb = np.concatenate([thumb, psnr_uint8(extra, thumbnail(extra))])
+    # Which photo each wide image comes from, for the per-photo figures.
+    wide_names = [n for n in sources.PHOTOS_EVAL for _ in held_out_images(8, (n,))]
+    wide_names += [n for n in WIDE_EXTRA for _ in held_out_images(8, (n,))]
+    per_photo = {
+        name: [
+            round(float(wide_psnr[np.asarray(wide_names) == name].mean()), 2),
+            round(float(wide_thumb[np.asarray(wide_names) == name].mean()), 2),
+        ]
+        for name in [*sources.PHOTOS_EVAL, *WIDE_EXTRA]
+    }
     wide_codes = np.concatenate(
         [codes.reshape(len(held_out), -1), extra_codes.reshape(len(extra), -1)]
     )
@@ -233,6 +244,7 @@ def main(argv):
             "num_held_out": int(len(wide_images)),
             "psnr": round(float(wide_psnr.mean()), 3),
             "psnr_thumbnail": round(float(wide_thumb.mean()), 3),
+            "psnr_per_photo": per_photo,  # name: [ours, thumbnail]
             "codebook_usage": round(len(np.unique(wide_codes)) / k, 4),
         },
         "png": png,
