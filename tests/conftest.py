@@ -40,6 +40,7 @@ SLOW_TESTS = {
     "test_rejection.py::test_inception_scores_the_candidates",
     "test_probe.py::test_probe_on_digits_matches_in_memory_features_and_resumes",
     "test_probe.py::test_probe_command_on_a_folder_dataset",
+    "test_probe.py::test_probe_command_sigterm_mid_run_then_resume",
     "test_quantizer.py::test_straight_through_gradient_reaches_the_encoder_input",
     "test_quantizer.py::test_vq_loss_formula_and_codebook_gradient",
     "test_vim.py::test_remat_recomputes_blocks_with_the_same_parameters_results_and_gradients",

@@ -1,18 +1,22 @@
 """The linear probe: the optax softmax classifier, and `python -m vitvq.probe` on the digits and
 on a folder of real photos, interrupted and resumed from its cached features.
 
-The VIM is a fresh-init tiny one (tests/bundle_helpers.py): the probe's plumbing is what is
+The preemption test sends a real SIGTERM to the command once a few batches are cached. The
+VIM is a fresh-init tiny one (tests/bundle_helpers.py): the probe's plumbing is what is
 tested, against the same features computed in memory; accuracy figures live in BENCHMARKS.md.
 """
 
 import json
 import os
+import signal
+import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 from bundle_helpers import make_vim_bundle
-from cli_helpers import run_module
+from cli_helpers import REPO, run_module
 from PIL import Image
 
 import vitvq
@@ -157,3 +161,41 @@ def test_probe_command_on_a_folder_dataset(vim_bundle, photo_folder, tmp_path):
         assert proc.returncode == 2, (bad, proc.stderr[-1000:])
         line = proc.stderr.strip().splitlines()[-1]
         assert line.startswith("error:") and message in line, (bad, line)
+
+
+def test_probe_command_sigterm_mid_run_then_resume(vim_bundle, tmp_path):
+    """A real preemption: SIGTERM once some batches are cached; the same command resumes,
+    reusing them, and prints what an uninterrupted run gives."""
+    workdir = tmp_path / "w"
+    args = [
+        f"--bundle={vim_bundle}",
+        "--dataset=digits",
+        "--batch_size=2",
+        "--num_train=600",
+        "--num_eval=40",
+        f"--workdir={workdir}",
+    ]
+    cache = workdir / "probe_features"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vitvq.probe", *args],
+        cwd=REPO,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 600
+    while not (cache / "train_0000003.npz").exists():
+        assert proc.poll() is None and time.time() < deadline, "the probe ended first"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == -signal.SIGTERM
+    done = len(list(cache.glob("train_*.npz")))
+    assert 4 <= done < 300  # stopped part-way through the 300 training batches
+    resumed = _probe_cli(*args)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"train: reusing the features of {done} of 300 batches" in resumed.stderr
+    want = probe.run(
+        str(vim_bundle), dataset_config("digits"), batch_size=2, num_train=600, num_eval=40
+    )
+    got = json.loads(resumed.stdout.strip().splitlines()[-1])
+    assert got["top1"] == want["top1"] and got["weight_decay"] == want["weight_decay"]
