@@ -34,6 +34,8 @@ module="${MODULE:-vitvq.main}"
 port="${PORT:-$("$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"
 
 pids=()
+# SIGTERM or Ctrl-C to this script goes to every process (a maintenance event reaches every
+# host at once); they agree on a step, checkpoint it and exit 0, and so does this script.
 # shellcheck disable=SC2329  # called by the trap below
 cleanup() {
   for pid in "${pids[@]}"; do
@@ -60,9 +62,13 @@ status=0
 remaining=("${pids[@]}")
 while [ "${#remaining[@]}" -gt 0 ]; do
   set +e
+  done_pid=""
   wait -n -p done_pid "${remaining[@]}"
   rc=$?
   set -e
+  if [ -z "${done_pid:-}" ]; then
+    continue # a trapped signal interrupted the wait: the processes are still finishing
+  fi
   next=()
   for pid in "${remaining[@]}"; do
     [ "$pid" = "$done_pid" ] || next+=("$pid")

@@ -6,6 +6,9 @@ devices each) started by `launch/local_pod.sh` or directly, as users run them.
   same; process 0 alone writes the metrics, config and images.
 - Checkpoints cross over: a 2-process run's checkpoint resumes in a 1-process run and the
   other way round, and the resumed steps repeat the uninterrupted runs' losses.
+- Every host preempted: SIGTERM to `local_pod.sh 2` mid-run reaches both processes, which
+  agree on a step (JAX's preemption sync), checkpoint it and exit 0; the same command resumes
+  there and ends with the uninterrupted 2-process run's state, bit for bit.
 - A process killed with SIGKILL makes the survivor print one `error:` line naming what
   happened and exit with `distributed.PEER_FAILURE_EXIT_CODE` within a bounded time, without
   help from a launcher.
@@ -26,6 +29,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -113,6 +117,26 @@ class Run:
                 self.proc.wait()
 
 
+class PreemptedRun(Run):
+    """A `local_pod.sh 2` run that gets SIGTERM once both processes have joined the pod
+    (JAX's preemption notifier is installed by then) and before their first step."""
+
+    def __init__(self, argv, env, workdir, what: str):
+        super().__init__(argv, env, workdir, what)
+        self.signalled_at = None
+        threading.Thread(target=self._preempt, daemon=True).start()
+
+    def _preempt(self) -> None:
+        deadline = time.time() + RUN_TIMEOUT
+        while time.time() < deadline and self.proc.poll() is None:
+            text = self.log.read_text(errors="replace")
+            if all(f"[p{i}] " in text and f"process {i} of 2 (coordinator" in text for i in (0, 1)):
+                self.signalled_at = time.time()
+                self.proc.send_signal(signal.SIGTERM)
+                return
+            time.sleep(0.05)
+
+
 def pod(args, workdir) -> Run:
     """`launch/local_pod.sh 2 ARGS --workdir=WORKDIR` (2 processes x 4 devices)."""
     return Run(["bash", str(LOCAL_POD), "2", *args], _env(None), workdir, "local_pod.sh 2")
@@ -168,7 +192,15 @@ def runs(tmp_path_factory):
         f"--config.tokenizer_bundle={bundle_path}",
         "--config.log_every_steps=1",
     ]
-    names = ("s1_single", "s2_single", "s1_pod", "s2_pod", "pod_then_single", "single_then_pod")
+    names = (
+        "s1_single",
+        "s2_single",
+        "s1_pod",
+        "s2_pod",
+        "pod_then_single",
+        "single_then_pod",
+        "preempted",
+    )
     workdirs = {name: root / name for name in names}
     out, started = {}, []
 
@@ -181,7 +213,10 @@ def runs(tmp_path_factory):
             s1_single=single(STAGE1, workdirs["s1_single"]),
             s2_single=single(stage2, workdirs["s2_single"]),
         )
-        together(s1_pod=pod(STAGE1, workdirs["s1_pod"]))
+        preempted = PreemptedRun(
+            ["bash", str(LOCAL_POD), "2", *STAGE1], _env(None), workdirs["preempted"], "pod"
+        )
+        together(s1_pod=pod(STAGE1, workdirs["s1_pod"]), preempted=preempted)
         together(s2_pod=pod(stage2, workdirs["s2_pod"]))
         # Each stage-1 run's step-2 checkpoint, resumed by the other process count.
         copy_checkpoint(workdirs["s1_pod"], 2, workdirs["pod_then_single"])
@@ -190,6 +225,11 @@ def runs(tmp_path_factory):
             single_then_pod=pod(STAGE1, workdirs["single_then_pod"]),
             pod_then_single=single(STAGE1, workdirs["pod_then_single"]),
         )
+        # The preempted pod, restarted with the same command (its log file is reused).
+        out["preempted_steps"] = sorted(
+            int(p.name) for p in (workdirs["preempted"] / "checkpoints").iterdir()
+        )
+        together(preempted_resumed=pod(STAGE1, workdirs["preempted"]))
     finally:
         for run in started:
             run.stop()
@@ -237,6 +277,40 @@ def test_stage1_checkpoints_resume_across_process_counts(runs, name):
     assert_same_losses(resumed, losses(workdirs["s1_single"]), [3, 4])
     assert_same_losses(resumed, losses(workdirs["s1_pod"]), [3, 4])
     assert sorted(int(p.name) for p in (workdirs[name] / "checkpoints").iterdir()) == [2, 4]
+
+
+def _final_state(workdir, step: int):
+    import jax
+    import numpy as np
+
+    from vitvq.checkpoint import Checkpointer
+
+    with Checkpointer(
+        pathlib.Path(workdir) / "checkpoints", save_every_steps=1, read_only=True
+    ) as ckpt:
+        tree, saved = ckpt.restore_as_saved(step)
+    assert saved == step
+    return jax.tree_util.tree_leaves_with_path(jax.tree_util.tree_map(np.asarray, tree))
+
+
+def test_every_host_preempted_checkpoints_one_step_and_resumes_bit_identical(runs):
+    import numpy as np
+
+    workdirs, out = runs
+    log = out["preempted"]
+    agreed = [
+        re.findall(rf"^\[p{i}\] .*Preemption notice at step (\d+): checkpoint written", log, re.M)
+        for i in (0, 1)
+    ]
+    assert agreed[0] == agreed[1] and len(agreed[0]) == 1, _readable(log)
+    step = int(agreed[0][0])
+    assert 1 <= step < 4 and out["preempted_steps"][-1] == step, (step, out["preempted_steps"])
+    assert f"Resumed from the checkpoint of step {step}" in out["preempted_resumed"]
+    got = _final_state(workdirs["preempted"], 4)
+    want = _final_state(workdirs["s1_pod"], 4)
+    assert [path for path, _ in got] == [path for path, _ in want]
+    for (path, a), (_, b) in zip(got, want, strict=True):
+        assert a.dtype == b.dtype and np.array_equal(a, b, equal_nan=True), path
 
 
 # --- a process dies --------------------------------------------------------------------------
