@@ -84,10 +84,9 @@ def _preempted(what: str) -> bool:
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     import jax
 
-    from vitvq import bundle as bundle_lib
     from vitvq import data as data_lib
     from vitvq.images import image_grid, save_png
-    from vitvq.sampler import sample_grid
+    from vitvq.sampler import load_sampler, sample_grid
     from vitvq.train.export import export
 
     # Both stages' keys now: a bad VIM value must not wait for the tokenizer's training.
@@ -129,7 +128,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     result = {f"tokenizer/{k}": v for k, v in tok_metrics.items()}
     result.update({f"vim/{k}": v for k, v in vim_metrics.items()})
     if jax.process_index() == 0:
-        sampler = bundle_lib.load_sampler(out_bundle)
+        sampler = load_sampler(out_bundle)
         sc = vim_config.sampling
         grid = sample_grid(
             sampler,
