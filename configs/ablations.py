@@ -9,7 +9,10 @@ Rows (each differs from the baseline `bb` in one thing, as in the paper):
     bb           ViT-VQGAN BB: Base encoder + Base decoder, l2-normalized 32-d codes, StyleGAN
                  discriminator (the paper's ablation default)
     ss, sl       Small + Small, Small + Large transformers
-    cnn          the original VQGAN's convolutional encoder/decoder (taming-transformers)
+    cnn          the original VQGAN's convolutional encoder/decoder (taming-transformers),
+                 trained with the row's loss and fixed weights: taming's adaptive GAN
+                 weight (a gradient-norm ratio at the decoder's last layer) is not used,
+                 as in every other row
     no_l2norm    codes and codebook not l2-normalized (Euclidean nearest code)
     code_dim_N   lookup dimension N, for N in 4, 8, 16, 32, 64, 128, 256 (32 is the baseline)
     patchgan     a PatchGAN discriminator instead of the StyleGAN one

@@ -67,7 +67,7 @@ def dataset(name: str = "tfds", **overrides) -> ml_collections.ConfigDict:
 
 
 def base(**overrides) -> ml_collections.ConfigDict:
-    """Keys every training config has (the README's "Config keys" table)."""
+    """Keys every training config has (docs/config.md lists them)."""
     c = ml_collections.ConfigDict()
     c.trainer = "vitvqgan"
     c.seed = 0

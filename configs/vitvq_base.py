@@ -11,8 +11,8 @@ draw, and dead codes are restarted every 25 steps; with the paper's init and no 
 codebook collapses to a few codes within 20 steps. `--config.codebook_init.kind=normal
 --config.codebook_restart.every_steps=0` trains the paper's recipe as written.
 
-ImageNet must be prepared for TFDS first (see the README). `runlocal` is the same config
-shrunk to a tiny model on the bundled digits.
+ImageNet must be prepared for TFDS first (docs/config.md, "Preparing ImageNet").
+`runlocal` is the same config shrunk to a tiny model on the bundled digits.
 """
 
 import pathlib

@@ -90,11 +90,6 @@ def logit_laplace_nll(
     return jnp.mean(nll)
 
 
-def logit_laplace_mean(mu: jax.Array, eps: float = 0.1) -> jax.Array:
-    """The image shown to people for locations `mu`: clip((sigmoid(mu) - eps) / (1 - 2 eps))."""
-    return jnp.clip(unsquash(jax.nn.sigmoid(_float(mu)), eps), 0.0, 1.0)
-
-
 # ---------------------------------------------------------------------------------------------
 # Codebook entropy (an optional usage regularizer; not in the ViT-VQGAN paper).
 
@@ -213,21 +208,3 @@ def update_lecam_ema(ema: jax.Array, value: jax.Array, decay: float = 0.99) -> j
     """decay * ema + (1 - decay) * mean(value); `value` may be a batch of logits."""
     value = jax.lax.stop_gradient(jnp.mean(_float(value)))
     return decay * _float(ema) + (1.0 - decay) * value
-
-
-def _global_norm(tree) -> jax.Array:
-    leaves = jax.tree_util.tree_leaves(tree)
-    return jnp.sqrt(sum(jnp.sum(jnp.square(_float(leaf))) for leaf in leaves))
-
-
-def adaptive_generator_weight(nll_grads, gan_grads, max_weight: float = 1e4, eps: float = 1e-4):
-    """The VQGAN adaptive weight of the adversarial loss (Esser et al. 2021, taming-transformers).
-
-    ||grad of the reconstruction loss|| / (||grad of the generator's adversarial loss|| + eps),
-    both gradients taken with respect to the last layer of the decoder (arrays or pytrees of
-    arrays; the norm is the global l2 norm over all leaves). It balances the two losses at the
-    decoder's output; it is clipped to [0, max_weight] and carries no gradient. The caller
-    multiplies the adversarial loss by it times the configured adversarial weight.
-    """
-    weight = _global_norm(nll_grads) / (_global_norm(gan_grads) + eps)
-    return jax.lax.stop_gradient(jnp.clip(weight, 0.0, max_weight))

@@ -1,7 +1,7 @@
 """Stage-1 trainer: builds the ViT-VQGAN, its discriminator and optimizers from the config,
 creates the state sharded on the mesh, and hands it to the shared loop.
 
-Restore order (also in the README): the workdir's latest checkpoint, else the weights of
+Restore order (also in docs/config.md): the workdir's latest checkpoint, else the weights of
 `config.init_from` (a bundle or another run's checkpoint) on a fresh state, else a fresh init.
 `config.trainable = "decoder"` freezes the encoder and codebook (Parti's decoder fine-tuning).
 """
