@@ -25,6 +25,7 @@ def load_tokenizer(path, **kwargs):
 
     See `vitvq.tokenizer.load_tokenizer` for the keyword arguments.
     """
+    # deferred: keeps `import vitvq` free of JAX (see the module docstring)
     from vitvq.tokenizer import load_tokenizer as _load
 
     return _load(path, **kwargs)
@@ -35,6 +36,7 @@ def load_sampler(path, **kwargs):
 
     See `vitvq.sampler.load_sampler` for the keyword arguments.
     """
+    # deferred: keeps `import vitvq` free of JAX (see the module docstring)
     from vitvq.sampler import load_sampler as _load
 
     return _load(path, **kwargs)

@@ -37,10 +37,11 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from vitvq import cli
+from vitvq import cli, paths
 from vitvq.aot_report import Report, format_report, out_of_memory
 from vitvq.errors import ConfigError, VitvqError
 
@@ -129,6 +130,7 @@ def topology_devices(topology: str) -> list[Any]:
             "libtpu is not installed; compiling for a TPU topology needs it (a TPU does not): "
             "pip install -e '.[tpu]'"
         )
+    # deferred: JAX after main() sets JAX_PLATFORMS; keeps --help and flag errors fast
     from jax.experimental import topologies
 
     options = {"chip_config_name": "megacore"} if match[1] in MEGACORE else {}
@@ -166,13 +168,12 @@ def heaviest_step(config) -> int:
 def tokenizer_config_of(config, fallback) -> tuple[Any, str]:
     """(stage-1 config of a stage-2 config's tokenizer, where it came from): that of
     `config.tokenizer_bundle` when it exists, else `fallback`."""
-    from vitvq import bundle, paths
+    # deferred: JAX (bundle loads the models); keeps --help and flag errors fast
+    from vitvq import bundle
 
     path = config.get("tokenizer_bundle")
     if not (path and paths.exists(paths.join(path, bundle.BUNDLE_JSON))):
         return fallback, "--tokenizer_config"
-    import ml_collections
-
     section = bundle.read_manifest(path)["tokenizer"]
     model = {"model": section["model"], "image_size": int(section["image_size"])}
     return ml_collections.ConfigDict(model), f"the bundle {path}"
@@ -190,6 +191,7 @@ def check(
 ) -> Report:
     """Compiles `config`'s train step for `topology` and reports its bytes per chip."""
     devices = topology_devices(topology)
+    # deferred: JAX after main() sets JAX_PLATFORMS; keeps --help and flag errors fast
     from vitvq import config_check, memory, parallel
 
     hbm = hbm_bytes(devices[0].device_kind, hbm_gib)
@@ -236,6 +238,7 @@ def check(
 
 
 def _stage1_terms(trainer, step: int) -> str:
+    # deferred: JAX after main() sets JAX_PLATFORMS; keeps --help and flag errors fast
     from vitvq.train.stage1_step import phase_settings
 
     s = phase_settings(trainer.settings, step)
@@ -247,6 +250,7 @@ def _consumers(trainer, abstract, shardings, step, oom) -> tuple[tuple[str, int]
     """Bytes per chip by holder: each state field, the batch, the frozen inputs (LPIPS or
     the tokenizer), then the compiled step's temporaries, outputs not written in place of
     the donated state and code, or the rest of what the compiler said it needed."""
+    # deferred: JAX after main() sets JAX_PLATFORMS; keeps --help and flag errors fast
     import jax
 
     from vitvq import memory, parallel

@@ -40,6 +40,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import safetensors.numpy
 
 from vitvq import paths
 from vitvq.errors import BundleError, ConfigError, InputError
@@ -181,13 +182,11 @@ def write_bundle(
         _write_in_place(output, files, manifest)
         return output
 
-    from safetensors.numpy import save_file
-
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
     try:
         for name, flat in files.items():
-            save_file(flat, str(tmp / name), metadata={"format": FORMAT})
+            safetensors.numpy.save_file(flat, str(tmp / name), metadata={"format": FORMAT})
             section = "tokenizer" if name == TOKENIZER_FILE else "vim"
             manifest[section]["sha256"] = sha256_file(tmp / name)
         with open(tmp / BUNDLE_JSON, "w") as f:
@@ -212,12 +211,10 @@ def _manifest_text(manifest: Mapping[str, Any]) -> str:
 
 def _write_in_place(output, files: Mapping[str, dict], manifest: dict[str, Any]) -> None:
     """Writes a bundle at a URL: each file in one upload, bundle.json last (the commit)."""
-    from safetensors.numpy import save
-
     (output / BUNDLE_JSON).unlink(missing_ok=True)  # an old bundle stops being one first
     output.mkdir(parents=True, exist_ok=True)
     for name, flat in files.items():
-        data = save(flat, metadata={"format": FORMAT})
+        data = safetensors.numpy.save(flat, metadata={"format": FORMAT})
         section = "tokenizer" if name == TOKENIZER_FILE else "vim"
         manifest[section]["sha256"] = hashlib.sha256(data).hexdigest()
         paths.write_bytes(output / name, data)
@@ -292,10 +289,10 @@ def read_tensors(
                 f"{file} is corrupt or was modified: its sha256 is {digest[:16]}..., "
                 f"bundle.json expects {str(section['sha256'])[:16]}.... Re-export or re-copy it."
             )
-    from safetensors.numpy import load, load_file
-
     try:
-        return load(data) if data is not None else load_file(str(file))
+        if data is not None:
+            return safetensors.numpy.load(data)
+        return safetensors.numpy.load_file(str(file))
     except Exception as err:  # truncated or garbage file: safetensors' own error types
         raise BundleError(f"{file} is not a readable safetensors file: {err}") from None
 

@@ -61,6 +61,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
 from vitvq import digests, paths, preemption
@@ -316,8 +317,6 @@ class Checkpointer:
                     )
                 paths.as_path(self._step_dir(step)).rename(target)
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
             multihost_utils.sync_global_devices("vitvq_damaged_checkpoints_set_aside")
         self._manager.reload()
         return aside
@@ -509,6 +508,7 @@ def _check_gcs_support(directory: str) -> None:
     if not directory.startswith("gs://"):
         return
     try:
+        # deferred: google-cloud-storage, the optional [gcs] extra, only for gs:// checkpoints
         import google.cloud.storage  # noqa: F401
     except ImportError:
         raise ConfigError(

@@ -54,6 +54,7 @@ import dataclasses
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -140,6 +141,8 @@ def _check_coordinator(coordinator: str, source: str) -> str:
 def _on_cloud_tpu_vm() -> bool:
     """True on a Cloud TPU VM with TPU chips (what JAX itself found when it was imported)."""
     try:
+        # jax._src: no public API says whether JAX found a Cloud TPU VM (jax 0.10).
+        # deferred: JAX; keeps `vitvq.main --help` fast (main imports this module)
         from jax._src import cloud_tpu_init
     except ImportError:  # pragma: no cover - a JAX without the module
         return False
@@ -260,6 +263,8 @@ _WAKE_PREFIX = "vitvq/wake/"  # process id -> set when its coordinator watch sho
 def _coordinator_address(settings: Settings | None) -> str | None:
     if settings is not None and settings.coordinator:
         return settings.coordinator
+    # jax._src: no public API gives the coordinator address JAX was started with (jax 0.10).
+    # deferred: JAX; keeps `vitvq.main --help` fast (main imports this module)
     from jax._src import distributed as jax_distributed
 
     return getattr(jax_distributed.global_state, "coordinator_address", None)
@@ -268,8 +273,7 @@ def _coordinator_address(settings: Settings | None) -> str | None:
 def _coordinator_gone(settings: Settings | None) -> bool:
     """True when process 0's coordinator refuses connections (a few tries within ~0.2 s: a
     killed process's sockets close one by one)."""
-    import socket
-
+    # deferred: JAX; keeps `vitvq.main --help` fast (main imports this module)
     import jax
 
     address = _coordinator_address(settings)
@@ -296,6 +300,7 @@ def _stop(what: str, cause: str) -> None:
     """
     _exit_lock.acquire()
     try:
+        # deferred: JAX; keeps `vitvq.main --help` fast (main imports this module)
         import jax
 
         me = f"process {jax.process_index()} of {jax.process_count()}"
@@ -314,6 +319,7 @@ def _stop(what: str, cause: str) -> None:
 
 def is_peer_failure(error: BaseException) -> bool:
     """Whether `error` (or what caused it) says another process of this run is gone."""
+    # deferred: JAX; keeps `vitvq.main --help` fast (main imports this module)
     import jax
 
     if jax.process_count() <= 1:
@@ -559,6 +565,8 @@ def _halt_watchdog_at_exit() -> None:
 
 
 def _start_watchdog(settings: Settings) -> None:
+    # jax._src: no public API gives the distributed runtime's key-value store client (jax 0.10).
+    # deferred: JAX; keeps `vitvq.main --help` fast (main imports this module)
     import jax
     from jax._src import distributed as jax_distributed
 
@@ -589,6 +597,7 @@ def jax_heartbeat_timeout(heartbeat_timeout: int) -> int:
 
 
 def _initialize_jax(settings: Settings) -> None:
+    # deferred: JAX; keeps `vitvq.main --help` fast (main imports this module)
     import jax
 
     # Collectives between processes on CPU (local pods, CPU tests); other backends ignore it.
@@ -623,6 +632,7 @@ def _no_compilation_cache_on_cpu() -> None:
     processes 30 s to meet at the first collective of a device group, and a compile longer
     than that fails the run ("Gloo context initialization failed: DEADLINE_EXCEEDED").
     """
+    # deferred: JAX; keeps `vitvq.main --help` fast (main imports this module)
     import jax
 
     if jax.process_count() > 1 and jax.default_backend() == "cpu":
@@ -656,6 +666,7 @@ def initialize_if_configured(
 
 def log_topology() -> None:
     """One line per process: its id, the device counts, the platform."""
+    # deferred: JAX; keeps `vitvq.main --help` fast (main imports this module)
     import jax
 
     settings = _state["settings"]

@@ -19,6 +19,7 @@ from absl import app, flags
 
 from vitvq import cli
 from vitvq.cli import dataset_config
+from vitvq.errors import InputError
 
 _BUNDLE = flags.DEFINE_string("bundle", None, "The bundle whose tokenizer is evaluated.")
 _DATASET = flags.DEFINE_enum(
@@ -38,10 +39,11 @@ _OUTPUT = flags.DEFINE_string("output", None, "Write the metrics JSON here too."
 
 
 def run(bundle_path: str, dataset: dict, **options) -> dict[str, float]:
+    # deferred: JAX, NumPy and PIL; keeps --help and flag errors fast
     from vitvq import data as data_lib
-    from vitvq.errors import InputError
     from vitvq.evaluation import fid as fid_lib
     from vitvq.evaluation.tokenizer_eval import evaluate_tokenizer
+    from vitvq.models.perceptual import lpips_fn
     from vitvq.tokenizer import load_tokenizer
 
     batch_size = int(options.get("batch_size", 64))
@@ -50,8 +52,6 @@ def run(bundle_path: str, dataset: dict, **options) -> dict[str, float]:
     tok = load_tokenizer(bundle_path)
     lpips = None
     if not options.get("no_lpips"):
-        from vitvq.models.perceptual import lpips_fn
-
         lpips = lpips_fn()
     inception = None
     if options.get("inception_weights"):

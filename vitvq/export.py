@@ -18,7 +18,7 @@ import logging
 
 from absl import app, flags
 
-from vitvq import cli
+from vitvq import cli, distributed
 from vitvq.train.export import export
 
 
@@ -38,8 +38,6 @@ def main(argv):
     cli.require_flags("workdir", "output")
     logging.getLogger().setLevel(logging.INFO)
     with cli.user_errors():
-        from vitvq import distributed
-
         distributed.initialize_if_configured()
         path = export(
             flags.FLAGS.workdir,

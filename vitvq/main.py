@@ -48,7 +48,7 @@ _HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
 
 
 def _trainers():
-    # Imported here so that `--help` and flag errors stay fast.
+    # deferred: TensorFlow, clu and JAX (the trainers); keeps --help and flag errors fast
     from vitvq.train import pipeline, stage1, stage2
 
     return {
@@ -141,6 +141,7 @@ def main(argv):
             heartbeat_timeout=_HEARTBEAT_TIMEOUT.value,
         )
         distributed.log_topology()
+        # deferred: JAX and the model modules; keeps --help and flag errors fast
         import jax
 
         from vitvq import config_check

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
 from vitvq import parallel
+from vitvq.models.vitvqgan import build_vitvqgan
 
 # XLA counts the output tuple's table of buffer pointers in the output size: 8 bytes a leaf.
 POINTER_BYTES = 8
@@ -232,6 +233,7 @@ def step_memory(
     on, no lazy R1). `fast` compiles with `parallel.CPU_FAST_COMPILE` on CPU (never for other
     platforms).
     """
+    # deferred: TensorFlow and clu (via the training loop); this module alone stays TF-free
     from vitvq.train.stage1 import Stage1
 
     mesh = trainer.mesh
@@ -286,8 +288,6 @@ def _abstract(tree: Any, sharding: NamedSharding) -> Any:
 def abstract_tokenizer(stage1_config):
     """(manifest, ViTVQGAN module, abstract variables) of a tokenizer configured like
     `stage1_config`, in the form `Stage2(..., tokenizer=...)` takes; nothing is allocated."""
-    from vitvq.models.vitvqgan import build_vitvqgan
-
     model = build_vitvqgan(stage1_config.model.to_dict(), stage1_config.image_size, jnp.float32)
     size = model.image_size
     boxed = jax.eval_shape(
@@ -305,6 +305,7 @@ def build_trainer(config, mesh, tokenizer_config=None, perceptual: bool = True):
     network (not part of the state; only the stage-1 train step needs it).
     """
     if config.trainer == "vim":
+        # deferred: TensorFlow and clu (via the training loop); this module alone stays TF-free
         from vitvq.train.stage2 import Stage2
 
         if tokenizer_config is None:
@@ -314,6 +315,7 @@ def build_trainer(config, mesh, tokenizer_config=None, perceptual: bool = True):
         # The frozen tokenizer's variables stay abstract: only `step_memory` reads them.
         trainer.tok_vars = variables
         return trainer
+    # deferred: TensorFlow and clu (via the training loop); this module alone stays TF-free
     from vitvq.train.stage1 import Stage1
 
     if perceptual:

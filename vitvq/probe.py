@@ -19,13 +19,16 @@ split and one JSON object as the last line. Bad arguments print one `error:` lin
 
 from __future__ import annotations
 
+import io
 import json
+import math
 import os
 import sys
 
 from absl import app, flags
 
 from vitvq import cli
+from vitvq.errors import InputError
 
 
 def define_flags() -> None:
@@ -49,8 +52,6 @@ class FeatureCache:
     """Per-batch feature files under `workdir/probe_features/`, described by meta.json."""
 
     def __init__(self, workdir: str | None, meta: dict):
-        from vitvq.errors import InputError
-
         self.root = None if workdir is None else os.path.join(workdir, "probe_features")
         if self.root is None:
             return
@@ -79,6 +80,7 @@ class FeatureCache:
         return count
 
     def load(self, split: str, count: int):
+        # deferred: NumPy; keeps --help and flag errors fast
         import numpy as np
 
         for batch in range(count):
@@ -86,8 +88,7 @@ class FeatureCache:
                 yield data["features"], data["labels"]
 
     def save(self, split: str, batch: int, features, labels) -> None:
-        import io
-
+        # deferred: NumPy; keeps --help and flag errors fast
         import numpy as np
 
         if self.root is None:
@@ -107,8 +108,7 @@ def _write_atomic(path: str, data: bytes) -> None:
 def split_features(features, dataset: dict, split: str, cache: FeatureCache, **options):
     """(features [N, width], labels [N]) of one split, batch by batch, resuming from the
     cache."""
-    import math
-
+    # deferred: NumPy and PIL; keeps --help and flag errors fast
     import numpy as np
 
     from vitvq import data as data_lib
@@ -150,9 +150,9 @@ def split_features(features, dataset: dict, split: str, cache: FeatureCache, **o
 
 
 def run(bundle_path: str, dataset: dict, *, block=None, workdir=None, **options) -> dict:
+    # deferred: JAX, NumPy and PIL; keeps --help and flag errors fast
     from vitvq import data as data_lib
     from vitvq.bundle import read_manifest
-    from vitvq.errors import InputError
     from vitvq.evaluation import linear_probe
     from vitvq.sampler import load_sampler
 

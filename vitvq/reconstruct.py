@@ -32,6 +32,7 @@ from typing import Any, TextIO
 
 import numpy as np
 from absl import flags
+from PIL import Image
 
 from vitvq import cli
 from vitvq.errors import DataError
@@ -75,6 +76,7 @@ def psnr(original: np.ndarray, reconstruction: np.ndarray) -> float:
 
 def ssim(original: np.ndarray, reconstruction: np.ndarray) -> float:
     """SSIM of two uint8 RGB images [H, W, 3] (skimage, per channel, data range 255)."""
+    # deferred: scikit-image, only when an image is measured
     from skimage.metrics import structural_similarity
 
     return float(structural_similarity(original, reconstruction, channel_axis=-1, data_range=255))
@@ -207,8 +209,6 @@ def _read_ahead(
 
 
 def _write_png(path: pathlib.Path, image: np.ndarray) -> None:
-    from PIL import Image
-
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(image).save(path, format="PNG")
@@ -317,6 +317,7 @@ def run(
     if not paths:
         raise DataError(f"no files in --input={root} (hidden files are skipped)")
 
+    # deferred: JAX; keeps --help and flag errors fast
     from vitvq.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(bundle)

@@ -184,6 +184,8 @@ def read_class_map(path: str | os.PathLike, class_names: Sequence[str] | None) -
 def inception_classifier(weights: str | os.PathLike, batch_size: int = 32) -> Callable:
     """The FID InceptionV3 (weights converted by scripts/convert_inception_weights.py) as a
     classifier: uint8 images -> its 1008 ImageNet logits. `BundleError` for a bad file."""
+    # deferred: JAX and SciPy (the FID InceptionV3), only with --classifier; this module is
+    # NumPy only and vitvq.sampler imports it
     from vitvq.evaluation.fid import load_inception
     from vitvq.models.inception import FID_NUM_CLASSES
 

@@ -21,11 +21,10 @@ from __future__ import annotations
 from absl import app, flags
 
 from vitvq import cli
+from vitvq.errors import InputError
 
 
 def _parse_labels(text: str | None) -> list[int] | None:
-    from vitvq.errors import InputError
-
     if text is None or text == "":
         return None
     try:
@@ -55,8 +54,8 @@ def define_flags() -> None:
 
 def rejection_knobs(sampler, rate: float, classifier: str | None, classes: str | None) -> dict:
     """Sampler keywords for rejection, checked before anything is drawn."""
+    # deferred: NumPy; keeps --help and flag errors fast
     from vitvq import rejection
-    from vitvq.errors import InputError
 
     rate = rejection.check_rate(rate)
     if classifier is None:
@@ -79,6 +78,7 @@ def main(argv):
     cli.no_extra_args(argv)
     cli.require_flags("bundle", "output")
     with cli.user_errors():
+        # deferred: JAX, NumPy and PIL; keeps --help and flag errors fast
         from vitvq.images import save_png
         from vitvq.sampler import load_sampler, sample_grid
 

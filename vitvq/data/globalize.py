@@ -10,6 +10,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from vitvq import parallel
@@ -56,6 +57,4 @@ def to_host(array: jax.Array) -> np.ndarray:
     """
     if array.is_fully_addressable or array.is_fully_replicated:
         return np.asarray(jax.device_get(array))
-    from jax.experimental import multihost_utils
-
     return np.asarray(multihost_utils.process_allgather(array, tiled=True))

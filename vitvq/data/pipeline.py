@@ -23,7 +23,7 @@ import math
 
 import numpy as np
 
-from vitvq.data import preprocess, screen, sources
+from vitvq.data import preprocess, records, screen, sources
 from vitvq.errors import ConfigError, DataError
 
 KNOWN_SOURCES = ("digits", "photos", "folder", "tfds", "synthetic")
@@ -49,8 +49,6 @@ def _source_name(config) -> str:
 
 
 def _open_records(config, name: str):
-    from vitvq.data import records
-
     train_split = _get(config, "train_split", "train")
     eval_split = _get(config, "eval_split", "validation")
     if name == "folder":

@@ -11,6 +11,7 @@ TensorFlow is imported inside the functions that need it, never at module import
 """
 
 import numpy as np
+from PIL import Image
 
 
 def crop_offset(u: float, extent: int, size: int) -> int:
@@ -48,8 +49,6 @@ def train_crop_np(
 
 def resize_np(image: np.ndarray, size: int) -> np.ndarray:
     """Resizes a uint8 [H, W, 3] image to [size, size, 3] (PIL bicubic, antialiased)."""
-    from PIL import Image
-
     return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC))
 
 
@@ -71,6 +70,7 @@ _tf_hidden_accelerators = False
 def import_tf():
     """Imports TensorFlow for input processing only, hiding accelerators from it."""
     global _tf_hidden_accelerators
+    # deferred: TensorFlow, only for records (folder/tfds) input
     import tensorflow as tf
 
     if not _tf_hidden_accelerators:

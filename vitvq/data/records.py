@@ -17,6 +17,7 @@ import zlib
 
 import numpy as np
 
+from vitvq.data.preprocess import import_tf
 from vitvq.errors import ConfigError, DataError
 
 IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".png", ".webp")
@@ -161,9 +162,8 @@ class FolderSource:
 
 def import_tfds():
     """Imports tensorflow_datasets (and TensorFlow, accelerators hidden from it)."""
-    from vitvq.data.preprocess import import_tf
-
     import_tf()
+    # deferred: tensorflow_datasets (and TensorFlow), only for tfds input
     import tensorflow_datasets as tfds
 
     return tfds

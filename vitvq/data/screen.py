@@ -28,6 +28,7 @@ import threading
 
 import numpy as np
 
+from vitvq.data import preprocess
 from vitvq.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -166,8 +167,6 @@ class Screen:
     def mark_undecodable(self, indices: np.ndarray, mask: np.ndarray) -> int:
         """Decodes a failed batch's records one by one and marks those TensorFlow rejects;
         returns how many it found (0: the failure was not a bad image)."""
-        from vitvq.data import preprocess
-
         tf = preprocess.import_tf()
         found = 0
         # Replacements are checked too: the batch is re-read as the rebuilt pipeline will.

@@ -88,6 +88,7 @@ def load_digits(image_size: int) -> ArraySource:
     The split is fixed: the first 1500 examples train, the last `DIGITS_NUM_EVAL` evaluate.
     Digits are never flipped by default (a mirrored digit is a different glyph).
     """
+    # deferred: scikit-learn, only for the digits source
     from sklearn.datasets import load_digits as sklearn_digits
 
     digits = sklearn_digits()
@@ -108,9 +109,11 @@ def load_digits(image_size: int) -> ArraySource:
 
 def load_photo(name: str) -> np.ndarray:
     """One of the bundled photographs as uint8 [H, W, 3]."""
+    # deferred: scikit-image (and scikit-learn below), only for the photos source
     import skimage.data
 
     if name in _SKLEARN_PHOTOS:
+        # deferred: scikit-learn, only for the photos source
         from sklearn.datasets import load_sample_image
 
         image = load_sample_image(_SKLEARN_PHOTOS[name])

@@ -20,7 +20,12 @@ from __future__ import annotations
 import functools
 import math
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
+
+from vitvq.errors import InputError
 
 # The paper's probed block (1-based) by VIM depth: 10 of VIM-Base's 24, 15 of VIM-Large's 36.
 PAPER_PROBE_BLOCKS = {24: 10, 36: 15}
@@ -34,8 +39,6 @@ def probe_block(depth: int) -> int:
 
 
 def check_block(block: int, depth: int) -> int:
-    from vitvq.errors import InputError
-
     if isinstance(block, bool) or int(block) != block or not 1 <= block <= depth:
         raise InputError(f"the probe block must be in [1, {depth}] for this VIM, got {block!r}")
     return int(block)
@@ -46,9 +49,6 @@ class VimFeatures:
     VIM block `block`, computed over the tokenizer's local devices."""
 
     def __init__(self, sampler, block: int):
-        import jax
-        import jax.numpy as jnp
-
         model = sampler.model
         self.block = check_block(block, model.transformer.depth)
         self.width = int(model.transformer.width)
@@ -74,8 +74,6 @@ class VimFeatures:
         )
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
-        import jax
-
         n = len(images)
         codes = self._tokenizer.encode(images).reshape(n, -1)
         padded = -(-n // self._devices) * self._devices
@@ -99,10 +97,6 @@ def vim_features(sampler, images_uint8: np.ndarray, block: int, batch_size: int 
 @functools.lru_cache(maxsize=8)
 def _epoch_fn(lr: float, total_steps: int):
     """(optimizer, jitted epoch): one compile per schedule, whatever the weight decay."""
-    import jax
-    import jax.numpy as jnp
-    import optax
-
     opt = optax.adam(optax.cosine_decay_schedule(lr, total_steps))
 
     @jax.jit
@@ -128,9 +122,6 @@ def _epoch_fn(lr: float, total_steps: int):
 def _train_softmax(x, y, num_classes: int, weight_decay: float, *, epochs, batch_size, lr, seed):
     """(W [D, C], b [C]) of a softmax regression on standardized features x [N, D]: Adam on
     minibatches, one jitted scan per epoch over the features held on the device."""
-    import jax
-    import jax.numpy as jnp
-
     n, d = x.shape
     batch = min(batch_size, n)
     per_epoch = math.ceil(n / batch)
@@ -172,8 +163,6 @@ def softmax_probe(
 ) -> dict:
     """Top-1 on the test examples of a softmax classifier whose L2 weight decay is chosen on
     a held-out tenth of the training examples (see the module docstring)."""
-    from vitvq.errors import InputError
-
     train_x, test_x = np.asarray(train_x, np.float64), np.asarray(test_x, np.float64)
     train_y, test_y = np.asarray(train_y, np.int32), np.asarray(test_y, np.int32)
     if len(train_y) < 2 or len(test_y) < 1:

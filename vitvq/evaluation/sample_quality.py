@@ -39,6 +39,7 @@ def class_recognition(
     acceptance_rate: float = 1.0,
     **sampling,
 ) -> dict[str, float]:
+    # deferred: scikit-learn, only for the digits pipeline's sample check
     from sklearn.linear_model import LogisticRegression
 
     clf = LogisticRegression(max_iter=2000).fit(_pixels(train_images), train_labels)

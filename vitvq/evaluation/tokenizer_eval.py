@@ -20,6 +20,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from vitvq.errors import DataError
 from vitvq.evaluation import fid as fid_lib
 from vitvq.evaluation import metrics
 from vitvq.evaluation.reconstruction import ReconstructionAccumulator
@@ -113,8 +114,6 @@ def evaluate_tokenizer(
         if max_examples is not None and seen >= max_examples:
             break
     if not seen:
-        from vitvq.errors import DataError
-
         raise DataError("the evaluation set is empty: no image was evaluated")
     result = acc.result()
     result["num_examples"] = float(seen)

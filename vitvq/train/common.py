@@ -10,7 +10,7 @@ from typing import Any
 import jax
 
 from vitvq import data as data_lib
-from vitvq import parallel, paths
+from vitvq import distributed, parallel, paths
 from vitvq.checkpoint import Checkpointer
 from vitvq.errors import ConfigError
 
@@ -121,7 +121,7 @@ def eval_batches_from(config, image_size: int):
 
 def run_loop(task, config, checkpointer: Checkpointer, writer) -> dict[str, float]:
     """Runs the shared loop, closes the checkpointer and writer, prints the final eval."""
-    from vitvq import distributed
+    # deferred: TensorFlow and clu (the training loop); this module alone stays TF-free
     from vitvq.train import loop
 
     try:

@@ -15,8 +15,11 @@ from __future__ import annotations
 import logging
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 from vitvq import bundle, paths
+from vitvq import data as data_lib
 from vitvq.errors import ConfigError
 from vitvq.train import restore
 
@@ -26,8 +29,6 @@ logger = logging.getLogger(__name__)
 def classes_of(config) -> dict:
     """{"num_classes", "names"} of the run's dataset, when it can still be read here."""
     try:
-        from vitvq import data as data_lib
-
         info = data_lib.dataset_info(config.dataset)
         return {"num_classes": int(info["num_classes"]), "names": info.get("class_names")}
     except Exception as err:  # the dataset may live on another machine: not fatal
@@ -83,8 +84,6 @@ def export(
         if vim is not None:
             bundle.load_vim_variables(path)
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices("vitvq.export")
     logger.info(
         "Wrote %s: step %d, %s parameters, %s.",
@@ -106,8 +105,6 @@ def _is_dir(path: str) -> bool:
 
 def _vim_export(vim_workdir: str, generator: dict, stage1_config):
     """(vim section, VIM params, classes) of a stage-2 run, checked against the tokenizer."""
-    import numpy as np
-
     config = restore.load_workdir_config(vim_workdir)
     if config.get("trainer") != "vim":
         raise ConfigError(

@@ -16,10 +16,17 @@ import logging
 import os
 import time
 
+import jax
 import numpy as np
 
 from vitvq import config_check, preemption
+from vitvq import data as data_lib
+from vitvq.data import sources
+from vitvq.evaluation import linear_probe, sample_quality
+from vitvq.images import image_grid, save_png
+from vitvq.sampler import load_sampler, sample_grid
 from vitvq.train import stage1, stage2
+from vitvq.train.export import export
 
 logger = logging.getLogger(__name__)
 
@@ -32,9 +39,6 @@ def _stage(name: str, message: str) -> float:
 def _digits_checks(sampler, vim_config) -> dict[str, float]:
     """Sample recognition by a classifier trained on real digits; the linear probe of the
     VIM's middle block against the same probe on raw pixels."""
-    from vitvq.data import sources
-    from vitvq.evaluation import linear_probe, sample_quality
-
     digits = sources.load_digits(sampler.image_size)
     train_x, train_y = np.stack(digits.train.images), digits.train.labels
     test_x, test_y = np.stack(digits.eval.images), digits.eval.labels
@@ -82,13 +86,6 @@ def _preempted(what: str) -> bool:
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
-    import jax
-
-    from vitvq import data as data_lib
-    from vitvq.images import image_grid, save_png
-    from vitvq.sampler import load_sampler, sample_grid
-    from vitvq.train.export import export
-
     # Both stages' keys now: a bad VIM value must not wait for the tokenizer's training.
     config_check.validate(config, trainer="pipeline", num_devices=jax.device_count())
     tok_dir = os.path.join(workdir, "tokenizer")

@@ -21,7 +21,9 @@ from vitvq import config_check, losses, parallel, paths
 from vitvq import data as data_lib
 from vitvq.data.globalize import to_global, to_host
 from vitvq.errors import ConfigError
+from vitvq.evaluation import fid as fid_lib
 from vitvq.evaluation.reconstruction import ReconstructionAccumulator
+from vitvq.evaluation.tokenizer_eval import FeatureAccumulator
 from vitvq.images import image_grid, save_png
 from vitvq.models.discriminator import discriminator_from_config
 from vitvq.models.perceptual import lpips_fn
@@ -247,13 +249,9 @@ def make_evaluator(trainer: Stage1, config):
     eval_fn = trainer.jit_eval_step()
     inception = None
     if config.get("inception_weights"):
-        from vitvq.evaluation import fid as fid_lib
-
         inception = fid_lib.load_inception(config.inception_weights)
 
     def evaluate(state) -> dict[str, float]:
-        from vitvq.evaluation.tokenizer_eval import FeatureAccumulator
-
         acc = ReconstructionAccumulator(trainer.model.codebook_size)
         features = FeatureAccumulator(inception) if inception is not None else None
         for host_batch in common.eval_batches_from(config, config.image_size):

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vitvq import bundle, config_check, parallel, paths
+from vitvq import bundle, config_check, parallel, paths, sampling
 from vitvq import data as data_lib
 from vitvq.data.globalize import to_global
 from vitvq.errors import ConfigError
@@ -138,8 +138,6 @@ class Stage2:
 
     def sample_images(self, params, labels, seed: int) -> np.ndarray:
         """uint8 [N, H, W, 3] samples with the config's sampling settings."""
-        from vitvq import sampling
-
         sc = self.config.sampling
         labels = None if labels is None else jnp.asarray(labels, jnp.int32)
         n = len(labels) if labels is not None else int(sc.num_samples)
