@@ -48,6 +48,29 @@ SLOW_TESTS = {
     "test_vim.py::test_blocked_cache_decoding_is_greedy_too",
     "test_vitvqgan.py::test_remat_recomputes_vit_blocks_with_the_same_parameters_results_and_gradients",
     "test_vitvqgan.py::test_other_patch_and_image_sizes",
+    "test_discriminator.py::test_bfloat16_compute_gives_float32_logits",
+    "test_probe.py::test_probe_refuses_bad_requests",
+    "test_perceptual.py::test_gradients_finite_at_zero_features",
+    "test_cnn.py::test_bfloat16_compute_is_close_to_float32",
+    "test_cnn.py::test_losses_and_gradients_on_patch_logits",
+    "test_cnn.py::test_encoder_and_decoder_use_raster_order",
+    "test_cnn.py::test_dropout_in_training_mode",
+    "test_cnn.py::test_small_spec_256_round_trip_shapes_and_values",
+    "test_rejection.py::test_rejection_keeps_the_best_fraction_in_order",
+    "test_reconstruct.py::test_output_inside_input_is_not_read_back",
+    "test_reconstruct.py::test_single_file_input_and_rerun_overwrites",
+    "test_checkpoint.py::test_kill_during_async_save_keeps_the_last_checkpoint",
+}
+# Cheap tests of the slow modules that stay in the fast tier, so that it exercises the
+# modules those cover (the loop, the distributed settings, URL paths, the export command, the
+# step benchmark's config loader, the memory report).
+FAST_IN_SLOW_MODULES = {
+    "test_train_stage1.py::test_loop_stops_on_nonfinite_and_returns_on_preemption_without_a_device",
+    "test_multiprocess.py::test_settings_resolution",
+    "test_remote_workdir.py::test_urls_stay_as_given_and_local_paths_become_absolute",
+    "test_export.py::test_export_cli_errors_exit_2",
+    "test_benchmarks.py::test_config_overrides_are_typed",
+    "test_fsdp_memory.py::test_step_memory_of_a_tiny_vim_counts_the_donated_state",
 }
 
 
@@ -57,5 +80,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         module = item.path.stem
         name = f"{item.path.name}::{item.originalname}"
-        if module in SLOW_MODULES or name in SLOW_TESTS:
+        slow_module = module in SLOW_MODULES and name not in FAST_IN_SLOW_MODULES
+        if slow_module or name in SLOW_TESTS:
             item.add_marker(pytest.mark.slow)
