@@ -435,7 +435,7 @@ def steady_step(settings) -> int:
 def build_stage1(cfg, mesh, rules, phase_step):
     """(init_state, step_fn, extra argument, model, hand count) of a stage-1 config.
 
-    Mirrors `vitvq.train.stage1.Stage1` (its `init_state` and `train_step_jit`); that module
+    Mirrors `vitvq.train.stage1_build.Stage1` (its `init_state` and `train_step_jit`); that module
     imports clu and ml_collections, which a bare accelerator machine lacks.
     """
     import jax
@@ -518,7 +518,7 @@ def _tokenizer_config(cfg, spec):
 def build_stage2(cfg, mesh, rules, tokenizer_spec=None, tokenizer=None):
     """(init_state, step_fn, tokenizer variables, hand count, info) of a stage-2 config.
 
-    Mirrors `vitvq.train.stage2.Stage2` (its `init_state` and `train_step_jit`). The tokenizer
+    Mirrors `vitvq.train.stage2_build.Stage2` (its `init_state` and `train_step_jit`). The tokenizer
     is `tokenizer` (a (module, variables) pair) when given, else the config's
     `tokenizer_bundle` when it names one, else a ViT-VQGAN of random weights from
     `tokenizer_spec` (a config file) or the preset's `tokenizer` block.

@@ -148,8 +148,7 @@ def _config(name, arg=None):
 def test_stage1_benchmark_builds_the_trainers_step():
     """With the GAN and the EMA on (LPIPS off: its weights load slowly), on 8 devices."""
     from vitvq import parallel
-    from vitvq.train import common
-    from vitvq.train.stage1 import Stage1
+    from vitvq.train.stage1_build import Stage1
 
     ts = _load("train_step")
     config = _config("vitvq_small.py", "runlocal")
@@ -173,7 +172,7 @@ def test_stage1_benchmark_builds_the_trainers_step():
         )
     }
     init_state, step_fn, extra, hand, info = build
-    ours, our_shardings = common.abstract_state(init_state, mesh, trainer.rules)
+    ours, our_shardings = parallel.abstract_state(init_state, mesh, trainer.rules)
     _trees_match(abstract, ours)
     with parallel.use_mesh(mesh, trainer.rules):
         jitted = trainer.train_step_jit(shardings, info["phase_step"])
@@ -185,8 +184,7 @@ def test_stage1_benchmark_builds_the_trainers_step():
 def test_stage2_benchmark_builds_the_trainers_step():
     from vitvq import parallel
     from vitvq.models.vitvqgan import build_vitvqgan
-    from vitvq.train import common
-    from vitvq.train.stage2 import Stage2
+    from vitvq.train.stage2_build import Stage2
 
     ts = _load("train_step")
     config = _config("vim_base.py", "runlocal")
@@ -206,7 +204,7 @@ def test_stage2_benchmark_builds_the_trainers_step():
         "label": jax.ShapeDtypeStruct((8,), jnp.int32, sharding=sharding),
     }
     init_state, step_fn, extra, hand, info = build
-    ours, our_shardings = common.abstract_state(init_state, mesh, trainer.rules)
+    ours, our_shardings = parallel.abstract_state(init_state, mesh, trainer.rules)
     _trees_match(abstract, ours)
     with parallel.use_mesh(mesh, trainer.rules):
         theirs = trainer.train_step_jit(shardings).lower(abstract, batch, trainer.tok_vars)
@@ -424,9 +422,7 @@ def test_side_by_side_picture(tmp_path):
 
 
 def test_checkpoint_digest_benchmark_runs(tmp_path):
-    proc = _bench(
-        "checkpoint_digests", "--params=20000", f"--dir={tmp_path / 'd'}", cwd=tmp_path
-    )
+    proc = _bench("checkpoint_digests", "--params=20000", f"--dir={tmp_path / 'd'}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = _last_json(proc.stdout)
     assert result["params"] >= 20000 and result["checkpoint_bytes"] > 20000  # compressed

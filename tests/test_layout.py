@@ -24,7 +24,8 @@ COMMANDS = {
     "vitvq.aot",
     "vitvq.probe",
 }
-# Loadable without TensorFlow (and so without clu): what a user of a bundle imports.
+# Loadable without TensorFlow (and so without clu): what a user of a bundle imports, and the
+# stage builders (models, optimizers, steps) that the trainers, reports and benchmarks share.
 TENSORFLOW_FREE = (
     "vitvq",
     "vitvq.bundle",
@@ -32,6 +33,9 @@ TENSORFLOW_FREE = (
     "vitvq.sampler",
     "vitvq.train.stage1_step",
     "vitvq.train.stage2_step",
+    "vitvq.train.stage1_build",
+    "vitvq.train.stage2_build",
+    "vitvq.memory",
 )
 
 
@@ -76,7 +80,7 @@ def test_the_library_never_imports_a_command():
     assert reached_up == {}, reached_up
 
 
-def test_bundle_users_never_load_tensorflow():
+def test_bundle_users_and_stage_builders_never_load_tensorflow():
     code = (
         "import sys\n"
         f"for name in {TENSORFLOW_FREE!r}:\n"

@@ -27,6 +27,8 @@ from jax.sharding import NamedSharding
 
 from vitvq import parallel
 from vitvq.models.vitvqgan import build_vitvqgan
+from vitvq.train.stage1_build import Stage1
+from vitvq.train.stage2_build import Stage2
 
 # XLA counts the output tuple's table of buffer pointers in the output size: 8 bytes a leaf.
 POINTER_BYTES = 8
@@ -233,9 +235,6 @@ def step_memory(
     on, no lazy R1). `fast` compiles with `parallel.CPU_FAST_COMPILE` on CPU (never for other
     platforms).
     """
-    # deferred: TensorFlow and clu (via the training loop); this module alone stays TF-free
-    from vitvq.train.stage1 import Stage1
-
     mesh = trainer.mesh
     abstract, shardings = trainer.abstract_state()
     if batch_size is None:
@@ -305,9 +304,6 @@ def build_trainer(config, mesh, tokenizer_config=None, perceptual: bool = True):
     network (not part of the state; only the stage-1 train step needs it).
     """
     if config.trainer == "vim":
-        # deferred: TensorFlow and clu (via the training loop); this module alone stays TF-free
-        from vitvq.train.stage2 import Stage2
-
         if tokenizer_config is None:
             raise ValueError("a stage-2 config needs tokenizer_config (a stage-1 config)")
         manifest, model, variables = abstract_tokenizer(tokenizer_config)
@@ -315,9 +311,6 @@ def build_trainer(config, mesh, tokenizer_config=None, perceptual: bool = True):
         # The frozen tokenizer's variables stay abstract: only `step_memory` reads them.
         trainer.tok_vars = variables
         return trainer
-    # deferred: TensorFlow and clu (via the training loop); this module alone stays TF-free
-    from vitvq.train.stage1 import Stage1
-
     if perceptual:
         return Stage1(config, mesh)
     lean = copy.deepcopy(config)

@@ -294,3 +294,20 @@ def use_mesh(mesh: Mesh, rules: Any = None) -> Iterator[Mesh]:
     rules = normalize_rules(rules, mesh)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         yield mesh
+
+
+def abstract_state(init_state: Callable[[jax.Array], Any], mesh, rules):
+    """(abstract state with shardings, shardings) of `init_state`, allocating nothing."""
+    boxed = jax.eval_shape(init_state, jax.random.key(0))
+    shardings = logical_shardings(boxed, mesh, rules)
+    unboxed = unbox(boxed)
+    abstract = jax.tree_util.tree_map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), unboxed, shardings
+    )
+    return abstract, shardings
+
+
+def create_state(init_state: Callable[[jax.Array], Any], mesh, rules, seed: int):
+    """(state, shardings): `init_state(key(seed))` created directly on its shardings."""
+    with use_mesh(mesh, rules):
+        return create_sharded(init_state, mesh, rules, jax.random.key(seed))

@@ -31,23 +31,6 @@ def check_loop_config(config, mesh) -> None:
             raise ConfigError(f"{key} must be positive, got {config[key]}")
 
 
-def abstract_state(init_state: Callable[[jax.Array], Any], mesh, rules):
-    """(abstract state with shardings, shardings) of `init_state`, allocating nothing."""
-    boxed = jax.eval_shape(init_state, jax.random.key(0))
-    shardings = parallel.logical_shardings(boxed, mesh, rules)
-    unboxed = parallel.unbox(boxed)
-    abstract = jax.tree_util.tree_map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), unboxed, shardings
-    )
-    return abstract, shardings
-
-
-def create_state(init_state: Callable[[jax.Array], Any], mesh, rules, seed: int):
-    """(state, shardings): `init_state(key(seed))` created directly on its shardings."""
-    with parallel.use_mesh(mesh, rules):
-        return parallel.create_sharded(init_state, mesh, rules, jax.random.key(seed))
-
-
 def prepare_workdir(config, workdir: str) -> None:
     """Creates the workdir (a local path or a URL such as gs://bucket/run); process 0 writes
     the resolved config to `config.json` (atomically: a resumed run never leaves it torn).
