@@ -12,6 +12,9 @@ devices each) started by `launch/local_pod.sh` or directly, as users run them.
 - A process killed with SIGKILL makes the survivor print one `error:` line naming what
   happened and exit with `distributed.PEER_FAILURE_EXIT_CODE` within a bounded time, without
   help from a launcher.
+- A host lost, the pod relaunched: one process SIGKILLed three times over (mid-save, then at
+  random moments), each relaunch resumes from the newest committed checkpoint and the last
+  ends with an uninterrupted run's state, bit for bit.
 - Inconsistent multi-process settings are one-line errors with exit status 2.
 
 Compilation dominates on a small CPU, and one process compiles on one core: the module runs
@@ -418,6 +421,183 @@ def test_survivor_of_a_killed_process_exits_with_a_clear_error(tmp_path, victim,
     assert f"process {1 - victim} of 2 stops too" in errors[0]
     if victim == 0:
         assert elapsed < 10
+
+
+# --- a host lost, the pod relaunched ------------------------------------------------------
+
+
+def _writing_checkpoint(workdir):
+    """Ready while a checkpoint is being written: orbax's unfinished directory exists, or a
+    step is committed but its digest record (the last part of a save) is not there yet."""
+    from vitvq import digests
+
+    ckpts = pathlib.Path(workdir) / "checkpoints"
+
+    def ready() -> bool:
+        if not ckpts.is_dir():
+            return False
+        for p in ckpts.iterdir():
+            if "orbax-checkpoint-tmp" in p.name:
+                return True
+            if p.name.isdigit() and not digests.has_record(p):
+                return True
+        return False
+
+    return ready
+
+
+def _recorded_after(workdir, step: int | None):
+    """Ready once a checkpoint newer than `step` has its digest record (it is committed): the
+    launch has made progress that a relaunch must not lose."""
+    from vitvq import digests
+
+    ckpts = pathlib.Path(workdir) / "checkpoints"
+    floor = -1 if step is None else step
+
+    def ready() -> bool:
+        if not ckpts.is_dir():
+            return False
+        return any(
+            p.name.isdigit() and int(p.name) > floor and digests.has_record(p)
+            for p in ckpts.iterdir()
+        )
+
+    return ready
+
+
+def _resume_point(workdir) -> int | None:
+    """Where a restart must resume, by the documented rule: the newest step with a digest
+    record; where no step has one (the first save was cut off between its commit and its
+    record), the newest committed step."""
+    from vitvq import digests
+
+    ckpts = pathlib.Path(workdir) / "checkpoints"
+    steps = [p for p in ckpts.iterdir() if p.name.isdigit()] if ckpts.is_dir() else []
+    recorded = [int(p.name) for p in steps if digests.has_record(p)]
+    if recorded:
+        return max(recorded)
+    return max((int(p.name) for p in steps), default=None)
+
+
+# Cheap steps (no LPIPS, no GAN) and more of them than the runlocal default, so that every
+# relaunch starts from a committed checkpoint and still has steps left to be killed in.
+KILLED_RUN = [
+    *STAGE1,
+    "--config.loss.perceptual=0",
+    "--config.loss.adversarial=0",
+    "--config.total_steps=8",
+    f"--heartbeat_timeout={HEARTBEAT}",
+]
+
+
+def _pod_processes(workdir, tag: str, every: int):
+    """Both processes of a 2-process `KILLED_RUN` checkpointing every `every` steps, started
+    directly (no launcher); their logs are `WORKDIR.TAG.pI.log`."""
+    port = _free_port()
+    logs = [pathlib.Path(f"{workdir}.{tag}.p{i}.log") for i in range(2)]
+    procs = []
+    for i in range(2):
+        env = _env(4)
+        env.update(
+            VITVQ_COORDINATOR=f"127.0.0.1:{port}",
+            VITVQ_NUM_PROCESSES="2",
+            VITVQ_PROCESS_ID=str(i),
+        )
+        argv = [*KILLED_RUN, f"--config.checkpoint_every_steps={every}", f"--workdir={workdir}"]
+        with open(logs[i], "w") as f:
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-u", "-m", "vitvq.main", *argv],
+                    cwd=REPO,
+                    env=env,
+                    stdout=f,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+    return procs, logs
+
+
+def _finish(procs, logs) -> list[str]:
+    """Waits for both processes to succeed; their outputs."""
+    try:
+        rcs = [p.wait(timeout=RUN_TIMEOUT) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    out = [log.read_text() for log in logs]
+    assert rcs == [0, 0], _readable(out[0] + out[1])
+    return out
+
+
+def test_a_killed_host_three_times_over_the_relaunched_pod_resumes_bit_identical(tmp_path):
+    """SIGKILL to one process of a 2-process run, three times: first while a checkpoint is
+    being written, then at a random moment (up to half a second) after a launch has committed
+    a checkpoint of its own; the victim is chosen at random each time. The survivor stops
+    with its one line, each relaunch resumes from the newest committed checkpoint, and the
+    last one ends with the state of an uninterrupted run, bit for bit (that run checkpoints
+    every 4 steps, this one every step)."""
+    import random
+
+    import numpy as np
+
+    reference = tmp_path / "uninterrupted"
+    _finish(*_pod_processes(reference, "run", every=4))
+
+    workdir = tmp_path / "killed"
+    rng = random.Random(22)
+    victims = [1, 0, rng.choice([0, 1])]
+    rng.shuffle(victims)
+    resume = None  # where the next launch must resume
+    resumed_from = []
+    for attempt, victim in enumerate(victims):
+        procs, logs = _pod_processes(workdir, f"launch{attempt}", every=1)
+        try:
+            if attempt == 0:
+                moment, delay = _writing_checkpoint(workdir), 0.0
+            else:
+                moment, delay = _recorded_after(workdir, resume), rng.uniform(0.0, 0.5)
+            _wait_until(moment, procs, RUN_TIMEOUT)
+            time.sleep(delay)
+            assert procs[victim].poll() is None, "the run ended before the kill"
+            procs[victim].send_signal(signal.SIGKILL)
+            writing_at_kill = _writing_checkpoint(workdir)()
+            rc = procs[1 - victim].wait(timeout=DEATH_BOUND)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        out = [log.read_text() for log in logs]
+        survivor = out[1 - victim]
+        errors = [line for line in survivor.splitlines() if line.startswith("error:")]
+        assert rc == distributed.PEER_FAILURE_EXIT_CODE, _readable(survivor)
+        assert len(errors) == 1 and "multi-process run stopped" in errors[0], _readable(survivor)
+        resumed = re.findall(r"Resumed from the checkpoint of step (\d+)", out[0])
+        assert resumed == ([] if resume is None else [str(resume)]), _readable(out[0])
+        resumed_from.append(resume)
+        if attempt == 0:
+            assert writing_at_kill, "the first kill missed the checkpoint write"
+        resume = _resume_point(workdir)
+        listing = sorted(p.name for p in (workdir / "checkpoints").iterdir())
+        print(
+            f"\nlaunch {attempt} (from step {resumed_from[-1]}): process {victim} killed "
+            f"{delay:.2f} s after its cue{' mid-save' if writing_at_kill else ''}; the survivor "
+            f"exited {rc}; checkpoints {listing}"
+        )
+    # Each launch after the first committed progress of its own before its kill, and the
+    # next launch resumed there.
+    progress = [step for step in (*resumed_from, resume) if step is not None]
+    assert len(progress) >= 2 and progress == sorted(set(progress)), (resumed_from, resume)
+
+    out = _finish(*_pod_processes(workdir, "final", every=1))
+    assert resume is not None and f"Resumed from the checkpoint of step {resume} " in out[0]
+    got = _final_state(workdir, 8)
+    want = _final_state(reference, 8)
+    assert [path for path, _ in got] == [path for path, _ in want]
+    for (path, a), (_, b) in zip(got, want, strict=True):
+        assert a.dtype == b.dtype and np.array_equal(a, b, equal_nan=True), path
 
 
 # JAX's own reaction to a dead peer: LOG(FATAL), then abort().
