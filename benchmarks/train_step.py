@@ -28,8 +28,6 @@ last line.
 
 import argparse
 import ast
-import dataclasses
-import functools
 import importlib.util
 import json
 import os
@@ -246,7 +244,9 @@ def _parse_value(text: str, current):
 
 
 class Attr(dict):
-    """A read-only attribute view of a plain dict (what `vitvq.train.optim` reads)."""
+    """A read-only attribute view of a plain dict, read by the stage builders as they read a
+    ConfigDict (`config.loss.l2`, `config.get(...)`, `config.model.to_dict()`): the benchmark
+    needs no ml_collections."""
 
     def __getattr__(self, key):
         try:
@@ -254,6 +254,9 @@ class Attr(dict):
         except KeyError:
             raise AttributeError(key) from None
         return Attr(value) if isinstance(value, dict) else value
+
+    def to_dict(self) -> dict:
+        return {k: dict(v) if isinstance(v, dict) else v for k, v in self.items()}
 
 
 # --- hand count of the matmul FLOPs -------------------------------------------------------
@@ -399,25 +402,6 @@ def _dtype(jnp, name: str):
     return table[name]
 
 
-def stage1_settings(cfg):
-    """Stage1Settings from a config dict (the loss, restart and EMA blocks, by field name)."""
-    from vitvq.train.stage1_step import Stage1Settings
-
-    names = {f.name for f in dataclasses.fields(Stage1Settings)}
-    values = {k: v for k, v in cfg["loss"].items() if k in names}
-    restart = cfg.get("codebook_restart") or {}
-    values.update(
-        ema_decay=cfg.get("ema_decay", 0.0),
-        restart_every=restart.get("every_steps", 0),
-        restart_threshold=restart.get("threshold", 0.03),
-        restart_start=restart.get("start_step", 0),
-        restart_stop=restart.get("stop_step", -1),
-        codebook_init=(cfg.get("codebook_init") or {}).get("kind", "normal"),
-        kmeans_iterations=(cfg.get("codebook_init") or {}).get("iterations", 10),
-    )
-    return Stage1Settings(**values)
-
-
 def steady_step(settings) -> int:
     """The first step at which every configured term is on and that is not a lazy-R1 step."""
     from vitvq.train.stage1_step import phase_settings
@@ -432,70 +416,28 @@ def steady_step(settings) -> int:
     return step
 
 
-def build_stage1(cfg, mesh, rules, phase_step):
-    """(init_state, step_fn, extra argument, model, hand count) of a stage-1 config.
+def build_stage1(cfg, mesh, phase_step):
+    """(init_state, step_fn, extra argument, hand count, info) of a stage-1 config, built by
+    the trainer's own builder (`vitvq.train.stage1_build.Stage1`): the same models, optimizers,
+    settings and step, every config key honoured."""
+    from vitvq.models.discriminator import discriminator_channels
+    from vitvq.train.stage1_build import Stage1
 
-    Mirrors `vitvq.train.stage1_build.Stage1` (its `init_state` and `train_step_jit`); that module
-    imports clu and ml_collections, which a bare accelerator machine lacks.
-    """
-    import jax
-    import jax.numpy as jnp
-
-    from vitvq import parallel
-    from vitvq.models.discriminator import Discriminator, discriminator_channels
-    from vitvq.models.vitvqgan import build_vitvqgan
-    from vitvq.train.optim import make_optimizer
-    from vitvq.train.stage1_step import init_state as init_stage1_state
-    from vitvq.train.stage1_step import phase_settings, train_step
-
-    dtype = _dtype(jnp, cfg["dtype"])
-    size = cfg["image_size"]
-    model = build_vitvqgan(cfg["model"], size, dtype)
-    settings = stage1_settings(cfg)
-    step = steady_step(settings) if phase_step is None else phase_step
+    # The benchmark times training steps: no LPIPS for evaluation.
+    trainer = Stage1(Attr({**cfg, "eval_lpips": False}), mesh)
+    step = steady_step(trainer.settings) if phase_step is None else phase_step
     # The k-means codebook fit runs once, in a run's first applied update, under a lax.cond;
     # XLA's cost analysis counts both branches of a cond, so the steady-state step measured
     # here is compiled without it (as every step after the first behaves).
-    phase = dataclasses.replace(phase_settings(settings, step), codebook_init="normal")
-    use_gan = settings.adversarial > 0
+    step_fn = trainer.step_fn(step, codebook_init="normal")
+    phase = step_fn.keywords["settings"]
+    size, model = trainer.config.image_size, trainer.model
     dcfg = cfg.get("discriminator") or {}
-    disc = (
-        Discriminator(size, dcfg["base_channels"], dcfg["max_channels"], dtype=dtype)
-        if use_gan
-        else None
-    )
-    tx, schedule = make_optimizer(Attr(cfg["optimizer"]), cfg["total_steps"])
-    disc_tx = (
-        make_optimizer(Attr(cfg["disc_optimizer"]), cfg["total_steps"])[0] if use_gan else None
-    )
-    perceptual = None
-    if phase.perceptual_on:
-        from vitvq.models.perceptual import lpips_fn
-
-        perceptual = jax.device_put(lpips_fn(dtype), parallel.replicated(mesh))
-
-    init_state = functools.partial(
-        init_stage1_state,
-        model=model,
-        disc=disc,
-        tx=tx,
-        disc_tx=disc_tx,
-        ema=settings.ema_decay > 0,
-        image_size=size,
-        batch=parallel.batch_ways(mesh),
-    )
-
-    step_fn = functools.partial(
-        train_step,
-        model=model,
-        disc=disc,
-        tx=tx,
-        disc_tx=disc_tx,
-        settings=phase,
-        lr_schedule=schedule,
-    )
+    stylegan = trainer.use_gan and dcfg.get("kind", "stylegan") == "stylegan"
     channels = (
-        discriminator_channels(size, dcfg["base_channels"], dcfg["max_channels"]) if use_gan else ()
+        discriminator_channels(size, dcfg["base_channels"], dcfg["max_channels"])
+        if stylegan
+        else ()
     )
     hand = stage1_train_flops(model, phase, channels, cfg["batch_size"])
     info = {
@@ -504,7 +446,7 @@ def build_stage1(cfg, mesh, rules, phase_step):
         "image_size": size,
         "tokens_per_image": model.grid_size**2,
     }
-    return init_state, step_fn, perceptual, hand, info
+    return trainer.init_state, step_fn, trainer.train_perceptual, hand, info
 
 
 def _tokenizer_config(cfg, spec):
@@ -515,74 +457,41 @@ def _tokenizer_config(cfg, spec):
     return load_config_file(str(ROOT / "configs" / "vitvq_small.py"), [])
 
 
-def build_stage2(cfg, mesh, rules, tokenizer_spec=None, tokenizer=None):
-    """(init_state, step_fn, tokenizer variables, hand count, info) of a stage-2 config.
-
-    Mirrors `vitvq.train.stage2_build.Stage2` (its `init_state` and `train_step_jit`). The tokenizer
-    is `tokenizer` (a (module, variables) pair) when given, else the config's
-    `tokenizer_bundle` when it names one, else a ViT-VQGAN of random weights from
-    `tokenizer_spec` (a config file) or the preset's `tokenizer` block.
+def build_stage2(cfg, mesh, tokenizer_spec=None, tokenizer=None):
+    """(init_state, step_fn, tokenizer variables, hand count, info) of a stage-2 config, built
+    by the trainer's own builder (`vitvq.train.stage2_build.Stage2`). The tokenizer is
+    `tokenizer` (a (module, variables) pair) when given, else the config's `tokenizer_bundle`
+    when it names one, else a ViT-VQGAN of random weights from `tokenizer_spec` (a config
+    file) or the preset's `tokenizer` block.
     """
     import jax
     import jax.numpy as jnp
 
-    from vitvq import parallel
-    from vitvq.models.vim import build_vim
+    from vitvq import bundle, parallel
     from vitvq.models.vitvqgan import build_vitvqgan
-    from vitvq.train.optim import make_adam
-    from vitvq.train.stage2_step import Stage2Settings, train_step
-    from vitvq.train.stage2_step import init_state as init_stage2_state
+    from vitvq.train.stage2_build import Stage2
 
-    dtype = _dtype(jnp, cfg["dtype"])
     if tokenizer is not None:
         tokenizer, tok_vars = tokenizer
     elif cfg.get("tokenizer_bundle"):
-        from vitvq import bundle
-
         _, tokenizer, tok_vars = bundle.load_tokenizer_variables(cfg["tokenizer_bundle"])
     else:
         tcfg = _tokenizer_config(cfg, tokenizer_spec)
+        dtype = _dtype(jnp, cfg["dtype"])
         tokenizer = build_vitvqgan(tcfg["model"], tcfg["image_size"], dtype)
         size = tokenizer.image_size
         tok_vars = jax.jit(
             lambda k: parallel.unbox(tokenizer.init(k, jnp.zeros((1, size, size, 3), jnp.float32)))
         )(jax.random.key(2))
-    tok_vars = jax.device_put(tok_vars, parallel.replicated(mesh))
-    num_classes = int((cfg.get("dataset") or {}).get("num_classes", 0) or 0)
-    settings = Stage2Settings(num_classes=num_classes, class_dropout=float(cfg["class_dropout"]))
-    model = build_vim(
-        cfg["model"],
-        vocab_size=tokenizer.codebook_size,
-        grid_size=tokenizer.grid_size,
-        num_classes=num_classes,
-        dtype=dtype,
-    )
-    tx, schedule = make_adam(Attr(cfg["optimizer"]), cfg["total_steps"])
-
-    init_state = functools.partial(
-        init_stage2_state,
-        model=model,
-        tx=tx,
-        num_tokens=tokenizer.grid_size**2,
-        num_classes=num_classes,
-        batch=parallel.batch_ways(mesh),
-    )
-
-    step_fn = functools.partial(
-        train_step,
-        model=model,
-        tokenizer=tokenizer,
-        tx=tx,
-        settings=settings,
-        lr_schedule=schedule,
-    )
-    hand = stage2_train_flops(model, tokenizer, cfg["batch_size"])
+    config = Attr({"dataset": {}, **cfg, "image_size": None})
+    trainer = Stage2(config, mesh, tokenizer=({}, tokenizer, tok_vars))
+    hand = stage2_train_flops(trainer.model, tokenizer, cfg["batch_size"])
     info = {
         "image_size": tokenizer.image_size,
-        "tokens_per_image": model.seq_len,
-        "num_classes": num_classes,
+        "tokens_per_image": trainer.model.seq_len,
+        "num_classes": trainer.num_classes,
     }
-    return init_state, step_fn, tok_vars, hand, info
+    return trainer.init_state, trainer.step_fn(), trainer.tok_vars, hand, info
 
 
 def jit_step(step_fn, shardings, mesh):
@@ -644,9 +553,9 @@ def run(cfg, args, label: str) -> dict:
     parallel.validate_batch(cfg["batch_size"], mesh, 1)
     stage = 2 if cfg.get("trainer") == "vim" else 1
     if stage == 1:
-        init_state, step_fn, extra, hand, info = build_stage1(cfg, mesh, rules, args.phase_step)
+        init_state, step_fn, extra, hand, info = build_stage1(cfg, mesh, args.phase_step)
     else:
-        init_state, step_fn, extra, hand, info = build_stage2(cfg, mesh, rules, args.tokenizer)
+        init_state, step_fn, extra, hand, info = build_stage2(cfg, mesh, args.tokenizer)
     batch_size, size = cfg["batch_size"], info["image_size"]
 
     with parallel.use_mesh(mesh, rules):

@@ -162,7 +162,7 @@ def test_stage1_benchmark_builds_the_trainers_step():
     mesh = parallel.make_mesh(config.mesh)
     trainer = Stage1(config, mesh)
     abstract, shardings = trainer.abstract_state()
-    build = ts.build_stage1(config.to_dict(), mesh, trainer.rules, None)
+    build = ts.build_stage1(config.to_dict(), mesh, None)
     info = build[4]
     assert info["phase"] == {"perceptual_on": False, "gan_on": True, "r1_now": False}
     size = config.image_size
@@ -179,6 +179,12 @@ def test_stage1_benchmark_builds_the_trainers_step():
         theirs = jitted.lower(abstract, batch, trainer.train_perceptual)
         mine = ts.jit_step(step_fn, our_shardings, mesh).lower(ours, batch, extra)
     assert mine.cost_analysis()["flops"] == theirs.cost_analysis()["flops"]
+    # Every key is honoured: the PatchGAN discriminator of the config, not a StyleGAN one.
+    config.discriminator.kind = "patchgan"
+    patch = Stage1(config, mesh)
+    assert type(patch.disc).__name__ != type(trainer.disc).__name__
+    init_state = ts.build_stage1(config.to_dict(), mesh, None)[0]
+    _trees_match(patch.abstract_state()[0], parallel.abstract_state(init_state, mesh, None)[0])
 
 
 def test_stage2_benchmark_builds_the_trainers_step():
@@ -197,7 +203,7 @@ def test_stage2_benchmark_builds_the_trainers_step():
     mesh = parallel.make_mesh(config.mesh)
     trainer = Stage2(config, mesh, tokenizer=(None, tokenizer, tok_vars))
     abstract, shardings = trainer.abstract_state()
-    build = ts.build_stage2(config.to_dict(), mesh, trainer.rules, tokenizer=(tokenizer, tok_vars))
+    build = ts.build_stage2(config.to_dict(), mesh, tokenizer=(tokenizer, tok_vars))
     sharding = parallel.batch_sharding(mesh)
     batch = {
         "image": jax.ShapeDtypeStruct((8, size, size, 3), jnp.float32, sharding=sharding),

@@ -180,19 +180,26 @@ class Stage1:
 
     # --- jitted functions ----------------------------------------------------------------
 
-    def train_step_jit(self, shardings, step: int):
-        """The step of `step`'s phase, jitted (not yet compiled) with the state's shardings:
-        `(state, batch, perceptual) -> (state, metrics)`, the state donated. Call or lower it
-        under `parallel.use_mesh(self.mesh, self.rules)`."""
-        step_fn = functools.partial(
+    def step_fn(self, step: int, **overrides):
+        """The train step of `step`'s phase, not jitted: `(state, batch, perceptual) ->
+        (state, metrics)`. `overrides` replace fields of its settings (the step benchmark
+        times the steady state with `codebook_init="normal"`)."""
+        settings = dataclasses.replace(phase_settings(self.settings, step), **overrides)
+        return functools.partial(
             train_step,
             model=self.model,
             disc=self.disc,
             tx=self.tx,
             disc_tx=self.disc_tx,
-            settings=phase_settings(self.settings, step),
+            settings=settings,
             lr_schedule=self.schedule,
         )
+
+    def train_step_jit(self, shardings, step: int):
+        """The step of `step`'s phase, jitted (not yet compiled) with the state's shardings:
+        `(state, batch, perceptual) -> (state, metrics)`, the state donated. Call or lower it
+        under `parallel.use_mesh(self.mesh, self.rules)`."""
+        step_fn = self.step_fn(step)
         replicated = parallel.replicated(self.mesh)
         return jax.jit(
             step_fn,

@@ -83,11 +83,10 @@ class Stage2:
     def create_state(self, seed: int):
         return parallel.create_state(self.init_state, self.mesh, self.rules, seed)
 
-    def train_step_jit(self, shardings):
-        """The step jitted (not yet compiled) with the state's shardings: `(state, batch,
-        tokenizer variables) -> (state, metrics)`, the state donated. Call or lower it under
-        `parallel.use_mesh(self.mesh, self.rules)`."""
-        fn = functools.partial(
+    def step_fn(self):
+        """The train step, not jitted: `(state, batch, tokenizer variables) -> (state,
+        metrics)`."""
+        return functools.partial(
             train_step,
             model=self.model,
             tokenizer=self.tokenizer,
@@ -95,6 +94,12 @@ class Stage2:
             settings=self.settings,
             lr_schedule=self.schedule,
         )
+
+    def train_step_jit(self, shardings):
+        """The step jitted (not yet compiled) with the state's shardings: `(state, batch,
+        tokenizer variables) -> (state, metrics)`, the state donated. Call or lower it under
+        `parallel.use_mesh(self.mesh, self.rules)`."""
+        fn = self.step_fn()
         replicated = parallel.replicated(self.mesh)
         return jax.jit(
             fn,
