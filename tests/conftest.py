@@ -60,6 +60,13 @@ SLOW_TESTS = {
     "test_reconstruct.py::test_output_inside_input_is_not_read_back",
     "test_reconstruct.py::test_single_file_input_and_rerun_overwrites",
     "test_checkpoint.py::test_kill_during_async_save_keeps_the_last_checkpoint",
+    "test_discriminator.py::test_gradients_finite",
+    "test_vitvqgan.py::test_paper_presets_256_to_32x32_codes_and_back",
+    "test_vim.py::test_features_and_config",
+    "test_kmeans.py::test_fewer_latents_than_codes_gives_distinct_codes_near_the_latents",
+    "test_quantizer.py::test_codes_and_latents_have_unit_norm",
+    "test_metrics.py::test_metrics_are_per_example",
+    "test_perceptual.py::test_gradients_flow_to_images_not_weights",
 }
 # Cheap tests of the slow modules that stay in the fast tier, so that it exercises the
 # modules those cover (the loop, the distributed settings, URL paths, the export command, the
