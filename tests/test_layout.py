@@ -119,6 +119,20 @@ def _deferred_without_reason(path: pathlib.Path) -> list[int]:
     return missing
 
 
+def test_stage_builders_load_no_input_writer_or_loop_code():
+    code = (
+        "import sys\n"
+        "import vitvq.train.stage1_build, vitvq.train.stage2_build\n"
+        "print(sorted(m for m in sys.modules if m.startswith(("
+        "'vitvq.data', 'vitvq.train.writers', 'vitvq.train.loop', 'vitvq.train.common', "
+        "'vitvq.checkpoint', 'ml_collections', 'clu', 'tensorflow'))))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr[-2000:]
+
+
 def test_imports_inside_functions_say_why_they_are_deferred():
     missing = {}
     for path in sorted(PACKAGE.rglob("*.py")):

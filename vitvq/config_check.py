@@ -34,12 +34,12 @@ from vitvq.models.vim import VIM_CONFIG_KEYS, VIM_PRESETS
 from vitvq.models.vit import POSEMB_KINDS
 from vitvq.models.vitvqgan import BACKBONES, OUTPUT_KINDS
 from vitvq.parallel import MESH_AXES
+from vitvq.train import stage1_build
 
 TRAINERS = ("vitvqgan", "vim", "pipeline")
-# config.dtype (vitvq.train.stage1.DTYPES maps these names to jnp types) and config.trainable
-# (vitvq.train.stage1 reads both from here).
-DTYPES = ("bfloat16", "float16", "float32")
-TRAINABLE = ("all", "decoder")
+# config.dtype and config.trainable: the names the stage-1 builder knows.
+DTYPES = tuple(stage1_build.DTYPES)
+TRAINABLE = stage1_build.TRAINABLE
 IN_MEMORY_SOURCES = ("digits", "photos", "synthetic")  # the sources dataset.crop_scale applies to
 MAX_SEED = 2**32 - 1  # jax.random.key keeps the low 32 bits: larger seeds alias smaller ones
 

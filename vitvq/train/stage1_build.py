@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from vitvq import config_check, losses, parallel
+from vitvq import losses, parallel
 from vitvq.errors import ConfigError
 from vitvq.models.discriminator import discriminator_from_config
 from vitvq.models.perceptual import lpips_fn
@@ -32,11 +32,11 @@ from vitvq.train.stage1_step import (
 
 logger = logging.getLogger(__name__)
 
-# config.dtype: the compute dtype (the names are vitvq/config_check.py's).
-DTYPES = {name: getattr(jnp, name) for name in config_check.DTYPES}
+# config.dtype: the compute dtype, by name (vitvq.config_check checks the names from here).
+DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}
 # config.trainable: which generator parameters train. "decoder": the encoder and the quantizer
 # (its projection and codebook) are frozen, the code projection up and the decoder train.
-TRAINABLE = config_check.TRAINABLE
+TRAINABLE = ("all", "decoder")
 FROZEN_FOR_DECODER = ("enc", "quantizer")
 
 
