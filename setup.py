@@ -25,6 +25,7 @@ setup(
         "scikit-image>=0.24,<0.27",
         "scikit-learn>=1.5,<2",
         "pillow>=10",
+        "matplotlib>=3.8,<4",  # curves.png of each run
         "absl-py>=2.1",
     ],
     extras_require={

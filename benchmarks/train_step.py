@@ -56,6 +56,18 @@ def _preset(spec):
 S = _preset(TRANSFORMER_PRESETS["S"])  # the paper's sizes (docs/paper.md)
 
 
+def _loop(batch_size, num_classes=0):
+    """The loop and data keys every training config has (the step benchmark reads none)."""
+    return dict(
+        eval_batch_size=batch_size,
+        log_every_steps=100,
+        eval_every_steps=5_000,
+        checkpoint_every_steps=1_000,
+        keep_checkpoints=3,
+        dataset=dict(name="synthetic", num_classes=num_classes),
+    )
+
+
 def stage1_preset(
     encoder, decoder, *, image_size, batch_size, dtype, codebook_size=8192, code_dim=32, **loss
 ):
@@ -65,6 +77,7 @@ def stage1_preset(
     optimizer = dict(lr=1e-4, end_lr=5e-5, warmup_steps=50_000, b1=0.9, b2=0.99)
     optimizer.update(weight_decay=1e-4, grad_clip_norm=0.0, codebook_lr_multiplier=1.0)
     return dict(
+        _loop(batch_size),
         trainer="vitvqgan",
         seed=0,
         total_steps=500_000,
@@ -110,6 +123,7 @@ def stage1_preset(
 def stage2_preset(vim, tokenizer, *, batch_size, dtype, num_classes=1000):
     """A stage-2 config as a plain dict, with the stage-1 config of its (random) tokenizer."""
     return dict(
+        _loop(batch_size, num_classes),
         trainer="vim",
         seed=0,
         total_steps=450_000,
@@ -118,7 +132,6 @@ def stage2_preset(vim, tokenizer, *, batch_size, dtype, num_classes=1000):
         dtype=dtype,
         mesh=dict(data=-1, fsdp=1, tensor=1),
         axis_rules=None,
-        dataset=dict(num_classes=num_classes),
         model=vim,
         class_dropout=0.1,
         optimizer=dict(
@@ -131,6 +144,7 @@ def stage2_preset(vim, tokenizer, *, batch_size, dtype, num_classes=1000):
             weight_decay=0.0,
             grad_clip_norm=0.0,
         ),
+        sampling=dict(temperature=1.0, top_k=0, top_p=1.0, cfg_scale=1.0, num_per_class=8),
         tokenizer=tokenizer,
     )
 
@@ -243,20 +257,12 @@ def _parse_value(text: str, current):
         return text
 
 
-class Attr(dict):
-    """A read-only attribute view of a plain dict, read by the stage builders as they read a
-    ConfigDict (`config.loss.l2`, `config.get(...)`, `config.model.to_dict()`): the benchmark
-    needs no ml_collections."""
+def check(cfg: dict, trainer: str):
+    """A preset or config file's plain dict as the trainers' checked settings
+    (`vitvq.config_check.check`: the same rules, one-line errors); no ml_collections."""
+    from vitvq import config_check
 
-    def __getattr__(self, key):
-        try:
-            value = self[key]
-        except KeyError:
-            raise AttributeError(key) from None
-        return Attr(value) if isinstance(value, dict) else value
-
-    def to_dict(self) -> dict:
-        return {k: dict(v) if isinstance(v, dict) else v for k, v in self.items()}
+    return config_check.check(cfg, trainer=trainer)
 
 
 # --- hand count of the matmul FLOPs -------------------------------------------------------
@@ -424,7 +430,7 @@ def build_stage1(cfg, mesh, phase_step):
     from vitvq.train.stage1_build import Stage1
 
     # The benchmark times training steps: no LPIPS for evaluation.
-    trainer = Stage1(Attr({**cfg, "eval_lpips": False}), mesh)
+    trainer = Stage1(check(cfg, "vitvqgan").replace(eval_lpips=False), mesh)
     step = steady_step(trainer.settings) if phase_step is None else phase_step
     # The k-means codebook fit runs once, in a run's first applied update, under a lax.cond;
     # XLA's cost analysis counts both branches of a cond, so the steady-state step measured
@@ -483,7 +489,7 @@ def build_stage2(cfg, mesh, tokenizer_spec=None, tokenizer=None):
         tok_vars = jax.jit(
             lambda k: parallel.unbox(tokenizer.init(k, jnp.zeros((1, size, size, 3), jnp.float32)))
         )(jax.random.key(2))
-    config = Attr({"dataset": {}, **cfg, "image_size": None})
+    config = check(cfg, "vim").replace(image_size=None)
     trainer = Stage2(config, mesh, tokenizer=({}, tokenizer, tok_vars))
     hand = stage2_train_flops(trainer.model, tokenizer, cfg["batch_size"])
     info = {

@@ -240,7 +240,7 @@ def test_unwritable_workdir_is_a_clear_error_at_start(env, tmp_path):
         parent.mkdir()
         parent.chmod(0o500)
     rc, log = run(env, parent / "run")
-    assert "Compiling" not in log and "generator parameters" not in log  # before building
+    assert "Compiling" not in log and "M parameters on" not in log  # before building
     assert rc == 2, log[-3000:]
     line = error_line(log)
     assert "workdir" in line and str(parent / "run") in line

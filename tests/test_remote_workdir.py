@@ -208,7 +208,7 @@ def compilation_cache(tmp_path):
 
 
 def test_train_resume_and_export_from_a_url_workdir(
-    tmp_path, monkeypatch, caplog, compilation_cache, bucket
+    tmp_path, monkeypatch, capsys, compilation_cache, bucket
 ):
     """Stage 1 with --workdir=ram://bucket/run (orbax in its GCS mode), then a resume."""
     RUN = f"{bucket}/run"
@@ -240,9 +240,9 @@ def test_train_resume_and_export_from_a_url_workdir(
 
     with config.unlocked():
         config.total_steps = 3
-    with caplog.at_level("INFO", logger="vitvq.train.common"):
-        stage1.train_and_evaluate(config, RUN)
-    assert "Resumed from the checkpoint of step 2" in caplog.text
+    capsys.readouterr()
+    stage1.train_and_evaluate(config, RUN)
+    assert "Resumed from the checkpoint of step 2" in capsys.readouterr().out  # the console
     rows = [json.loads(line) for line in paths.read_text(f"{RUN}/metrics.jsonl").splitlines()]
     trained = [r["step"] for r in rows if "train/loss/total" in r]
     assert trained == [1, 2, 3]  # the resumed run continued at step 3, appending

@@ -41,7 +41,7 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from vitvq import cli, paths
+from vitvq import cli, console, paths, quiet
 from vitvq.aot_report import Report, format_report, out_of_memory
 from vitvq.errors import ConfigError, VitvqError
 
@@ -195,12 +195,14 @@ def check(
     from vitvq import config_check, memory, parallel
 
     hbm = hbm_bytes(devices[0].device_kind, hbm_gib)
-    config_check.validate(config, trainer=config.trainer, num_devices=len(devices))
+    hosts = len({d.process_index for d in devices})
+    # Every key once, the mesh and the batch sizes against the pod's chips and hosts too.
+    config = config_check.check(
+        config, trainer=config.trainer, num_devices=len(devices), process_count=hosts
+    )
     if config.trainer not in ("vitvqgan", "vim"):
         raise ConfigError(f"config.trainer={config.trainer!r}: only training stages 1 and 2")
     mesh = parallel.make_mesh(config.mesh, devices)
-    hosts = len({d.process_index for d in devices})
-    parallel.validate_batch(config.batch_size, mesh, hosts)
     if config.trainer == "vim":
         tok_config, source = tokenizer_config_of(config, tokenizer_config)
         trainer = memory.build_trainer(config, mesh, tokenizer_config=tok_config)
@@ -211,9 +213,10 @@ def check(
         phase = f"stage 1, step {step}: {_stage1_terms(trainer, step)}"
     start, compiled, oom = time.perf_counter(), None, None
     try:
-        compiled = memory.step_memory(
-            trainer, step=step or 1, fast=False, batch_size=config.batch_size
-        )
+        with console.Elapsed(f"compiling the train step for {topology} ({len(devices)} chips)"):
+            compiled = memory.step_memory(
+                trainer, step=step or 1, fast=False, batch_size=config.batch_size
+            )
     except Exception as err:  # the compiler's JaxRuntimeError
         oom = out_of_memory(err, time.perf_counter() - start)
         if oom is None:
@@ -318,6 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _parse(fv, list(sys.argv if argv is None else argv))
     config = _load(fv, "config")
     tokenizer_config = _load(fv, "tokenizer_config") if config.trainer == "vim" else None
+    quiet.startup()
     with cli.user_errors():
         report = check(
             config,

@@ -1,4 +1,8 @@
-"""Checks every training config value before anything is built or compiled.
+"""Checks every training config value once, before anything is built or compiled.
+
+`check(config)` is the entry point: it validates the config (and, given the device and
+process counts, the batch sizes against the mesh) and returns it frozen as
+`vitvq.settings.Settings`, which everything past it reads without checking a key again.
 
 `validate(config)` walks declarative tables of rules: one row per key (its type, range or
 allowed values), plus the checks that relate keys (heads that divide the width, a patch
@@ -25,6 +29,7 @@ import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from vitvq import parallel
 from vitvq.data.pipeline import KNOWN_SOURCES
 from vitvq.errors import ConfigError
 from vitvq.losses import GAN_LOSS_KINDS
@@ -34,6 +39,7 @@ from vitvq.models.vim import VIM_CONFIG_KEYS, VIM_PRESETS
 from vitvq.models.vit import POSEMB_KINDS
 from vitvq.models.vitvqgan import BACKBONES, OUTPUT_KINDS
 from vitvq.parallel import MESH_AXES
+from vitvq.settings import Settings
 from vitvq.train import stage1_build
 
 TRAINERS = ("vitvqgan", "vim", "pipeline")
@@ -651,3 +657,38 @@ def validate(
                 "configs/demo.py"
             )
         validate(vim, trainer="vim", num_devices=num_devices, prefix=f"{prefix}.vim")
+
+
+def check(
+    config: Any,
+    *,
+    trainer: str | None = None,
+    num_devices: int | None = None,
+    process_count: int | None = None,
+    prefix: str = "config",
+) -> Settings:
+    """`config` checked against every rule, as frozen `Settings` (already checked settings
+    are returned as they are: a rule runs once).
+
+    trainer: the rules of "vitvqgan", "vim" or "pipeline" (default: `config.trainer`).
+    num_devices: also checks that `config.mesh` fits this many devices, and with
+    `process_count` that each batch size splits over the mesh's batch shards and the
+    processes.
+    """
+    if isinstance(config, Settings) and config.checked:
+        return config
+    validate(config, trainer=trainer, num_devices=num_devices, prefix=prefix)
+    if num_devices is not None and process_count is not None:
+        _check_batches(config, num_devices, process_count, prefix)
+        if (trainer or config.get("trainer")) == "pipeline":
+            _check_batches(config.vim, num_devices, process_count, f"{prefix}.vim")
+    return Settings(config, checked=True)
+
+
+def _check_batches(config: Any, num_devices: int, process_count: int, prefix: str) -> None:
+    data, fsdp, _ = parallel.mesh_shape(config.mesh, num_devices)
+    for key in ("batch_size", "eval_batch_size"):
+        try:
+            parallel.check_batch(config[key], data, fsdp, process_count)
+        except ConfigError as e:  # its message says config.batch_size: name the real key
+            raise ConfigError(str(e).replace("config.batch_size", f"{prefix}.{key}")) from None

@@ -59,6 +59,7 @@ import sys
 import threading
 import time
 
+from vitvq import console
 from vitvq.errors import VitvqError, caused_by
 
 logger = logging.getLogger(__name__)
@@ -671,13 +672,13 @@ def log_topology() -> None:
 
     settings = _state["settings"]
     devices = jax.local_devices()
-    logger.info(
-        "process %d of %d (%s); %d local / %d global devices (%s); local device ids %s",
-        jax.process_index(),
-        jax.process_count(),
-        settings.source() if settings else "one process",
-        len(devices),
-        jax.device_count(),
-        devices[0].platform,
-        [d.id for d in devices],
+    line = (
+        f"process {jax.process_index()} of {jax.process_count()} "
+        f"({settings.source() if settings else 'one process'}); {len(devices)} local / "
+        f"{jax.device_count()} global devices ({devices[0].platform}); local device ids "
+        f"{[d.id for d in devices]}"
     )
+    if jax.process_count() > 1:  # on the console: which process is which, on every host
+        console.say(line)
+    else:  # one process: the stage's first line says where it runs
+        logger.info("%s", line)

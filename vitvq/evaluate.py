@@ -12,12 +12,11 @@ Prints one JSON object as the last line and writes it to --output when given.
 from __future__ import annotations
 
 import json
-import logging
 import sys
 
 from absl import app, flags
 
-from vitvq import cli
+from vitvq import cli, console, quiet
 from vitvq.cli import dataset_config
 from vitvq.errors import InputError
 
@@ -58,19 +57,39 @@ def run(bundle_path: str, dataset: dict, **options) -> dict[str, float]:
         inception = fid_lib.load_inception(options["inception_weights"])
     else:
         print(fid_lib.FID_WEIGHTS_HELP, file=sys.stderr)
+    num_examples = options.get("num_examples")
     batches = data_lib.eval_batches(
         dataset,
         image_size=tok.image_size,
         global_batch_size=batch_size,
-        num_examples=options.get("num_examples"),
+        num_examples=num_examples,
     )
-    return evaluate_tokenizer(tok, batches, lpips=lpips, inception=inception)
+    total = data_lib.dataset_info(dataset)["num_eval"]
+    total = min(total, num_examples) if num_examples else total
+    return evaluate_tokenizer(tok, _counted(batches, total), lpips=lpips, inception=inception)
+
+
+def _counted(batches, total: int):
+    """`batches`, with a progress line (images done of `total`, ETA) on a terminal."""
+    # deferred: NumPy; keeps --help and flag errors fast
+    import numpy as np
+
+    progress = console.Progress("evaluating", total, stream=sys.stderr)
+    done = 0
+    try:
+        for batch in batches:
+            yield batch
+            real = batch.get("mask")
+            done += int(np.sum(real)) if real is not None else len(batch["image"])
+            progress.update(min(done, total))
+    finally:
+        progress.close()
 
 
 def main(argv):
     cli.no_extra_args(argv)
     cli.require_flags("bundle", "dataset")
-    logging.getLogger().setLevel(logging.WARNING)
+    quiet.startup()
     with cli.user_errors():
         result = run(
             _BUNDLE.value,

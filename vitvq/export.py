@@ -14,11 +14,11 @@ A user error (missing workdir, no checkpoint, bad flag) prints one line and exit
 
 from __future__ import annotations
 
-import logging
+import sys
 
 from absl import app, flags
 
-from vitvq import cli, distributed
+from vitvq import cli, console, distributed, quiet
 from vitvq.train.export import export
 
 
@@ -36,17 +36,23 @@ def define_flags() -> None:
 def main(argv):
     cli.no_extra_args(argv)
     cli.require_flags("workdir", "output")
-    logging.getLogger().setLevel(logging.INFO)
+    quiet.startup()
     with cli.user_errors():
         distributed.initialize_if_configured()
-        path = export(
-            flags.FLAGS.workdir,
-            flags.FLAGS.output,
-            dtype=flags.FLAGS.dtype,
-            step=flags.FLAGS.step,
-            vim_workdir=flags.FLAGS.vim_workdir,
-            overwrite=flags.FLAGS.overwrite,
-        )
+        parts = 3 if flags.FLAGS.vim_workdir else 2  # the checkpoints read, the bundle written
+        progress = console.Progress("exporting", parts, stream=sys.stderr)
+        try:
+            path = export(
+                flags.FLAGS.workdir,
+                flags.FLAGS.output,
+                dtype=flags.FLAGS.dtype,
+                step=flags.FLAGS.step,
+                vim_workdir=flags.FLAGS.vim_workdir,
+                overwrite=flags.FLAGS.overwrite,
+                on_part=lambda: progress.update(progress.step + 1),
+            )
+        finally:
+            progress.close()
         distributed.finish()  # ended normally: the other processes stop watching this one
         if path is not None:
             print(f"wrote {path}")

@@ -10,14 +10,13 @@ settings) prints one line and exits with status 2; a process whose peer died pri
 and exits with status 3 (`distributed.PEER_FAILURE_EXIT_CODE`).
 """
 
-import logging
 import os
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from vitvq import distributed, preemption
+from vitvq import distributed, preemption, quiet
 from vitvq.errors import ConfigError, VitvqError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
@@ -70,11 +69,6 @@ def default_workdir(config_arg: str) -> str:
         safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in "_".join(settings))
         return os.path.join("runs", name, safe)
     return os.path.join("runs", name)
-
-
-def _quiet_libraries(record: logging.LogRecord) -> bool:
-    """Drops the INFO chatter of orbax (several lines per save) from the console."""
-    return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
 
 
 def _one_line(error: BaseException) -> str:
@@ -130,9 +124,9 @@ def main(argv):
         reason = str(e).strip().splitlines()[-1].strip()  # e.g. "[Errno 2] No such file ..."
         _exit_with(f"cannot load --config={flags.FLAGS['config'].config_filename}: {reason}")
     workdir = _WORKDIR.value or default_workdir(flags.FLAGS["config"].config_filename)
-    logging.getLogger().setLevel(logging.INFO)
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(_quiet_libraries)
+    # The console shows progress lines (vitvq.console) and warnings; --verbosity=1 (absl's
+    # flag) brings back the libraries' INFO log lines (clu's metric lines, orbax, ...).
+    quiet.startup()
     try:
         distributed.initialize_if_configured(
             coordinator=_COORDINATOR.value,
@@ -151,8 +145,14 @@ def main(argv):
                 f"unknown config.trainer {config.trainer!r}; expected one of "
                 f"{sorted(config_check.TRAINERS)}"
             )
-        # Every value, before the trainers (and TensorFlow) are even imported.
-        config_check.validate(config, trainer=config.trainer, num_devices=jax.device_count())
+        # Every value, once, before the trainers (and TensorFlow) are even imported; the
+        # trainers read these frozen settings and check nothing again.
+        config = config_check.check(
+            config,
+            trainer=config.trainer,
+            num_devices=jax.device_count(),
+            process_count=jax.process_count(),
+        )
         trainers = _trainers()
 
         # SIGTERM from here on: checkpoint after the step in flight and exit 0.

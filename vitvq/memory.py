@@ -15,7 +15,6 @@ TPU topology's compile-only devices (`vitvq.aot`) gives the TPU compiler's figur
     step = memory.step_memory(trainer, batch_size=256)      # ... for a global batch
 """
 
-import copy
 import dataclasses
 import math
 import time
@@ -25,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
-from vitvq import parallel
+from vitvq import config_check, parallel
 from vitvq.models.vitvqgan import build_vitvqgan
 from vitvq.train.stage1_build import Stage1
 from vitvq.train.stage2_build import Stage2
@@ -303,6 +302,7 @@ def build_trainer(config, mesh, tokenizer_config=None, perceptual: bool = True):
     configs/vitvq_small.py's) instead of a bundle. `perceptual=False` leaves out the LPIPS
     network (not part of the state; only the stage-1 train step needs it).
     """
+    config = config_check.check(config)  # already checked settings pass as they are
     if config.trainer == "vim":
         if tokenizer_config is None:
             raise ValueError("a stage-2 config needs tokenizer_config (a stage-1 config)")
@@ -313,7 +313,4 @@ def build_trainer(config, mesh, tokenizer_config=None, perceptual: bool = True):
         return trainer
     if perceptual:
         return Stage1(config, mesh)
-    lean = copy.deepcopy(config)
-    lean.loss.perceptual = 0.0
-    lean.eval_lpips = False
-    return Stage1(lean, mesh)
+    return Stage1(config.replace("loss.perceptual", 0.0, eval_lpips=False), mesh)

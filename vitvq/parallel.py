@@ -268,13 +268,18 @@ def validate_batch(global_batch_size: int, mesh: Mesh, process_count: int | None
     """Raises ConfigError unless the global batch splits evenly over devices and processes."""
     if process_count is None:
         process_count = jax.process_count()
-    ways = batch_ways(mesh)
+    check_batch(global_batch_size, mesh.shape["data"], mesh.shape["fsdp"], process_count)
+
+
+def check_batch(global_batch_size: int, data: int, fsdp: int, process_count: int) -> None:
+    """`validate_batch` for a mesh of `data` x `fsdp` batch shards, given by its sizes."""
+    ways = data * fsdp
     if global_batch_size <= 0:
         raise ConfigError(f"config.batch_size must be positive, got {global_batch_size}.")
     if global_batch_size % ways:
         raise ConfigError(
             f"config.batch_size {global_batch_size} is not divisible by the {ways} batch shards "
-            f"of the mesh (data {mesh.shape['data']} x fsdp {mesh.shape['fsdp']})."
+            f"of the mesh (data {data} x fsdp {fsdp})."
         )
     if global_batch_size % process_count:
         raise ConfigError(

@@ -27,7 +27,7 @@ import sys
 
 from absl import app, flags
 
-from vitvq import cli
+from vitvq import cli, console, quiet
 from vitvq.errors import InputError
 
 
@@ -135,15 +135,19 @@ def split_features(features, dataset: dict, split: str, cache: FeatureCache, **o
         split=split,
         start_batch=done,
     )
-    for index, batch in enumerate(batches, start=done):
-        keep = batch["mask"] > 0
-        images = np.round(batch["image"][keep] * 255.0).astype(np.uint8)
-        f, y = features(images), batch["label"][keep].astype(np.int32)
-        cache.save(split, index, f, y)
-        feats.append(f)
-        labels.append(y)
-        if (index + 1) % 10 == 0 or index + 1 == num_batches:
-            print(f"{split}: {index + 1}/{num_batches} batches", file=stream, flush=True)
+    # On a terminal: batches done, rate and ETA; elsewhere quiet (the cache says where it is).
+    progress = console.Progress(f"{split} features, batch", num_batches, start=done, stream=stream)
+    try:
+        for index, batch in enumerate(batches, start=done):
+            keep = batch["mask"] > 0
+            images = np.round(batch["image"][keep] * 255.0).astype(np.uint8)
+            f, y = features(images), batch["label"][keep].astype(np.int32)
+            cache.save(split, index, f, y)
+            feats.append(f)
+            labels.append(y)
+            progress.update(index + 1)
+    finally:
+        progress.close()
     if not feats:
         return np.zeros((0, features.width), np.float32), np.zeros((0,), np.int32)
     return np.concatenate(feats), np.concatenate(labels)
@@ -198,6 +202,7 @@ def main(argv):
     cli.no_extra_args(argv)
     cli.require_flags("bundle", "dataset")
     f = flags.FLAGS
+    quiet.startup()
     with cli.user_errors():
         result = run(
             f.bundle,

@@ -34,9 +34,9 @@ import numpy as np
 from absl import flags
 from PIL import Image
 
-from vitvq import cli
+from vitvq import cli, console, quiet
 from vitvq.errors import DataError
-from vitvq.images import fit_square, list_images, read_image
+from vitvq.images import fit_square, list_images, psnr, read_image
 
 METRICS_FILE = "metrics.csv"
 SUMMARY_FILE = "summary.json"
@@ -65,13 +65,6 @@ def define_flags(flag_values: flags.FlagValues) -> flags.FlagValues:
 
 
 # --- metrics -------------------------------------------------------------------------------
-
-
-def psnr(original: np.ndarray, reconstruction: np.ndarray) -> float:
-    """PSNR in dB of two uint8 images (data range 255); inf when they are identical."""
-    diff = original.astype(np.float64) - reconstruction.astype(np.float64)
-    mse = float(np.mean(diff * diff))
-    return math.inf if mse == 0.0 else 10.0 * math.log10(255.0**2 / mse)
 
 
 def ssim(original: np.ndarray, reconstruction: np.ndarray) -> float:
@@ -119,38 +112,6 @@ class Summary:
             "mean_psnr": finite(self.mean_psnr),
             "mean_ssim": finite(self.mean_ssim),
         }
-
-
-class Progress:
-    """`\\r[#####     ] 12/40` on a stream; messages are printed on their own lines."""
-
-    def __init__(self, total: int, stream: TextIO, width: int = 30):
-        self.total, self.stream, self.width, self.done = total, stream, width, 0
-        self._shown = False
-
-    def _line(self) -> str:
-        filled = self.width * self.done // max(self.total, 1)
-        return f"[{'#' * filled}{' ' * (self.width - filled)}] {self.done}/{self.total}"
-
-    def update(self, done: int) -> None:
-        self.done = done
-        self.stream.write("\r" + self._line())
-        self.stream.flush()
-        self._shown = True
-
-    def message(self, text: str) -> None:
-        if self._shown:
-            self.stream.write("\r" + " " * len(self._line()) + "\r")
-        self.stream.write(text + "\n")
-        if self._shown:
-            self.stream.write(self._line())
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self._shown:
-            self.stream.write("\n")
-            self.stream.flush()
-        self._shown = False
 
 
 def relative_name(path: pathlib.Path, root: pathlib.Path) -> str:
@@ -235,7 +196,7 @@ def reconstruct_files(
     size = tokenizer.image_size
     names = _Names()
     summary = Summary(results=[], failed=[])
-    progress = Progress(len(paths), stream)
+    progress = console.Progress("reconstructing", len(paths), stream=stream)
     batch: list[tuple[str, np.ndarray]] = []
 
     def flush():
@@ -251,13 +212,12 @@ def reconstruct_files(
         batch.clear()
 
     done = 0
-    progress.update(0)
     try:
         for path, image, reason in _read_ahead(paths, size, ahead=max(2 * batch_size, 8)):
             file = relative_name(path, root)
             if image is None:
                 summary.failed.append({"file": file, "reason": reason})
-                progress.message(f"skipped {path}: {reason}")
+                console.say(f"skipped {path}: {reason}", stream=stream)
                 done += 1
                 progress.update(done)
                 continue
@@ -368,6 +328,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     flag_values = define_flags(flags.FlagValues())
     _parse(flag_values, list(sys.argv if argv is None else argv))
     output = pathlib.Path(flag_values["output"].value)
+    quiet.startup()
     with cli.user_errors():
         summary = run(
             flag_values["bundle"].value,

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from vitvq import cli
+from vitvq import cli, quiet
 from vitvq.errors import InputError
 
 
@@ -77,6 +77,7 @@ def rejection_knobs(sampler, rate: float, classifier: str | None, classes: str |
 def main(argv):
     cli.no_extra_args(argv)
     cli.require_flags("bundle", "output")
+    quiet.startup()
     with cli.user_errors():
         # deferred: JAX, NumPy and PIL; keeps --help and flag errors fast
         from vitvq.images import save_png

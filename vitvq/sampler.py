@@ -15,10 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vitvq import rejection, sampling
+from vitvq import console, rejection, sampling
 from vitvq.bundle import load_tokenizer_variables, load_vim_variables
 from vitvq.errors import InputError
-from vitvq.images import image_grid
+from vitvq.images import image_grid, label_rows
 from vitvq.tokenizer import Tokenizer
 
 
@@ -179,7 +179,8 @@ def load_sampler(path: str | os.PathLike, *, devices=None, verify: bool = True) 
 
 
 def sample_grid(sampler, *, num_samples, labels, seed, stream=sys.stderr, **knobs):
-    """uint8 grid: one row per label (conditional) or rows of 8 (unconditional)."""
+    """uint8 grid: one row per label (conditional, each row named by its class on the left)
+    or rows of 8 (unconditional)."""
     if num_samples < 1:
         raise InputError(f"--num_samples must be >= 1, got {num_samples}")
     if sampler.num_classes and labels is None:
@@ -191,14 +192,18 @@ def sample_grid(sampler, *, num_samples, labels, seed, stream=sys.stderr, **knob
         rows = [images[i : i + 8] for i in range(0, num_samples, 8)]
         columns = 8
     else:
+        progress = console.Progress("sampling classes", len(labels), stream=stream)
         for i, label in enumerate(labels):
             rows.append(sampler.sample(num_samples, label, seed=seed + i, **knobs))
-            done = i + 1
-            bar = "#" * (20 * done // len(labels))
-            print(f"\r[{bar:<20}] {done}/{len(labels)} classes", end="", file=stream)
-        print(file=stream)
+            progress.update(i + 1)
+        progress.close()
         columns = num_samples
     if len(rows) > 1 and len(rows[-1]) < len(rows[0]):  # pad the last unconditional row
         pad = np.ones((len(rows[0]) - len(rows[-1]), *rows[-1].shape[1:]), np.uint8) * 255
         rows[-1] = np.concatenate([rows[-1], pad])
-    return image_grid([r.astype(np.float32) / 255.0 for r in rows], max_columns=columns)
+    grid = image_grid([r.astype(np.float32) / 255.0 for r in rows], max_columns=columns)
+    if labels is None:
+        return grid
+    names = sampler.class_names or []
+    row_labels = [names[label] if label < len(names) else str(label) for label in labels]
+    return label_rows(grid, row_labels, sampler.image_size)

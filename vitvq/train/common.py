@@ -1,5 +1,5 @@
-"""Plumbing both trainers share: config checks of the loop, sharded state creation, the
-workdir, checkpoint restore and the training batches.
+"""Plumbing both trainers share: the workdir, checkpoint restore, the training and eval
+batches and the loop's run. Everything here reads checked settings (`vitvq.settings`).
 """
 
 import json
@@ -9,26 +9,25 @@ from typing import Any
 
 import jax
 
+from vitvq import config_check, console, distributed, paths
 from vitvq import data as data_lib
-from vitvq import distributed, parallel, paths
+from vitvq import settings as settings_lib
 from vitvq.checkpoint import Checkpointer
 from vitvq.errors import ConfigError
+from vitvq.settings import Settings
+from vitvq.train import curves
 
 logger = logging.getLogger(__name__)
 
 
-def check_loop_config(config, mesh) -> None:
-    """Batches that divide over the mesh, a non-negative step count, positive intervals."""
-    for key in ("batch_size", "eval_batch_size"):
-        try:
-            parallel.validate_batch(config[key], mesh, jax.process_count())
-        except ConfigError as e:  # its message says config.batch_size: name the real key
-            raise ConfigError(str(e).replace("config.batch_size", f"config.{key}")) from None
-    if config.total_steps < 0:
-        raise ConfigError(f"total_steps must be >= 0, got {config.total_steps}")
-    for key in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps"):
-        if config[key] <= 0:
-            raise ConfigError(f"{key} must be positive, got {config[key]}")
+def checked(config, trainer: str, mesh=None) -> Settings:
+    """`config` checked once (`vitvq.config_check.check`: every key, the mesh against the
+    devices, the batch sizes against the mesh and the processes); settings already checked
+    pass as they are."""
+    num_devices = mesh.devices.size if mesh is not None else jax.device_count()
+    return config_check.check(
+        config, trainer=trainer, num_devices=num_devices, process_count=jax.process_count()
+    )
 
 
 def prepare_workdir(config, workdir: str) -> None:
@@ -40,7 +39,7 @@ def prepare_workdir(config, workdir: str) -> None:
     try:
         paths.makedirs(workdir)
         if jax.process_index() == 0:
-            text = config.to_json_best_effort(indent=2)
+            text = settings_lib.Settings(config).to_json(indent=2)
             paths.write_text(paths.join(workdir, "config.json"), text)
     except OSError as e:
         reason = f"[Errno {e.errno}] {e.strerror}" if e.strerror else str(e)
@@ -48,6 +47,26 @@ def prepare_workdir(config, workdir: str) -> None:
             f"cannot write to the workdir {paths.absolute(workdir)} ({reason}): choose a "
             "writable --workdir"
         ) from e
+
+
+def say_size(title: str, num_params: int, mesh) -> None:
+    """The console's first line of a stage (process 0): its size and where it runs."""
+    if jax.process_index() == 0:
+        platform = mesh.devices.flat[0].platform
+        console.say(
+            f"{title}: {num_params / 1e6:.2f}M parameters on {mesh.size} {platform} "
+            f"device(s), mesh {dict(mesh.shape)}"
+        )
+
+
+def curves_writer(workdir: str, panels, title: str) -> Callable[[int], None]:
+    """`after_eval(step)` for the loop: process 0 redraws `workdir`/curves.png."""
+
+    def after_eval(step: int) -> None:
+        if jax.process_index() == 0:
+            curves.write_curves(workdir, panels, f"{title} ({workdir}), step {step}")
+
+    return after_eval
 
 
 def open_checkpointer(config, workdir: str) -> Checkpointer:
@@ -69,7 +88,7 @@ def restore_or_start(
     if restored is None:
         return start()
     state, step = restored
-    logger.info("Resumed from the checkpoint of step %d in %s.", step, workdir)
+    console.say(f"Resumed from the checkpoint of step {step} in {workdir}.")
     return state
 
 

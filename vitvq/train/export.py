@@ -13,6 +13,7 @@ last; see `vitvq.bundle.write_bundle`).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -45,8 +46,14 @@ def export(
     step: int | None = None,
     vim_workdir: str | None = None,
     overwrite: bool = False,
+    on_part: Callable[[], None] | None = None,
 ):
-    """Writes the bundle of `workdir`'s checkpoint `step` (default: newest); returns its path."""
+    """Writes the bundle of `workdir`'s checkpoint `step` (default: newest); returns its path.
+
+    `on_part()` is called after each part of the work: the tokenizer's checkpoint read, the
+    VIM's (with `vim_workdir`), the bundle written and verified (a command's progress line).
+    """
+    on_part = on_part or (lambda: None)
 
     config = restore.load_workdir_config(workdir)
     if config.get("trainer") != "vitvqgan":
@@ -55,6 +62,7 @@ def export(
             "(ViT-VQGAN, trainer 'vitvqgan') run"
         )
     generator = restore.read_generator(workdir, step)
+    on_part()
     tokenizer = {
         "model": config.model.to_dict(),
         "image_size": int(config.image_size),
@@ -64,6 +72,7 @@ def export(
     }
     if vim_workdir:
         vim, vim_params, classes = _vim_export(vim_workdir, generator, config)
+        on_part()
     else:
         vim, vim_params, classes = None, None, classes_of(config)
     path = None
@@ -85,6 +94,7 @@ def export(
             bundle.load_vim_variables(path)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("vitvq.export")
+    on_part()
     logger.info(
         "Wrote %s: step %d, %s parameters, %s.",
         output,

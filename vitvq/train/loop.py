@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from clu import periodic_actions
 
-from vitvq import preemption
+from vitvq import console, preemption
 from vitvq.data import screen
 from vitvq.data.globalize import to_global
 from vitvq.errors import VitvqError
@@ -41,6 +41,12 @@ class Task:
     mesh: jax.sharding.Mesh
     evaluate: Callable[[Any], dict[str, float]] | None = None  # state -> eval metrics
     write_images: Callable[[Any, int], None] | None = None  # (state, step) -> PNG/summaries
+    # The console (process 0): the progress line's title and the training metrics it shows,
+    # and the evaluation metrics of each eval line ((key, label, format) each).
+    title: str = "train"
+    after_eval: Callable[[int], None] | None = None  # step -> e.g. redraw curves.png
+    progress_fields: tuple[console.Field, ...] = ()
+    eval_fields: tuple[console.Field, ...] = ()
 
 
 @dataclasses.dataclass
@@ -85,12 +91,40 @@ def _run(task: Task, settings: LoopSettings, checkpointer, writer) -> dict[str, 
     step = int(jax.device_get(state.step))
     total = settings.total_steps
     final_eval: dict[str, float] = {}
+    lead = jax.process_index() == 0
+
+    def show_eval(at: int, metrics: dict[str, float]) -> None:
+        logger.info("eval: %s", ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
+        if lead:
+            console.say(f"{task.title} " + console.eval_line(at, metrics, task.eval_fields))
+        if task.after_eval is not None:
+            task.after_eval(at)
+
     if step >= total:
-        logger.info("Step %d already reached total_steps=%d; nothing to train.", step, total)
+        if lead:
+            console.say(f"{task.title}: step {step} already reached total_steps={total}")
         if task.evaluate is not None:
             final_eval = task.evaluate(state)
             writer.write_scalars(step, {f"eval/{k}": v for k, v in final_eval.items()})
+            show_eval(step, final_eval)
         return final_eval
+
+    progress = (
+        console.Progress(task.title, total, start=step, fields=task.progress_fields)
+        if lead
+        else console.Silent()
+    )
+    try:
+        return _train(task, settings, checkpointer, writer, progress, show_eval)
+    finally:
+        progress.close()
+
+
+def _train(task, settings, checkpointer, writer, progress, show_eval) -> dict[str, float]:
+    state = task.state
+    step = int(jax.device_get(state.step))
+    total = settings.total_steps
+    final_eval: dict[str, float] = {}
 
     report = periodic_actions.ReportProgress(
         num_train_steps=total, writer=writer, every_steps=max(1, settings.log_every_steps)
@@ -116,6 +150,7 @@ def _run(task: Task, settings: LoopSettings, checkpointer, writer) -> dict[str, 
             scalars = {f"train/{k}": np.asarray(v) for k, v in values.items()}
             scalars["data/skipped_images"] = screen.skipped_images()  # unreadable files
             writer.write_scalars(done_step, scalars)
+            progress.update(done_step, {k: float(np.mean(v)) for k, v in values.items()})
 
     if preemption.requested():  # during startup: the state is the saved one (or a fresh init)
         logger.warning("Preemption notice before step %d: exiting without training.", step)
@@ -131,6 +166,7 @@ def _run(task: Task, settings: LoopSettings, checkpointer, writer) -> dict[str, 
             finish(*pending)
         pending = (step, metrics)
         report(step)
+        progress.update(step)
 
         if _due(step, settings.checkpoint_every_steps):
             checkpointer.save(step, state)
@@ -144,6 +180,7 @@ def _run(task: Task, settings: LoopSettings, checkpointer, writer) -> dict[str, 
         if task.evaluate is not None and (_due(step, settings.eval_every_steps) or step == total):
             final_eval = task.evaluate(state)
             writer.write_scalars(step, {f"eval/{k}": v for k, v in final_eval.items()})
+            show_eval(step, final_eval)
         if task.write_images is not None and (
             _due(step, settings.image_every_steps) or step == total
         ):

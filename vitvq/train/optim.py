@@ -1,4 +1,5 @@
-"""Optimizers and learning-rate schedules from the `optimizer` config blocks.
+"""Optimizers and learning-rate schedules from the `optimizer` blocks of checked settings
+(`vitvq.settings`: every key and range was checked there).
 
 Stage 1: AdamW with warmup + cosine decay (`make_optimizer`). Stage 2 (VIM): Adam with
 warmup to a constant rate, then exponential decay (`make_adam`).
@@ -7,8 +8,6 @@ warmup to a constant rate, then exponential decay (`make_adam`).
 import jax
 import jax.numpy as jnp
 import optax
-
-from vitvq.errors import ConfigError
 
 
 def warmup_cosine(lr: float, end_lr: float, warmup_steps: int, total_steps: int):
@@ -45,13 +44,6 @@ def warmup_exponential(
 
 def make_adam(ocfg, total_steps: int) -> tuple[optax.GradientTransformation, object]:
     """Adam (decoupled weight decay when `weight_decay` > 0) with `warmup_exponential`."""
-    for key in ("lr", "end_lr", "warmup_steps", "decay_start_step", "b1", "b2"):
-        if key not in ocfg:
-            raise ConfigError(f"optimizer config is missing {key!r}")
-    if ocfg.lr <= 0 or ocfg.end_lr <= 0:
-        raise ConfigError(
-            f"optimizer lr and end_lr must be positive, got {ocfg.lr} and {ocfg.end_lr}"
-        )
     schedule = warmup_exponential(
         ocfg.lr, ocfg.end_lr, ocfg.warmup_steps, ocfg.decay_start_step, total_steps
     )
@@ -73,11 +65,6 @@ def make_optimizer(ocfg, total_steps: int) -> tuple[optax.GradientTransformation
 
     Returns (transformation, schedule). `codebook_lr_multiplier` scales the codebook's updates.
     """
-    for key in ("lr", "end_lr", "warmup_steps", "b1", "b2", "weight_decay"):
-        if key not in ocfg:
-            raise ConfigError(f"optimizer config is missing {key!r}")
-    if ocfg.lr <= 0:
-        raise ConfigError(f"optimizer lr must be positive, got {ocfg.lr}")
     schedule = warmup_cosine(ocfg.lr, ocfg.end_lr, ocfg.warmup_steps, total_steps)
     parts = []
     if ocfg.get("grad_clip_norm", 0.0) > 0:

@@ -23,7 +23,7 @@ from vitvq import config_check, preemption
 from vitvq import data as data_lib
 from vitvq.data import sources
 from vitvq.evaluation import linear_probe, sample_quality
-from vitvq.images import image_grid, save_png
+from vitvq.images import caption_columns, image_grid, label_rows, psnr, save_png
 from vitvq.sampler import load_sampler, sample_grid
 from vitvq.train import stage1, stage2
 from vitvq.train.export import export
@@ -86,17 +86,18 @@ def _preempted(what: str) -> bool:
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
-    # Both stages' keys now: a bad VIM value must not wait for the tokenizer's training.
-    config_check.validate(config, trainer="pipeline", num_devices=jax.device_count())
+    # Both stages' keys now, once: a bad VIM value must not wait for the tokenizer's training.
+    config = config_check.check(
+        config,
+        trainer="pipeline",
+        num_devices=jax.device_count(),
+        process_count=jax.process_count(),
+    )
     tok_dir = os.path.join(workdir, "tokenizer")
     vim_dir = os.path.join(workdir, "vim")
     tok_bundle = os.path.join(workdir, "tokenizer_bundle")
     out_bundle = os.path.join(workdir, "bundle")
-    stage1_config = config.copy_and_resolve_references()
-    vim_config = stage1_config.vim
-    with stage1_config.unlocked():
-        del stage1_config["vim"]
-        stage1_config.trainer = "vitvqgan"
+    stage1_config = config.without("vim").replace(trainer="vitvqgan")
     start = time.time()
 
     t = _stage("1/5", f"training the tokenizer ({stage1_config.total_steps} steps) in {tok_dir}")
@@ -109,9 +110,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     if jax.process_index() == 0:
         export(tok_dir, tok_bundle, overwrite=True)
 
+    vim_config = config.vim.replace(tokenizer_bundle=tok_bundle)
     t = _stage("3/5", f"training the VIM ({vim_config.total_steps} steps) in {vim_dir}")
-    with vim_config.unlocked():
-        vim_config.tokenizer_bundle = tok_bundle
     vim_metrics = stage2.train_and_evaluate(vim_config, vim_dir)
     if _preempted("VIM"):
         return {}
@@ -126,7 +126,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     result.update({f"vim/{k}": v for k, v in vim_metrics.items()})
     if jax.process_index() == 0:
         sampler = load_sampler(out_bundle)
-        sc = vim_config.sampling
+        sc = config.vim.sampling
         grid = sample_grid(
             sampler,
             num_samples=int(sc.num_per_class),
@@ -150,10 +150,16 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         )
         originals = np.round(batch["image"] * 255.0).astype(np.uint8)
         recons = sampler.tokenizer.reconstruct(originals)
-        save_png(
-            os.path.join(workdir, "reconstructions.png"),
-            image_grid([originals / 255.0, recons / 255.0], max_columns=16),
+        plain = image_grid([originals / 255.0, recons / 255.0], max_columns=16)
+        grid = label_rows(plain, ["input", "decoded"], sampler.image_size)
+        grid = caption_columns(  # each pair's PSNR (dB) under it
+            grid,
+            [f"{psnr(a, b):.1f}" for a, b in zip(originals, recons, strict=True)],
+            sampler.image_size,
+            left=grid.shape[1] - plain.shape[1],
+            title="PSNR",
         )
+        save_png(os.path.join(workdir, "reconstructions.png"), grid)
         if sampler.num_classes and stage1_config.dataset.name == "digits":
             result.update(_digits_checks(sampler, vim_config))
     print(

@@ -13,7 +13,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from vitvq import config_check, parallel, paths
+from vitvq import console, parallel, paths
 from vitvq import data as data_lib
 from vitvq.data.globalize import to_global, to_host
 from vitvq.errors import ConfigError
@@ -21,19 +21,33 @@ from vitvq.evaluation import fid as fid_lib
 from vitvq.evaluation.reconstruction import ReconstructionAccumulator
 from vitvq.evaluation.tokenizer_eval import FeatureAccumulator
 from vitvq.images import image_grid, save_png
-from vitvq.train import common, loop, restore, writers
+from vitvq.settings import Settings
+from vitvq.train import common, curves, loop, restore, writers
 from vitvq.train.stage1_build import (  # noqa: F401  (Stage1 and its helpers, re-exported)
     DTYPES,
     FROZEN_FOR_DECODER,
     TRAINABLE,
     Stage1,
-    compute_dtype,
     freeze,
-    settings_from_config,
-    trainable_mode,
+    step_settings,
 )
 
 logger = logging.getLogger(__name__)
+
+# The console's progress line and eval lines (vitvq.console): (metric key, label, format).
+PROGRESS_FIELDS = (
+    ("loss/total", "loss", ".4f"),
+    ("loss/l2", "L2", ".4f"),
+    ("vq/codes_used", "codes", ".0f"),
+    ("vq/perplexity", "perplexity", ".0f"),
+)
+EVAL_FIELDS = (
+    ("psnr", "PSNR", ".2f"),
+    ("ssim", "SSIM", ".3f"),
+    ("lpips", "LPIPS", ".3f"),
+    ("codebook_usage", "usage", ".1%"),
+    ("fid", "FID", ".2f"),
+)
 
 
 def make_evaluator(trainer: Stage1, config):
@@ -64,7 +78,6 @@ def make_evaluator(trainer: Stage1, config):
         result = acc.result()
         if features is not None:
             result.update(features.result())
-        logger.info("eval: %s", ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.items())))
         return result
 
     return evaluate, eval_fn
@@ -84,11 +97,11 @@ def make_image_writer(trainer: Stage1, config, workdir: str, writer, eval_fn):
     return write_images
 
 
-def check_config(config, mesh) -> None:
-    """What needs the mesh, the files and the data, checked before building anything
-    (ConfigError on a problem); every key's value was checked by `config_check.validate`."""
-    common.check_loop_config(config, mesh)
-    trainable_mode(config)
+def check_config(config, mesh=None) -> Settings:
+    """`config` as checked settings: every key's value, the mesh against the devices and the
+    batch sizes against the mesh and the processes (`vitvq.config_check.check`), then what needs
+    the files and the data. Raises ConfigError (one line) on the first problem."""
+    config = common.checked(config, "vitvqgan", mesh)
     init_from = config.get("init_from")
     if init_from and not paths.exists(init_from):  # a local path or a URL (gs://...)
         raise ConfigError(f"config.init_from={init_from} does not exist")
@@ -100,14 +113,16 @@ def check_config(config, mesh) -> None:
         )
     info = data_lib.dataset_info(config.dataset)  # unknown or missing datasets fail here
     logger.info("dataset: %s", info)
+    return config
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
-    """Trains a ViT-VQGAN as configured; returns the final evaluation metrics."""
-    # The keys (the mesh against the devices too) before anything is built.
-    config_check.validate(config, trainer="vitvqgan", num_devices=jax.device_count())
+    """Trains a ViT-VQGAN as configured; returns the final evaluation metrics.
+
+    `config`: a ConfigDict, or settings `check_config` (or the pipeline) already checked."""
+    # Every key checked once, before anything is built; past here `config` is frozen.
+    config = check_config(config)
     mesh = parallel.make_mesh(config.mesh)
-    check_config(config, mesh)
     trainer = Stage1(config, mesh)
     common.prepare_workdir(config, workdir)
     abstract, shardings = trainer.abstract_state()
@@ -117,13 +132,14 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         state, _ = trainer.create_state(config.seed)
         if config.get("init_from"):
             return restore.apply_init_from(state, shardings, config.init_from)
-        logger.info("Started from a fresh init (seed %d).", config.seed)
+        console.say(f"Started from a fresh init (seed {config.seed}).")
         return state
 
     state = common.restore_or_start(checkpointer, abstract, start, workdir, config)
 
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state.params))
     logger.info("generator parameters: %.2fM; mesh %s", n_params / 1e6, dict(mesh.shape))
+    common.say_size("tokenizer", n_params, mesh)
     writer = writers.create_writer(workdir)
     writer.write_hparams(_flat_hparams(config))
 
@@ -136,6 +152,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         mesh=mesh,
         evaluate=evaluate,
         write_images=make_image_writer(trainer, config, workdir, writer, eval_fn),
+        title="tokenizer",
+        after_eval=common.curves_writer(workdir, curves.STAGE1_PANELS, "tokenizer"),
+        progress_fields=PROGRESS_FIELDS,
+        eval_fields=EVAL_FIELDS,
     )
     return common.run_loop(task, config, checkpointer, writer)
 

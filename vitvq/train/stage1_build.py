@@ -1,5 +1,6 @@
-"""The stage-1 builder: from a checked config and a mesh, the ViT-VQGAN, its discriminator,
-the optimizers, `init_state`, the train step of each phase and the eval step.
+"""The stage-1 builder: from checked settings (`vitvq.config_check.check`) and a mesh, the
+ViT-VQGAN, its discriminator, the optimizers, `init_state`, the train step of each phase and
+the eval step.
 
 Pure: it reads no data, writes nothing and imports no TensorFlow, clu, input or writer code,
 so the trainer (`vitvq.train.stage1`), the memory and ahead-of-time reports (`vitvq.memory`,
@@ -9,14 +10,13 @@ so the trainer (`vitvq.train.stage1`), the memory and ahead-of-time reports (`vi
 import dataclasses
 import functools
 import logging
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from vitvq import losses, parallel
-from vitvq.errors import ConfigError
+from vitvq import parallel
+from vitvq import settings as settings_lib
 from vitvq.models.discriminator import discriminator_from_config
 from vitvq.models.perceptual import lpips_fn
 from vitvq.models.vitvqgan import build_vitvqgan
@@ -40,13 +40,6 @@ TRAINABLE = ("all", "decoder")
 FROZEN_FOR_DECODER = ("enc", "quantizer")
 
 
-def trainable_mode(config) -> str:
-    mode = config.get("trainable", "all")
-    if mode not in TRAINABLE:
-        raise ConfigError(f"unknown config.trainable {mode!r}; expected one of {TRAINABLE}")
-    return mode
-
-
 def freeze(tx: optax.GradientTransformation, frozen: tuple[str, ...]):
     """`tx` whose updates of the top-level modules in `frozen` are zero: they never change.
 
@@ -63,25 +56,9 @@ def freeze(tx: optax.GradientTransformation, frozen: tuple[str, ...]):
     return optax.chain(tx, optax.masked(optax.set_to_zero(), mask))
 
 
-def compute_dtype(config) -> Any:
-    if config.dtype not in DTYPES:
-        raise ConfigError(f"unknown dtype {config.dtype!r}; expected one of {sorted(DTYPES)}")
-    return DTYPES[config.dtype]
-
-
-def settings_from_config(config) -> Stage1Settings:
+def step_settings(config) -> Stage1Settings:
+    """The static settings of the train step, from checked settings."""
     loss, restart = config.loss, config.codebook_restart
-    if restart.every_steps > 0 and restart.threshold <= 0:
-        raise ConfigError(f"codebook_restart.threshold must be > 0, got {restart.threshold}")
-    if loss.get("entropy", 0.0) < 0 or loss.get("entropy_temperature", 0.01) <= 0:
-        raise ConfigError(
-            "loss.entropy must be >= 0 and loss.entropy_temperature > 0, got "
-            f"{loss.get('entropy')} and {loss.get('entropy_temperature')}"
-        )
-    if loss.r1_gamma > 0 and loss.r1_every < 1:
-        raise ConfigError(f"loss.r1_every must be >= 1, got {loss.r1_every}")
-    if not 0.0 <= config.ema_decay < 1.0:
-        raise ConfigError(f"ema_decay must be in [0, 1), got {config.ema_decay}")
     return Stage1Settings(
         l2=loss.l2,
         logit_laplace=loss.logit_laplace,
@@ -113,13 +90,16 @@ class Stage1:
     """The models, optimizers and jitted functions of one stage-1 run."""
 
     def __init__(self, config, mesh):
+        """`config`: settings from `vitvq.config_check.check`. A ConfigDict or a plain dict is
+        frozen as it is: the builder checks nothing (check first)."""
+        config = settings_lib.frozen(config)
         self.config = config
         self.mesh = mesh
         self.rules = parallel.normalize_rules(config.axis_rules, mesh)
-        dtype = compute_dtype(config)
+        dtype = DTYPES[config.dtype]
         self.model = build_vitvqgan(config.model.to_dict(), config.image_size, dtype)
-        self.settings = settings_from_config(config)
-        self.trainable = trainable_mode(config)
+        self.settings = step_settings(config)
+        self.trainable = config.get("trainable", "all")
         if self.trainable == "decoder" and self.settings.restart_every > 0:
             # A restart rewrites codebook rows: it would change the frozen codebook.
             logger.info("trainable='decoder': dead-code restart is off (the codebook is frozen)")
@@ -130,11 +110,6 @@ class Stage1:
             # The codebook comes from `init_from` (or is frozen): fitting it would replace it.
             logger.info("codebook_init: off (the codebook comes from init_from or is frozen)")
             self.settings = dataclasses.replace(self.settings, codebook_init="normal")
-        if self.settings.gan_loss not in losses.GAN_LOSS_KINDS:
-            raise ConfigError(
-                f"unknown loss.gan_loss {self.settings.gan_loss!r}; "
-                f"expected one of {losses.GAN_LOSS_KINDS}"
-            )
         self.use_gan = config.loss.adversarial > 0
         self.disc = (
             discriminator_from_config(config.discriminator.to_dict(), config.image_size, dtype)

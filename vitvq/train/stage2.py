@@ -13,21 +13,31 @@ import os
 import jax
 import numpy as np
 
-from vitvq import config_check, parallel, paths
+from vitvq import console, parallel, paths
 from vitvq import data as data_lib
 from vitvq.data.globalize import to_global
 from vitvq.errors import ConfigError
 from vitvq.images import image_grid, save_png
-from vitvq.train import common, loop, restore, writers
+from vitvq.settings import Settings
+from vitvq.train import common, curves, loop, restore, writers
 from vitvq.train.stage2_build import Stage2, load_frozen_tokenizer  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
+# The console's progress line and eval lines (vitvq.console): (metric key, label, format).
+PROGRESS_FIELDS = (("loss", "loss", ".4f"), ("accuracy", "accuracy", ".3f"))
+EVAL_FIELDS = (
+    ("loss", "loss", ".4f"),
+    ("bits_per_token", "bits/token", ".3f"),
+    ("accuracy", "accuracy", ".3f"),
+)
 
-def check_config(config, mesh) -> None:
-    """What needs the mesh, the files and the data, checked before building anything
-    (ConfigError on a problem); every key's value was checked by `config_check.validate`."""
-    common.check_loop_config(config, mesh)
+
+def check_config(config, mesh=None) -> Settings:
+    """`config` as checked settings: every key's value, the mesh against the devices and the
+    batch sizes against the mesh and the processes (`vitvq.config_check.check`), then what needs
+    the files and the data. Raises ConfigError (one line) on the first problem."""
+    config = common.checked(config, "vim", mesh)
     init_from = config.get("init_from")
     if init_from and not paths.exists(init_from):  # a local path or a URL (gs://...)
         raise ConfigError(f"config.init_from={init_from} does not exist")
@@ -36,6 +46,7 @@ def check_config(config, mesh) -> None:
             "config.tokenizer_bundle is required: a stage-1 bundle (python -m vitvq.export)"
         )
     data_lib.dataset_info(config.dataset)
+    return config
 
 
 def _sample_labels(num_classes: int, per_class: int) -> np.ndarray | None:
@@ -45,11 +56,12 @@ def _sample_labels(num_classes: int, per_class: int) -> np.ndarray | None:
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
-    """Trains a VIM as configured; returns the final evaluation metrics."""
-    # The keys (the mesh against the devices too) before anything is built.
-    config_check.validate(config, trainer="vim", num_devices=jax.device_count())
+    """Trains a VIM as configured; returns the final evaluation metrics.
+
+    `config`: a ConfigDict, or settings `check_config` (or the pipeline) already checked."""
+    # Every key checked once, before anything is built; past here `config` is frozen.
+    config = check_config(config)
     mesh = parallel.make_mesh(config.mesh)
-    check_config(config, mesh)
     trainer = Stage2(config, mesh)
     common.prepare_workdir(config, workdir)
     abstract, shardings = trainer.abstract_state()
@@ -62,12 +74,13 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                 jax.device_get(trainer.tok_vars["params"]["quantizer"]["codebook"])
             )
             return restore.apply_vim_init_from(state, shardings, config.init_from, codebook)
-        logger.info("Started from a fresh init (seed %d).", config.seed)
+        console.say(f"Started from a fresh init (seed {config.seed}).")
         return state
 
     state = common.restore_or_start(checkpointer, abstract, start, workdir, config)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state.params))
     logger.info("VIM parameters: %.2fM; mesh %s", n_params / 1e6, dict(mesh.shape))
+    common.say_size("VIM", n_params, mesh)
     writer = writers.create_writer(workdir)
     eval_fn = trainer.jit_eval_step()
 
@@ -84,7 +97,6 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
             "bits_per_token": loss / math.log(2.0),
             "accuracy": sums["correct_sum"] / n,
         }
-        logger.info("eval: %s", ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.items())))
         return result
 
     def write_images(state, step: int) -> None:
@@ -104,5 +116,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         mesh=mesh,
         evaluate=evaluate,
         write_images=write_images,
+        title="VIM",
+        after_eval=common.curves_writer(workdir, curves.STAGE2_PANELS, "VIM"),
+        progress_fields=PROGRESS_FIELDS,
+        eval_fields=EVAL_FIELDS,
     )
     return common.run_loop(task, config, checkpointer, writer)

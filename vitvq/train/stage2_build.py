@@ -1,5 +1,6 @@
-"""The stage-2 builder: from a checked config, a mesh and a frozen tokenizer, the VIM, its
-optimizer, `init_state`, the train and eval steps and the sampler of the image grids.
+"""The stage-2 builder: from checked settings (`vitvq.config_check.check`), a mesh and a frozen
+tokenizer, the VIM, its optimizer, `init_state`, the train and eval steps and the sampler of
+the image grids.
 
 Pure: it reads no training data, writes nothing and imports no TensorFlow, clu, input or
 writer code (the tokenizer is read from its bundle when not given).
@@ -12,20 +13,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from vitvq import bundle, parallel, sampling
+from vitvq import settings as settings_lib
 from vitvq.errors import ConfigError
 from vitvq.models.vim import build_vim
 from vitvq.train import stage2_step
 from vitvq.train.optim import make_adam
-from vitvq.train.stage1_build import compute_dtype
+from vitvq.train.stage1_build import DTYPES
 from vitvq.train.stage2_step import Stage2Settings, Stage2State, eval_step, train_step
 
 
 def load_frozen_tokenizer(path: str):
     """(manifest, ViTVQGAN module, variables as numpy) of a bundle's tokenizer."""
-    if not path:
-        raise ConfigError(
-            "config.tokenizer_bundle is required: a stage-1 bundle (python -m vitvq.export)"
-        )
     return bundle.load_tokenizer_variables(path)
 
 
@@ -33,6 +31,10 @@ class Stage2:
     """The VIM, the frozen tokenizer and the jitted functions of one stage-2 run."""
 
     def __init__(self, config, mesh, tokenizer=None):
+        """`config`: settings from `vitvq.config_check.check` (a ConfigDict or a plain dict is
+        frozen as it is: the builder checks nothing). `tokenizer`: (manifest, module,
+        variables), else read from `config.tokenizer_bundle`."""
+        config = settings_lib.frozen(config)
         self.config = config
         self.mesh = mesh
         self.rules = parallel.normalize_rules(config.axis_rules, mesh)
@@ -48,8 +50,6 @@ class Stage2:
                 "images: leave image_size unset or make it equal"
             )
         self.num_classes = int(config.dataset.get("num_classes", 0) or 0)
-        if not 0.0 <= config.class_dropout < 1.0:
-            raise ConfigError(f"class_dropout must be in [0, 1), got {config.class_dropout}")
         self.settings = Stage2Settings(
             num_classes=self.num_classes, class_dropout=float(config.class_dropout)
         )
@@ -58,7 +58,7 @@ class Stage2:
             vocab_size=self.tokenizer.codebook_size,
             grid_size=self.tokenizer.grid_size,
             num_classes=self.num_classes,
-            dtype=compute_dtype(config),
+            dtype=DTYPES[config.dtype],
         )
         self.tx, self.schedule = make_adam(config.optimizer, config.total_steps)
         self.tok_vars = jax.device_put(tok_vars, parallel.replicated(mesh))
