@@ -193,10 +193,12 @@ def sample_grid(sampler, *, num_samples, labels, seed, stream=sys.stderr, **knob
         columns = 8
     else:
         progress = console.Progress("sampling classes", len(labels), stream=stream)
-        for i, label in enumerate(labels):
-            rows.append(sampler.sample(num_samples, label, seed=seed + i, **knobs))
-            progress.update(i + 1)
-        progress.close()
+        try:
+            for i, label in enumerate(labels):
+                rows.append(sampler.sample(num_samples, label, seed=seed + i, **knobs))
+                progress.update(i + 1)
+        finally:
+            progress.close()
         columns = num_samples
     if len(rows) > 1 and len(rows[-1]) < len(rows[0]):  # pad the last unconditional row
         pad = np.ones((len(rows[0]) - len(rows[-1]), *rows[-1].shape[1:]), np.uint8) * 255

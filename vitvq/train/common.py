@@ -11,7 +11,6 @@ import jax
 
 from vitvq import config_check, console, distributed, paths
 from vitvq import data as data_lib
-from vitvq import settings as settings_lib
 from vitvq.checkpoint import Checkpointer
 from vitvq.errors import ConfigError
 from vitvq.settings import Settings
@@ -39,7 +38,7 @@ def prepare_workdir(config, workdir: str) -> None:
     try:
         paths.makedirs(workdir)
         if jax.process_index() == 0:
-            text = settings_lib.Settings(config).to_json(indent=2)
+            text = Settings(config).to_json(indent=2)
             paths.write_text(paths.join(workdir, "config.json"), text)
     except OSError as e:
         reason = f"[Errno {e.errno}] {e.strerror}" if e.strerror else str(e)

@@ -115,14 +115,14 @@ def _run(task: Task, settings: LoopSettings, checkpointer, writer) -> dict[str, 
         else console.Silent()
     )
     try:
-        return _train(task, settings, checkpointer, writer, progress, show_eval)
+        return _train(task, step, settings, checkpointer, writer, progress, show_eval)
     finally:
         progress.close()
 
 
-def _train(task, settings, checkpointer, writer, progress, show_eval) -> dict[str, float]:
+def _train(task, step, settings, checkpointer, writer, progress, show_eval) -> dict[str, float]:
+    """Trains from `step` (the Python int of `task.state.step`) to total_steps."""
     state = task.state
-    step = int(jax.device_get(state.step))
     total = settings.total_steps
     final_eval: dict[str, float] = {}
 
