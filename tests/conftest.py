@@ -1,12 +1,47 @@
-"""Test setup: 8 fake CPU devices, set before JAX is imported anywhere."""
+"""Test setup, before JAX is imported anywhere: 8 fake CPU devices and one persistent JAX
+compilation cache for the whole run (this process, xdist's workers and every subprocess a
+test starts read the same environment variables)."""
 
 import os
+import pathlib
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# --- the compilation cache ------------------------------------------------------------------
+# VITVQ_TEST_JAX_CACHE=DIR puts it in DIR; =off runs the suite with no persistent cache (a cold
+# measurement). The default survives between runs, so a second `pytest` compiles little.
+# Multi-process CPU runs switch it off themselves (vitvq.distributed), so pods always compile.
+CACHE_ENV = "VITVQ_TEST_JAX_CACHE"
+CACHE_MAX_BYTES = 4 << 30  # least recently used entries go beyond this (JAX locks with filelock)
+
+
+def default_cache_dir() -> pathlib.Path:
+    """$XDG_CACHE_HOME/vitvq/jax-tests, ~/.cache/vitvq/jax-tests without it."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return pathlib.Path(root) / "vitvq" / "jax-tests"
+
+
+def _set_up_compilation_cache() -> None:
+    choice = os.environ.get(CACHE_ENV, "").strip()
+    if choice.lower() in ("off", "0", "none", "false"):
+        os.environ["JAX_ENABLE_COMPILATION_CACHE"] = "false"
+        os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
+        return
+    directory = pathlib.Path(choice).expanduser() if choice else default_cache_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    os.environ[CACHE_ENV] = str(directory)  # subprocesses' own conftest-free runs see it too
+    os.environ["JAX_ENABLE_COMPILATION_CACHE"] = "true"
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = str(directory)
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # every compile
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"  # entries of every size
+    os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(CACHE_MAX_BYTES)
+
+
+_set_up_compilation_cache()
 
 
 # --- the fast tier: `pytest -m "not slow"` -------------------------------------------------
@@ -81,6 +116,19 @@ FAST_IN_SLOW_MODULES = {
 }
 
 
+# --- the serial pass: `pytest -m serial`, run alone after the parallel pass -----------------
+# Timing-bound tests: process rendezvous windows (gloo gives a pod's processes 30 s to meet),
+# heartbeats, SIGTERM and SIGKILL at chosen moments, time bounds. A second busy xdist worker
+# would make them slow or flaky, so scripts/test.sh runs them on their own. Each is slow too.
+SERIAL_MODULES = {"test_faults", "test_multiprocess"}
+SERIAL_TESTS = {
+    "test_probe.py::test_probe_command_sigterm_mid_run_then_resume",
+}
+NOT_SERIAL_IN_SERIAL_MODULES = {
+    "test_multiprocess.py::test_settings_resolution",
+}
+
+
 def pytest_collection_modifyitems(config, items):
     import pytest
 
@@ -88,5 +136,9 @@ def pytest_collection_modifyitems(config, items):
         module = item.path.stem
         name = f"{item.path.name}::{item.originalname}"
         slow_module = module in SLOW_MODULES and name not in FAST_IN_SLOW_MODULES
-        if slow_module or name in SLOW_TESTS:
+        serial_module = module in SERIAL_MODULES and name not in NOT_SERIAL_IN_SERIAL_MODULES
+        if serial_module or name in SERIAL_TESTS:
+            item.add_marker(pytest.mark.serial)
+            item.add_marker(pytest.mark.slow)
+        elif slow_module or name in SLOW_TESTS:
             item.add_marker(pytest.mark.slow)

@@ -1,6 +1,15 @@
 """The CNN (taming VQGAN) backbone in the trainer and bundles, and the rows of
-configs/ablations.py trained through `python -m vitvq.main` (every row's config is checked;
-the lookup-dimension rows between 4 and 256 are not run).
+configs/ablations.py at the runlocal scale. Every row's config is checked at every scale.
+
+What trains where:
+
+- through `python -m vitvq.main` (one subprocess each): the rows with their own code paths,
+  bb (the ViT baseline), cnn (the convolutional backbone; its run is also exported), no_l2norm
+  (raw codes, Euclidean search) and patchgan (the other discriminator);
+- in the pytest process (two steps of the trainer, then an eval step): the rows that differ
+  from those only in a size, ss, sl and code_dim_4/32/256; rows whose programs coincide share
+  one compiled program;
+- not trained: code_dim_8/16/64/128 (a lookup dimension between the ones trained).
 
 The CNN modules' own shapes, layouts and norms are tested in tests/test_cnn.py.
 """
@@ -24,8 +33,10 @@ from vitvq import bundle, config_check, parallel
 from vitvq.data import sources
 from vitvq.data.globalize import to_global
 from vitvq.export import export
+from vitvq.models.discriminator import Discriminator, PatchDiscriminator
 from vitvq.models.vitvqgan import build_vitvqgan
 from vitvq.train import restore, stage1
+from vitvq.train.stage1_step import phase_settings
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 ABLATIONS = REPO / "configs" / "ablations.py"
@@ -195,11 +206,145 @@ def test_cnn_step_on_8_devices_equals_1_device():
     assert max(jax.tree_util.tree_leaves(moved)) > 1e-4  # the step did update the params
 
 
+# --- the rows that differ only in a size: two steps in this process ----------------------
+
+# The rows of configs/ablations.py that share the CLI rows' code paths and differ from bb only
+# in a size: the transformers' (ss, sl) or the lookup dimension (code_dim_N). At the runlocal
+# scale ss and sl build bb's model (the scale replaces every S/B/L transformer by one width-32
+# block; their paper and small sizes are checked above), so they share one program.
+IN_PROCESS_ROWS = ("ss", "sl", "code_dim_4", "code_dim_32", "code_dim_256")
+
+
+class RowProgram:
+    """The trainer of one runlocal config on one device, its train step compiled once, its
+    fresh state (on the host: the step donates its input state) and a batch of digits."""
+
+    def __init__(self, config):
+        mesh = parallel.make_mesh(config.mesh, devices=jax.devices()[:1])
+        # The checked settings the CLI trains from (`train_and_evaluate`).
+        self.trainer = trainer = stage1.Stage1(stage1.check_config(config, mesh), mesh)
+        _, self.shardings = trainer.abstract_state()
+        self.state0 = host(trainer.create_state(config.seed)[0])
+        n = config.batch_size
+        digits = sources.load_digits(config.image_size)
+        self.batch = to_global(
+            {
+                "image": np.stack(digits.train.images[:n]).astype(np.float32) / 255.0,
+                "label": np.zeros((n,), np.int32),
+            },
+            mesh,
+        )
+        self.eval_batch = to_global(
+            {
+                "image": np.stack(digits.eval.images[:n]).astype(np.float32) / 255.0,
+                "label": np.zeros((n,), np.int32),
+                "mask": np.ones((n,), np.float32),
+            },
+            mesh,
+        )
+        # The runlocal scale has no R1 penalty (`loss.r1_gamma` 0: a lazy-R1 step would be a
+        # second compiled phase) and no LPIPS, so steps 0 and 1 are one phase of training: the
+        # one program `jit_train_step` would compile for both (the test asserts it), compiled
+        # here ahead without LLVM's expensive optimizations, as the CLI rows' processes
+        # compile (their XLA_FLAGS): ~2x faster, and two steps of a tiny model need no more.
+        with parallel.use_mesh(mesh, trainer.rules):
+            self.train_step = (
+                trainer.train_step_jit(self.shardings, 0)
+                .lower(self.fresh_state(), self.batch, trainer.train_perceptual)
+                .compile(compiler_options=parallel.fast_compile_options(mesh))
+            )
+        self.eval_step = trainer.jit_eval_step()
+
+    def fresh_state(self):
+        return jax.device_put(self.state0, self.shardings)
+
+    def train(self, steps: int):
+        """(state, per-step metrics on the host) after `steps` steps from the fresh state."""
+        state, metrics = self.fresh_state(), []
+        with parallel.use_mesh(self.trainer.mesh, self.trainer.rules):
+            for _ in range(steps):
+                state, m = self.train_step(state, self.batch, self.trainer.train_perceptual)
+                metrics.append(host(m))
+        return state, metrics
+
+
+@pytest.fixture(scope="module")
+def row_programs():
+    """A RowProgram per distinct runlocal config, built when a row first needs it: rows whose
+    configs coincide (ss, sl) share the trainer and its compiled step."""
+    programs = {}
+
+    def program(config):
+        key = json.dumps(config.to_dict(), sort_keys=True, default=str)
+        if key not in programs:
+            programs[key] = RowProgram(config)
+        return programs[key]
+
+    return program
+
+
+@pytest.mark.parametrize("row", IN_PROCESS_ROWS)
+def test_row_takes_two_finite_steps_in_process(row, row_programs):
+    """The row's runlocal config, as the CLI trains it, built in this process: the model has
+    the row's sizes, two train steps (the runlocal run's total_steps) have finite losses and
+    move the parameters, and an eval step of the result reconstructs with finite PSNR."""
+    config = ablations.get_config(f"row={row},scale=runlocal")
+    assert config.total_steps == 2
+    program = row_programs(config)
+    trainer, params0 = program.trainer, program.state0.params
+
+    # The row's own setting is in the built model and its parameters.
+    model, expected = trainer.model, config.model
+    assert (model.backbone, model.l2_normalize_codes) == ("vit", expected.l2_normalize_codes)
+    for name, spec, want in (
+        ("enc", model.encoder, expected.encoder),
+        ("dec", model.decoder, expected.decoder),
+    ):
+        sizes = (want.width, want.depth, want.num_heads, want.mlp_dim)
+        assert (spec.width, spec.depth, spec.num_heads, spec.mlp_dim) == sizes, name
+        blocks = [k for k in params0[name]["transformer"] if k.startswith("block_")]
+        assert len(blocks) == want.depth, name
+        assert params0[name]["transformer"]["ln_final"]["scale"].shape == (want.width,), name
+        mlp = params0[name]["transformer"]["block_0"]["mlp"]["fc1"]["kernel"]
+        assert mlp.shape == (want.width, want.mlp_dim), name
+    assert model.code_dim == expected.code_dim
+    if row.startswith("code_dim_"):
+        assert model.code_dim == int(row.removeprefix("code_dim_"))
+    quantizer = params0["quantizer"]
+    assert quantizer["codebook"].shape == (expected.codebook_size, expected.code_dim)
+    assert quantizer["project_down"]["kernel"].shape == (expected.encoder.width, expected.code_dim)
+    assert params0["project_up"]["kernel"].shape[0] == expected.code_dim
+    kinds = {"stylegan": Discriminator, "patchgan": PatchDiscriminator}
+    assert type(trainer.disc) is kinds[config.discriminator.kind]
+
+    # Both steps run the one compiled program (see RowProgram).
+    assert phase_settings(trainer.settings, 0) == phase_settings(trainer.settings, 1)
+    state, metrics = program.train(2)
+    losses = [m["loss/total"] for m in metrics]
+    assert len(losses) == 2 and all(np.isfinite(losses)), losses
+    assert (int(state.step), int(state.skipped)) == (2, 0)  # both updates applied
+    # The config's warmup is 1 step (lr 0 at step 0, as in the CLI run), so the second step's
+    # update moves every part; the first step already set the codebook by k-means, so the
+    # quantizer's projection stands for the quantizer.
+    params = host(state.params)
+    for part in (("enc",), ("dec",), ("quantizer", "project_down"), ("project_up",)):
+        after, before = params, params0
+        for key in part:
+            after, before = after[key], before[key]
+        moved = jax.tree_util.tree_map(lambda a, b: np.abs(a - b).max(), after, before)
+        assert max(jax.tree_util.tree_leaves(moved)) > 1e-4, part
+
+    # The run's final evaluation, on one eval batch of the trained state.
+    out = host(program.eval_step(state, program.eval_batch))
+    assert np.isfinite(out["per_example"]["psnr"]).all() and out["batch_codes_used"] >= 1
+
+
 # --- every row through the CLI -------------------------------------------------------------
 
 
-def row_command(row: str, workdir: pathlib.Path, cache: pathlib.Path):
-    """(argv, env) of `python -m vitvq.main` training `row` at the runlocal scale."""
+def row_command(row: str, workdir: pathlib.Path):
+    """(argv, env) of `python -m vitvq.main` training `row` at the runlocal scale. The
+    environment is the test process's (the suite's compilation cache settings included)."""
     env = dict(os.environ)
     env.update(
         # Two steps each: unoptimized code generation compiles ~2x faster.
@@ -207,10 +352,6 @@ def row_command(row: str, workdir: pathlib.Path, cache: pathlib.Path):
         JAX_PLATFORMS="cpu",
         TF_CPP_MIN_LOG_LEVEL="2",
         PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])),
-        # Rows whose runlocal programs coincide (bb, ss, sl, code_dim_8) compile once.
-        JAX_COMPILATION_CACHE_DIR=str(cache),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
     )
     argv = [
         sys.executable,
@@ -222,29 +363,25 @@ def row_command(row: str, workdir: pathlib.Path, cache: pathlib.Path):
     return argv, env
 
 
-# Rows run through the CLI: every distinct code path (backbones, discriminators, raw codes)
-# and the extreme lookup dimensions. code_dim_8/16/64/128 differ from code_dim_4/256 only in
-# that number (their configs are checked above); each would add a minute of compiling.
-CLI_ROWS = tuple(
-    r
-    for r in ablations.ROWS
-    if r not in ("code_dim_8", "code_dim_16", "code_dim_64", "code_dim_128")
-)
+# Rows run through the CLI, one `python -m vitvq.main` process each (~1 minute, mostly
+# compiling): one per distinct code path, the ViT baseline, the CNN backbone, raw
+# (not l2-normalized) codes and the PatchGAN discriminator. The rows that differ from bb only
+# in a size (ss, sl, code_dim_4/32/256) train in this process instead
+# (test_row_takes_two_finite_steps_in_process below); code_dim_8/16/64/128 are not trained
+# (their configs are checked above; each would add a compile).
+CLI_ROWS = ("bb", "cnn", "no_l2norm", "patchgan")
 
 
 @pytest.fixture(scope="module")
 def row_runs(tmp_path_factory):
-    """Every row trained by its own `python -m vitvq.main` process, two at a time (each
+    """Each of CLI_ROWS trained by its own `python -m vitvq.main` process, two at a time (each
     process mostly compiles, on one core): row -> (CompletedProcess-like, workdir)."""
     root = tmp_path_factory.mktemp("rows")
-    cache = root / "jax_cache"
-    # The row sharing the baseline's programs first, so that its twins hit the cache.
-    order = ["bb", *[r for r in CLI_ROWS if r != "bb"]]
-    pending, running, done = list(order), {}, {}
+    pending, running, done = list(CLI_ROWS), {}, {}
     while pending or running:
         while pending and len(running) < 2:
             row = pending.pop(0)
-            argv, env = row_command(row, root / row, cache)
+            argv, env = row_command(row, root / row)
             running[row] = subprocess.Popen(
                 argv, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
             )

@@ -169,6 +169,32 @@ def test_interval_force_and_keep_last_n(tmp_path):
     np.testing.assert_array_equal(restored["params"]["w"], np.full((4, 8), 7.0))
 
 
+def test_preemption_sync_counts_the_steps_of_this_launch(tmp_path, monkeypatch):
+    """JAX's preemption sync agrees on "one past the newest counter reported" (0 before the
+    first report): the counters are the steps since the launch's first, in orbax's own checks
+    (its save policy) too, so that a resumed pod preempted during start-up stops after its
+    first step instead of never."""
+    from jax.experimental import multihost_utils
+
+    asked = []
+    sync_point = 1  # the notice came before any report: every process had reported 0
+
+    def reached(counter):
+        asked.append(counter)
+        return counter == sync_point
+
+    monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point", reached)
+    # A run resumed at step 8: the loop asks after its first step, 9, and again after 10.
+    with Checkpointer(tmp_path, save_every_steps=2, async_save=False) as ckpt:
+        assert ckpt.reached_preemption(9)  # the agreed point: checkpoint and stop here
+        assert ckpt.save(9, _small_state(9.0), force=True)
+        assert not ckpt.reached_preemption(10)
+        assert ckpt.save(10, _small_state(10.0))
+    # orbax's save asked too (more calls than the loop's two), in the same numbering.
+    assert len(asked) > 2 and asked[0] == 1 and asked[-1] == 2, asked
+    assert set(asked) == {1, 2}, asked
+
+
 def test_missing_step_and_empty_directory(tmp_path):
     abstract = _abstract_of(_small_state())
     with Checkpointer(tmp_path / "ckpt", save_every_steps=5) as ckpt:

@@ -14,8 +14,12 @@
 - A committed checkpoint damaged afterwards (a flipped byte): the restart names it, resumes
   from the previous one and ends bit-identical; with every checkpoint damaged, training and
   export stop with one line (tests/test_damaged_checkpoints.py covers each kind of damage).
+- The suite's persistent compilation cache never changes a result: of the two uninterrupted
+  runs one has the cache switched off, and the last restart of the SIGKILL test, whose
+  programs come from the cache (its log shows the hits), ends bit-identical to that one.
 
-Subprocesses share a persistent compilation cache and LLVM's cheapest optimization level.
+Subprocesses use the suite's persistent compilation cache (tests/conftest.py) and LLVM's
+cheapest optimization level.
 """
 
 import json
@@ -63,8 +67,6 @@ def env(tmp_path_factory):
         XLA_FLAGS="--xla_backend_optimization_level=0",
         JAX_PLATFORMS="cpu",
         TF_CPP_MIN_LOG_LEVEL="2",
-        JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
         PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
     )
     return environment
@@ -148,11 +150,27 @@ def wait_for(condition, proc, timeout=TIMEOUT, poll=0.002):
     raise TimeoutError("condition not reached")
 
 
+# A run with no persistent compilation cache: it compiles every program itself.
+NO_CACHE = {"JAX_ENABLE_COMPILATION_CACHE": "false"}
+# JAX logs each program it loads from the persistent cache ("Persistent compilation cache hit
+# for 'jit_NAME'") when it logs compiles.
+CACHE_HITS = {"JAX_LOG_COMPILES": "1"}
+
+
+def cache_hits(log: str) -> list[str]:
+    """The names of the programs a run loaded from the persistent compilation cache."""
+    return re.findall(r"Persistent compilation cache hit for '([^']+)'", log)
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(env, tmp_path_factory):
-    """Two uninterrupted runs of the same config and seed, side by side."""
+    """Two uninterrupted runs of the same config and seed, side by side: run0 without the
+    persistent compilation cache (the reference every bit-identical check compares with),
+    run1 with it."""
+    if env.get("JAX_ENABLE_COMPILATION_CACHE") == "false":
+        pytest.skip("the suite runs without a persistent compilation cache")
     root = tmp_path_factory.mktemp("straight")
-    procs = [start(env, root / f"run{k}") for k in range(2)]
+    procs = [start({**env, **NO_CACHE}, root / "run0"), start(env, root / "run1")]
     for k, proc in enumerate(procs):
         assert proc.wait(timeout=TIMEOUT) == 0, (root / f"run{k}.log").read_text()[-3000:]
     return [final_state(root / f"run{k}") for k in range(2)], root / "run0"
@@ -193,8 +211,11 @@ def test_sigkill_at_random_moments_then_restart_finishes_identically(env, uninte
         kill(proc)
     assert all(rc == -signal.SIGKILL for _, _, rc in kills if rc != 0)
 
-    rc, log = run(env, workdir)  # the same command, to the end
+    # The same command, to the end; its programs come from the cache the restarts wrote.
+    rc, log = run({**env, **CACHE_HITS}, workdir)
     assert rc == 0, log[-3000:]
+    hits = cache_hits(log)
+    assert any("train_step" in name for name in hits), (hits, log[-3000:])
     logs = pathlib.Path(f"{workdir}.log").read_text() + log  # the killed attempts, the last
     resumed = [int(s) for s in re.findall(r"Resumed from the checkpoint of step (\d+)", logs)]
     committed_at_kill = [max(steps) if steps else None for steps, _, _ in kills]
@@ -202,6 +223,7 @@ def test_sigkill_at_random_moments_then_restart_finishes_identically(env, uninte
     # (a restart after a kill that left no committed checkpoint starts afresh).
     assert resumed == [s for s in committed_at_kill if s is not None]
     assert not partial_writes(workdir)
+    # Served from the cache, bit-identical to run0, which compiled everything itself.
     assert_bitwise_equal(final_state(workdir), uninterrupted[0][0])
 
 

@@ -1,31 +1,37 @@
 """Multi-process training on localhost: real JAX processes (gloo collectives, 4 fake CPU
 devices each) started by `launch/local_pod.sh` or directly, as users run them.
 
-- A 2-process x 4-device run of the runlocal stage-1 and stage-2 configs logs the same losses
-  at every step as a 1-process x 8-device run with the same global batch, and evaluates the
-  same; process 0 alone writes the metrics, config and images.
-- Checkpoints cross over: a 2-process run's checkpoint resumes in a 1-process run and the
-  other way round, and the resumed steps repeat the uninterrupted runs' losses.
-- Every host preempted: SIGTERM to `local_pod.sh 2` mid-run reaches both processes, which
-  agree on a step (JAX's preemption sync), checkpoint it and exit 0; the same command resumes
-  there and ends with the uninterrupted 2-process run's state, bit for bit.
-- A process killed with SIGKILL makes the survivor print one `error:` line naming what
-  happened and exit with `distributed.PEER_FAILURE_EXIT_CODE` within a bounded time, without
-  help from a launcher.
-- A host lost, the pod relaunched: one process SIGKILLed three times over (mid-save, then at
-  random moments), each relaunch resumes from the newest committed checkpoint and the last
-  ends with an uninterrupted run's state, bit for bit.
-- Inconsistent multi-process settings are one-line errors with exit status 2.
+- A 2-process x 4-device run of the runlocal stage-1 and stage-2 configs (the full loss:
+  LPIPS and the GAN) logs the same losses at every step as a 1-process x 8-device run with
+  the same global batch, and evaluates the same; process 0 alone writes the metrics, config
+  and images.
+- Everything else runs a cheap stage-1 config (no LPIPS, no GAN, `CHEAP_TOTAL` steps) and
+  shares one uninterrupted pod as its reference, the pod that resumed a 1-process run's
+  checkpoint of step 8:
+  - checkpoints cross over: that pod's resumed steps repeat the 1-process run's losses, and
+    a 1-process run resuming the pod's checkpoint repeats both;
+  - every host preempted: SIGTERM to `local_pod.sh 2` reaches both processes, which agree on
+    a step (JAX's preemption sync), checkpoint it and exit 0; the next launch resumes there;
+  - a host lost, the pod relaunched: one process SIGKILLed three times over (mid-save, then at
+    random moments; both processes are victims at least once), the survivor prints one
+    `error:` line naming what happened (a silent worker, the lost coordinator) and exits with
+    `distributed.PEER_FAILURE_EXIT_CODE` within a bounded time, without help from a launcher;
+    each relaunch resumes from the newest committed checkpoint;
+  - the preempted command, run again, ends with the reference pod's state, bit for bit.
+  The preemption and the kills are launches of one workdir, one after the other.
+- JAX's own abort on a dead peer becomes the same line and exit status.
 
 Compilation dominates on a small CPU, and one process compiles on one core: the module runs
-its training runs in one fixture, two single-process runs side by side, with LLVM's cheaper
-optimization level (the same for both sides of every comparison) and a persistent
-compilation cache for single-process runs (multi-process CPU runs switch it off).
+its training runs in one fixture, two runs side by side where nothing is timed, with LLVM's
+cheaper optimization level (the same for both sides of every comparison). Multi-process CPU
+runs switch the persistent compilation cache off (vitvq.distributed), so every pod launch
+compiles: keep their number low. The module runs in the suite's serial pass.
 """
 
 import json
 import os
 import pathlib
+import random
 import re
 import shutil
 import signal
@@ -55,16 +61,27 @@ RTOL = 1e-5
 HEARTBEAT = 5
 DEATH_BOUND = 60
 RUN_TIMEOUT = 900
+# The cheap runs: steps enough that every relaunch of the killed pod starts from a committed
+# checkpoint and still has steps left to be killed in.
+CHEAP_TOTAL = 16
+CHEAP = [
+    *STAGE1,
+    "--config.loss.perceptual=0",
+    "--config.loss.adversarial=0",
+    "--config.eval_lpips=False",
+    f"--config.total_steps={CHEAP_TOTAL}",
+    f"--config.eval_every_steps={CHEAP_TOTAL}",
+    f"--config.image_every_steps={CHEAP_TOTAL}",
+    f"--heartbeat_timeout={HEARTBEAT}",
+]
+REFERENCE_EVERY = 4  # the reference pod and the 1-process runs checkpoint every 4 steps
+CROSS_STEP = 8  # the 1-process run's checkpoint the reference pod (and the killed pod) resume
+POD_STEP = 12  # the reference pod's checkpoint a 1-process run resumes
+KEEP = 3  # configs/common.py: keep_checkpoints
 
-_CACHE = {}
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _compilation_cache(tmp_path_factory):
-    """One persistent compilation cache for the module's subprocesses."""
-    _CACHE["dir"] = str(tmp_path_factory.mktemp("jax_cache"))
-    yield
-    _CACHE.clear()
+def cheap(every: int) -> list[str]:
+    return [*CHEAP, f"--config.checkpoint_every_steps={every}"]
 
 
 def _env(devices: int | None) -> dict:
@@ -80,8 +97,6 @@ def _env(devices: int | None) -> dict:
         PYTHON=sys.executable,
         PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])),
     )
-    if "dir" in _CACHE:
-        env["JAX_COMPILATION_CACHE_DIR"] = _CACHE["dir"]
     return env
 
 
@@ -92,11 +107,11 @@ def _readable(output: str, limit: int = 8000) -> str:
 
 
 class Run:
-    """A training run in a subprocess, its output (stdout and stderr) in `WORKDIR.log`."""
+    """A training run in a subprocess, its output (stdout and stderr) in `WORKDIR.TAG.log`."""
 
-    def __init__(self, argv, env, workdir, what: str):
+    def __init__(self, argv, env, workdir, what: str, tag: str = "run"):
         self.what = what
-        self.log = pathlib.Path(f"{workdir}.log")
+        self.log = pathlib.Path(f"{workdir}.{tag}.log")
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log, "w") as f:
             self.proc = subprocess.Popen(
@@ -124,8 +139,8 @@ class PreemptedRun(Run):
     """A `local_pod.sh 2` run that gets SIGTERM once both processes have joined the pod
     (JAX's preemption notifier is installed by then) and before their first step."""
 
-    def __init__(self, argv, env, workdir, what: str):
-        super().__init__(argv, env, workdir, what)
+    def __init__(self, argv, env, workdir, what: str, tag: str = "run"):
+        super().__init__(argv, env, workdir, what, tag)
         self.signalled_at = None
         threading.Thread(target=self._preempt, daemon=True).start()
 
@@ -140,9 +155,13 @@ class PreemptedRun(Run):
             time.sleep(0.05)
 
 
-def pod(args, workdir) -> Run:
-    """`launch/local_pod.sh 2 ARGS --workdir=WORKDIR` (2 processes x 4 devices)."""
-    return Run(["bash", str(LOCAL_POD), "2", *args], _env(None), workdir, "local_pod.sh 2")
+def pod_argv(args) -> list[str]:
+    """`launch/local_pod.sh 2 ARGS` (2 processes x 4 devices)."""
+    return ["bash", str(LOCAL_POD), "2", *args]
+
+
+def pod(args, workdir, tag: str = "run") -> Run:
+    return Run(pod_argv(args), _env(None), workdir, "local_pod.sh 2", tag)
 
 
 def single(args, workdir) -> Run:
@@ -183,140 +202,12 @@ def copy_checkpoint(src_workdir, step: int, dst_workdir) -> None:
     )
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """Every training run of the module: {name: workdir}, {name: output}."""
-    from bundle_helpers import make_tokenizer_bundle
-
-    root = tmp_path_factory.mktemp("runs")
-    bundle_path, _ = make_tokenizer_bundle(root / "tokenizer")
-    stage2 = [
-        f"--config={REPO / 'configs' / 'vim_base.py'}:runlocal",
-        f"--config.tokenizer_bundle={bundle_path}",
-        "--config.log_every_steps=1",
-    ]
-    names = (
-        "s1_single",
-        "s2_single",
-        "s1_pod",
-        "s2_pod",
-        "pod_then_single",
-        "single_then_pod",
-        "preempted",
-    )
-    workdirs = {name: root / name for name in names}
-    out, started = {}, []
-
-    def together(**named):
-        started.extend(named.values())
-        out.update({name: run.wait() for name, run in named.items()})
-
-    try:
-        together(
-            s1_single=single(STAGE1, workdirs["s1_single"]),
-            s2_single=single(stage2, workdirs["s2_single"]),
-        )
-        preempted = PreemptedRun(
-            ["bash", str(LOCAL_POD), "2", *STAGE1], _env(None), workdirs["preempted"], "pod"
-        )
-        together(s1_pod=pod(STAGE1, workdirs["s1_pod"]), preempted=preempted)
-        together(s2_pod=pod(stage2, workdirs["s2_pod"]))
-        # Each stage-1 run's step-2 checkpoint, resumed by the other process count.
-        copy_checkpoint(workdirs["s1_pod"], 2, workdirs["pod_then_single"])
-        copy_checkpoint(workdirs["s1_single"], 2, workdirs["single_then_pod"])
-        together(
-            single_then_pod=pod(STAGE1, workdirs["single_then_pod"]),
-            pod_then_single=single(STAGE1, workdirs["pod_then_single"]),
-        )
-        # The preempted pod, restarted with the same command (its log file is reused).
-        out["preempted_steps"] = sorted(
-            int(p.name) for p in (workdirs["preempted"] / "checkpoints").iterdir()
-        )
-        together(preempted_resumed=pod(STAGE1, workdirs["preempted"]))
-    finally:
-        for run in started:
-            run.stop()
-    return workdirs, out
+def checkpoint_steps(workdir) -> list[int]:
+    ckpts = pathlib.Path(workdir) / "checkpoints"
+    return sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
 
 
-def check_pod_against_single(workdirs, out, stage: str, keys, image: str):
-    pod_dir, single_dir = workdirs[f"{stage}_pod"], workdirs[f"{stage}_single"]
-    for key in keys:
-        got, want = losses(pod_dir, key), losses(single_dir, key)
-        assert sorted(got) == [1, 2, 3, 4], key
-        assert_same_losses(got, want, [1, 2, 3, 4])
-    log = out[f"{stage}_pod"]
-    for i in (0, 1):  # the topology, once per process
-        lines = [
-            line for line in log.splitlines() if f"process {i} of 2 (coordinator 127.0.0.1:" in line
-        ]
-        assert len(lines) == 1 and lines[0].startswith(f"[p{i}]"), _readable(log)
-        assert "4 local / 8 global devices" in lines[0]
-    # Both processes evaluated the same (padded eval batches), as one process does.
-    pod_evals, single_evals = final_evals(log), final_evals(out[f"{stage}_single"])
-    assert len(pod_evals) == 2 and pod_evals[0] == pod_evals[1]
-    assert pod_evals[0] == pytest.approx(single_evals[0], rel=1e-4)
-    # Process 0 alone wrote the outputs: one metrics row per step (checked above), the
-    # config, the images.
-    assert (pod_dir / "config.json").exists()
-    assert [p.name for p in (pod_dir / "images").glob("*.png")] == [image]
-
-
-def test_stage1_two_processes_match_one(runs):
-    keys = ("train/loss/total", "train/disc/loss")
-    check_pod_against_single(*runs, "s1", keys, "reconstructions_0000004.png")
-
-
-def test_stage2_two_processes_match_one(runs):
-    check_pod_against_single(*runs, "s2", ["train/loss"], "samples_0000004.png")
-
-
-@pytest.mark.parametrize("name", ["pod_then_single", "single_then_pod"])
-def test_stage1_checkpoints_resume_across_process_counts(runs, name):
-    workdirs, out = runs
-    assert "Resumed from the checkpoint of step 2" in out[name]
-    resumed = losses(workdirs[name])
-    assert sorted(resumed) == [3, 4]
-    assert_same_losses(resumed, losses(workdirs["s1_single"]), [3, 4])
-    assert_same_losses(resumed, losses(workdirs["s1_pod"]), [3, 4])
-    assert sorted(int(p.name) for p in (workdirs[name] / "checkpoints").iterdir()) == [2, 4]
-
-
-def _final_state(workdir, step: int):
-    import jax
-    import numpy as np
-
-    from vitvq.checkpoint import Checkpointer
-
-    with Checkpointer(
-        pathlib.Path(workdir) / "checkpoints", save_every_steps=1, read_only=True
-    ) as ckpt:
-        tree, saved = ckpt.restore_as_saved(step)
-    assert saved == step
-    return jax.tree_util.tree_leaves_with_path(jax.tree_util.tree_map(np.asarray, tree))
-
-
-def test_every_host_preempted_checkpoints_one_step_and_resumes_bit_identical(runs):
-    import numpy as np
-
-    workdirs, out = runs
-    log = out["preempted"]
-    agreed = [
-        re.findall(rf"^\[p{i}\] .*Preemption notice at step (\d+): checkpoint written", log, re.M)
-        for i in (0, 1)
-    ]
-    assert agreed[0] == agreed[1] and len(agreed[0]) == 1, _readable(log)
-    step = int(agreed[0][0])
-    assert 1 <= step < 4 and out["preempted_steps"][-1] == step, (step, out["preempted_steps"])
-    assert f"Resumed from the checkpoint of step {step}" in out["preempted_resumed"]
-    got = _final_state(workdirs["preempted"], 4)
-    want = _final_state(workdirs["s1_pod"], 4)
-    assert [path for path, _ in got] == [path for path, _ in want]
-    for (path, a), (_, b) in zip(got, want, strict=True):
-        assert a.dtype == b.dtype and np.array_equal(a, b, equal_nan=True), path
-
-
-# --- a process dies --------------------------------------------------------------------------
+# --- processes started directly, and the moments to kill one --------------------------------
 
 
 def _free_port() -> int:
@@ -325,30 +216,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_process(i: int, port: int, workdir, log):
-    args = [
-        *STAGE1,
-        # Cheap steps: no LPIPS, no GAN; a long run that is killed long before its end.
-        "--config.loss.perceptual=0",
-        "--config.loss.adversarial=0",
-        "--config.total_steps=100000",
-        "--config.checkpoint_every_steps=100000",
-        "--config.eval_every_steps=100000",
-        "--config.image_every_steps=100000",
-        f"--workdir={workdir}",
-        f"--heartbeat_timeout={HEARTBEAT}",
-    ]
-    env = _env(4)
-    env.update(
-        VITVQ_COORDINATOR=f"127.0.0.1:{port}", VITVQ_NUM_PROCESSES="2", VITVQ_PROCESS_ID=str(i)
-    )
-    return subprocess.Popen(
-        [sys.executable, "-u", "-m", "vitvq.main", *args],
-        cwd=REPO,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+def _pod_processes(args, workdir, tag: str):
+    """Both processes of a 2-process run of `args`, started directly (no launcher); their
+    logs are `WORKDIR.TAG.pI.log`."""
+    port = _free_port()
+    logs = [pathlib.Path(f"{workdir}.{tag}.p{i}.log") for i in range(2)]
+    procs = []
+    for i in range(2):
+        env = _env(4)
+        env.update(
+            VITVQ_COORDINATOR=f"127.0.0.1:{port}",
+            VITVQ_NUM_PROCESSES="2",
+            VITVQ_PROCESS_ID=str(i),
+        )
+        with open(logs[i], "w") as f:
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-u", "-m", "vitvq.main", *args, f"--workdir={workdir}"],
+                    cwd=REPO,
+                    env=env,
+                    stdout=f,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+    return procs, logs
 
 
 def _wait_until(ready, procs, timeout: float = 300) -> None:
@@ -359,71 +250,6 @@ def _wait_until(ready, procs, timeout: float = 300) -> None:
             return
         time.sleep(0.2)
     raise AssertionError(f"not ready to kill within {timeout} s")
-
-
-def _training(workdir, step: int):
-    """Ready once process 0 has logged `step`: the processes are inside the training loop."""
-    metrics = pathlib.Path(workdir) / "metrics.jsonl"
-
-    def ready() -> bool:
-        if not metrics.exists():
-            return False
-        for line in metrics.read_text().splitlines():
-            try:
-                if json.loads(line)["step"] >= step:
-                    return True
-            except ValueError:  # a line being written
-                pass
-        return False
-
-    return ready
-
-
-@pytest.mark.parametrize(
-    "victim, says",
-    [
-        (1, "process 1 stopped, so process 0 of 2 stops too (no sign of life for 5 s)"),
-        (0, "lost contact with the coordinator (process 0 at 127.0.0.1:"),
-    ],
-    ids=["worker_dies", "coordinator_dies"],
-)
-def test_survivor_of_a_killed_process_exits_with_a_clear_error(tmp_path, victim, says):
-    """SIGKILL mid-training, no launcher: the survivor itself notices and exits in time,
-    always with status 3 and the project's line, also where JAX's runtime reacted first (its
-    abort on a lost coordinator or a silent peer is turned into the same exit)."""
-    port, workdir = _free_port(), tmp_path / "run"
-    survivor_log = tmp_path / f"process_{1 - victim}.log"
-    logs = [open(tmp_path / f"process_{i}.log", "w") for i in range(2)]
-    procs = [_start_process(i, port, workdir, logs[i]) for i in range(2)]
-    survivor = procs[1 - victim]
-    try:
-        _wait_until(_training(workdir, 3), procs)
-        killed_at = time.monotonic()
-        procs[victim].send_signal(signal.SIGKILL)
-        try:
-            rc = survivor.wait(timeout=DEATH_BOUND)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"the survivor still runs {DEATH_BOUND} s after its peer was killed")
-        elapsed = time.monotonic() - killed_at
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        for f in logs:
-            f.close()
-    log = survivor_log.read_text()
-    print(f"\nthe survivor of process {victim} exited with {rc} after {elapsed:.1f} s")
-    errors = [line for line in log.splitlines() if line.startswith("error:")]
-    assert rc == distributed.PEER_FAILURE_EXIT_CODE, _readable(log)
-    assert len(errors) == 1 and "multi-process run stopped" in errors[0], _readable(log)
-    assert says in errors[0]
-    assert f"process {1 - victim} of 2 stops too" in errors[0]
-    if victim == 0:
-        assert elapsed < 10
-
-
-# --- a host lost, the pod relaunched ------------------------------------------------------
 
 
 def _writing_checkpoint(workdir):
@@ -479,125 +305,287 @@ def _resume_point(workdir) -> int | None:
     return max((int(p.name) for p in steps), default=None)
 
 
-# Cheap steps (no LPIPS, no GAN) and more of them than the runlocal default, so that every
-# relaunch starts from a committed checkpoint and still has steps left to be killed in.
-KILLED_RUN = [
-    *STAGE1,
-    "--config.loss.perceptual=0",
-    "--config.loss.adversarial=0",
-    "--config.total_steps=8",
-    f"--heartbeat_timeout={HEARTBEAT}",
-]
-
-
-def _pod_processes(workdir, tag: str, every: int):
-    """Both processes of a 2-process `KILLED_RUN` checkpointing every `every` steps, started
-    directly (no launcher); their logs are `WORKDIR.TAG.pI.log`."""
-    port = _free_port()
-    logs = [pathlib.Path(f"{workdir}.{tag}.p{i}.log") for i in range(2)]
-    procs = []
-    for i in range(2):
-        env = _env(4)
-        env.update(
-            VITVQ_COORDINATOR=f"127.0.0.1:{port}",
-            VITVQ_NUM_PROCESSES="2",
-            VITVQ_PROCESS_ID=str(i),
-        )
-        argv = [*KILLED_RUN, f"--config.checkpoint_every_steps={every}", f"--workdir={workdir}"]
-        with open(logs[i], "w") as f:
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-u", "-m", "vitvq.main", *argv],
-                    cwd=REPO,
-                    env=env,
-                    stdout=f,
-                    stderr=subprocess.STDOUT,
-                )
-            )
-    return procs, logs
-
-
-def _finish(procs, logs) -> list[str]:
-    """Waits for both processes to succeed; their outputs."""
+def _kill_one(workdir, attempt: int, victim: int, resume: int | None, rng) -> dict:
+    """One launch of the killed pod (checkpointing every step): SIGKILL to `victim`, the
+    first time while a checkpoint is being written, later at a random moment (up to half a
+    second) after the launch committed a checkpoint of its own. What happened, for the tests."""
+    procs, logs = _pod_processes(cheap(1), workdir, f"launch{attempt}")
     try:
-        rcs = [p.wait(timeout=RUN_TIMEOUT) for p in procs]
+        if attempt == 0:
+            moment, delay = _writing_checkpoint(workdir), 0.0
+        else:
+            moment, delay = _recorded_after(workdir, resume), rng.uniform(0.0, 0.5)
+        _wait_until(moment, procs, RUN_TIMEOUT)
+        time.sleep(delay)
+        assert procs[victim].poll() is None, "the run ended before the kill"
+        procs[victim].send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        writing_at_kill = _writing_checkpoint(workdir)()
+        try:
+            rc = procs[1 - victim].wait(timeout=DEATH_BOUND)
+        except subprocess.TimeoutExpired:
+            rc = None  # the survivor still ran DEATH_BOUND s after its peer was killed
+        elapsed = time.monotonic() - killed_at
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
                 p.wait()
     out = [log.read_text() for log in logs]
-    assert rcs == [0, 0], _readable(out[0] + out[1])
-    return out
+    launch = dict(
+        victim=victim,
+        delay=delay,
+        rc=rc,
+        elapsed=elapsed,
+        writing_at_kill=writing_at_kill,
+        resumed_from=resume,
+        outputs=out,
+        survivor=out[1 - victim],
+    )
+    listing = sorted(p.name for p in (pathlib.Path(workdir) / "checkpoints").iterdir())
+    print(
+        f"\nlaunch {attempt} (from step {resume}): process {victim} killed {delay:.2f} s after "
+        f"its cue{' mid-save' if writing_at_kill else ''}; the survivor exited {rc} after "
+        f"{elapsed:.1f} s; checkpoints {listing}"
+    )
+    return launch
 
 
-def test_a_killed_host_three_times_over_the_relaunched_pod_resumes_bit_identical(tmp_path):
-    """SIGKILL to one process of a 2-process run, three times: first while a checkpoint is
-    being written, then at a random moment (up to half a second) after a launch has committed
-    a checkpoint of its own; the victim is chosen at random each time. The survivor stops
-    with its one line, each relaunch resumes from the newest committed checkpoint, and the
-    last one ends with the state of an uninterrupted run, bit for bit (that run checkpoints
-    every 4 steps, this one every step)."""
-    import random
+# --- every training run of the module --------------------------------------------------------
 
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Every training run of the module: {name: workdir}, {name: output or record}."""
+    from bundle_helpers import make_tokenizer_bundle
+
+    root = tmp_path_factory.mktemp("runs")
+    bundle_path, _ = make_tokenizer_bundle(root / "tokenizer")
+    stage2 = [
+        f"--config={REPO / 'configs' / 'vim_base.py'}:runlocal",
+        f"--config.tokenizer_bundle={bundle_path}",
+        "--config.log_every_steps=1",
+    ]
+    names = (
+        "s1_single",
+        "s2_single",
+        "s1_pod",
+        "s2_pod",
+        "cheap_single",
+        "single_then_pod",
+        "pod_then_single",
+        "killed",
+    )
+    workdirs = {name: root / name for name in names}
+    out, started = {}, []
+
+    def together(**named):
+        started.extend(named.values())
+        out.update({name: run.wait() for name, run in named.items()})
+
+    try:
+        # 1-process runs: the references of the full-loss pods, and the cheap runs' start.
+        together(
+            s1_single=single(STAGE1, workdirs["s1_single"]),
+            s2_single=single(stage2, workdirs["s2_single"]),
+            cheap_single=single(cheap(REFERENCE_EVERY), workdirs["cheap_single"]),
+        )
+        together(s1_pod=pod(STAGE1, workdirs["s1_pod"]), s2_pod=pod(stage2, workdirs["s2_pod"]))
+        # The reference pod resumes the 1-process run's step-2 checkpoint; so does the pod
+        # preempted before its first step, in the workdir that is killed afterwards.
+        for name in ("single_then_pod", "killed"):
+            copy_checkpoint(workdirs["cheap_single"], CROSS_STEP, workdirs[name])
+        preempted = PreemptedRun(
+            pod_argv(cheap(1)), _env(None), workdirs["killed"], "preempted pod", "preempted"
+        )
+        together(
+            single_then_pod=pod(cheap(REFERENCE_EVERY), workdirs["single_then_pod"]),
+            preempted=preempted,
+        )
+        out["preempted_steps"] = checkpoint_steps(workdirs["killed"])
+
+        # A host lost three times over: random victims, both processes at least once.
+        rng = random.Random(22)
+        victims = [1, 0, rng.choice([0, 1])]
+        rng.shuffle(victims)
+        resume = out["preempted_steps"][-1]
+        out["kills"] = []
+        for attempt, victim in enumerate(victims):
+            launch = _kill_one(workdirs["killed"], attempt, victim, resume, rng)
+            out["kills"].append(launch)
+            if launch["rc"] is None:
+                break  # the test of the survivors says so
+            resume = _resume_point(workdirs["killed"])
+        out["resume_after_kills"] = resume
+
+        # The preempted command again, to the end; the reference pod's checkpoint of
+        # POD_STEP resumed by one process, beside it.
+        copy_checkpoint(workdirs["single_then_pod"], POD_STEP, workdirs["pod_then_single"])
+        together(
+            relaunched=pod(cheap(1), workdirs["killed"], "final"),
+            pod_then_single=single(cheap(REFERENCE_EVERY), workdirs["pod_then_single"]),
+        )
+    finally:
+        for run in started:
+            run.stop()
+    return workdirs, out
+
+
+def check_pod_against_single(workdirs, out, stage: str, keys, image: str):
+    pod_dir, single_dir = workdirs[f"{stage}_pod"], workdirs[f"{stage}_single"]
+    for key in keys:
+        got, want = losses(pod_dir, key), losses(single_dir, key)
+        assert sorted(got) == [1, 2, 3, 4], key
+        assert_same_losses(got, want, [1, 2, 3, 4])
+    log = out[f"{stage}_pod"]
+    for i in (0, 1):  # the topology, once per process
+        lines = [
+            line for line in log.splitlines() if f"process {i} of 2 (coordinator 127.0.0.1:" in line
+        ]
+        assert len(lines) == 1 and lines[0].startswith(f"[p{i}]"), _readable(log)
+        assert "4 local / 8 global devices" in lines[0]
+    # Both processes evaluated the same (padded eval batches), as one process does.
+    pod_evals, single_evals = final_evals(log), final_evals(out[f"{stage}_single"])
+    assert len(pod_evals) == 2 and pod_evals[0] == pod_evals[1]
+    assert pod_evals[0] == pytest.approx(single_evals[0], rel=1e-4)
+    # Process 0 alone wrote the outputs: one metrics row per step (checked above), the
+    # config, the images.
+    assert (pod_dir / "config.json").exists()
+    assert [p.name for p in (pod_dir / "images").glob("*.png")] == [image]
+
+
+def test_stage1_two_processes_match_one(runs):
+    keys = ("train/loss/total", "train/disc/loss")
+    check_pod_against_single(*runs, "s1", keys, "reconstructions_0000004.png")
+
+
+def test_stage2_two_processes_match_one(runs):
+    check_pod_against_single(*runs, "s2", ["train/loss"], "samples_0000004.png")
+
+
+@pytest.mark.parametrize(
+    "name, start, references",
+    [
+        ("single_then_pod", CROSS_STEP, ["cheap_single"]),
+        ("pod_then_single", POD_STEP, ["cheap_single", "single_then_pod"]),
+    ],
+)
+def test_stage1_checkpoints_resume_across_process_counts(runs, name, start, references):
+    """A checkpoint written by one process count resumes in the other; the resumed steps
+    repeat the uninterrupted runs' losses (the 1-process run's, and the pod's where the pod
+    is not the one resuming)."""
+    workdirs, out = runs
+    assert f"Resumed from the checkpoint of step {start}" in out[name]
+    resumed = losses(workdirs[name])
+    steps = list(range(start + 1, CHEAP_TOTAL + 1))
+    assert sorted(resumed) == steps
+    for reference in references:
+        assert_same_losses(resumed, losses(workdirs[reference]), steps)
+    saved = [start, *range(start + REFERENCE_EVERY, CHEAP_TOTAL + 1, REFERENCE_EVERY)]
+    assert checkpoint_steps(workdirs[name]) == saved[-KEEP:]
+
+
+def _final_state(workdir, step: int):
+    import jax
     import numpy as np
 
-    reference = tmp_path / "uninterrupted"
-    _finish(*_pod_processes(reference, "run", every=4))
+    from vitvq.checkpoint import Checkpointer
 
-    workdir = tmp_path / "killed"
-    rng = random.Random(22)
-    victims = [1, 0, rng.choice([0, 1])]
-    rng.shuffle(victims)
-    resume = None  # where the next launch must resume
-    resumed_from = []
-    for attempt, victim in enumerate(victims):
-        procs, logs = _pod_processes(workdir, f"launch{attempt}", every=1)
-        try:
-            if attempt == 0:
-                moment, delay = _writing_checkpoint(workdir), 0.0
-            else:
-                moment, delay = _recorded_after(workdir, resume), rng.uniform(0.0, 0.5)
-            _wait_until(moment, procs, RUN_TIMEOUT)
-            time.sleep(delay)
-            assert procs[victim].poll() is None, "the run ended before the kill"
-            procs[victim].send_signal(signal.SIGKILL)
-            writing_at_kill = _writing_checkpoint(workdir)()
-            rc = procs[1 - victim].wait(timeout=DEATH_BOUND)
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
-        out = [log.read_text() for log in logs]
-        survivor = out[1 - victim]
-        errors = [line for line in survivor.splitlines() if line.startswith("error:")]
-        assert rc == distributed.PEER_FAILURE_EXIT_CODE, _readable(survivor)
-        assert len(errors) == 1 and "multi-process run stopped" in errors[0], _readable(survivor)
-        resumed = re.findall(r"Resumed from the checkpoint of step (\d+)", out[0])
-        assert resumed == ([] if resume is None else [str(resume)]), _readable(out[0])
-        resumed_from.append(resume)
-        if attempt == 0:
-            assert writing_at_kill, "the first kill missed the checkpoint write"
-        resume = _resume_point(workdir)
-        listing = sorted(p.name for p in (workdir / "checkpoints").iterdir())
-        print(
-            f"\nlaunch {attempt} (from step {resumed_from[-1]}): process {victim} killed "
-            f"{delay:.2f} s after its cue{' mid-save' if writing_at_kill else ''}; the survivor "
-            f"exited {rc}; checkpoints {listing}"
-        )
-    # Each launch after the first committed progress of its own before its kill, and the
-    # next launch resumed there.
-    progress = [step for step in (*resumed_from, resume) if step is not None]
-    assert len(progress) >= 2 and progress == sorted(set(progress)), (resumed_from, resume)
+    with Checkpointer(
+        pathlib.Path(workdir) / "checkpoints", save_every_steps=1, read_only=True
+    ) as ckpt:
+        tree, saved = ckpt.restore_as_saved(step)
+    assert saved == step
+    return jax.tree_util.tree_leaves_with_path(jax.tree_util.tree_map(np.asarray, tree))
 
-    out = _finish(*_pod_processes(workdir, "final", every=1))
-    assert resume is not None and f"Resumed from the checkpoint of step {resume} " in out[0]
-    got = _final_state(workdir, 8)
-    want = _final_state(reference, 8)
+
+def assert_same_final_state(workdir, reference):
+    import numpy as np
+
+    got = _final_state(workdir, CHEAP_TOTAL)
+    want = _final_state(reference, CHEAP_TOTAL)
     assert [path for path, _ in got] == [path for path, _ in want]
     for (path, a), (_, b) in zip(got, want, strict=True):
         assert a.dtype == b.dtype and np.array_equal(a, b, equal_nan=True), path
+
+
+def test_every_host_preempted_checkpoints_one_step_and_resumes_bit_identical(runs):
+    workdirs, out = runs
+    log = out["preempted"]
+    agreed = [
+        re.findall(rf"^\[p{i}\] .*Preemption notice at step (\d+): checkpoint written", log, re.M)
+        for i in (0, 1)
+    ]
+    assert agreed[0] == agreed[1] and len(agreed[0]) == 1, _readable(log)
+    step = int(agreed[0][0])
+    assert CROSS_STEP < step < CHEAP_TOTAL, step
+    assert out["preempted_steps"][-1] == step, (step, out["preempted_steps"])
+    # The next launch resumed there (it was killed later: see the killed-host test), and the
+    # same command, run again, ended with the uninterrupted reference pod's state.
+    first = out["kills"][0]["outputs"][0]
+    assert f"Resumed from the checkpoint of step {step}" in first, _readable(first)
+    assert "Resumed from the checkpoint of step" in out["relaunched"]
+    assert_same_final_state(workdirs["killed"], workdirs["single_then_pod"])
+
+
+@pytest.mark.parametrize(
+    "victim, says",
+    [
+        (1, "process 1 stopped, so process 0 of 2 stops too (no sign of life for 5 s)"),
+        (0, "lost contact with the coordinator (process 0 at 127.0.0.1:"),
+    ],
+    ids=["worker_dies", "coordinator_dies"],
+)
+def test_survivor_of_a_killed_process_exits_with_a_clear_error(runs, victim, says):
+    """SIGKILL mid-training, no launcher: the survivor itself notices and exits in time,
+    always with status 3 and the project's line, also where JAX's runtime reacted first (its
+    abort on a lost coordinator or a silent peer is turned into the same exit). Every launch
+    of the killed pod with this victim is checked."""
+    _, out = runs
+    launches = [k for k in out["kills"] if k["victim"] == victim]
+    assert launches, [k["victim"] for k in out["kills"]]
+    for launch in launches:
+        log = launch["survivor"]
+        assert launch["rc"] is not None, (
+            f"the survivor still ran {DEATH_BOUND} s after its peer was killed:\n" + _readable(log)
+        )
+        errors = [line for line in log.splitlines() if line.startswith("error:")]
+        assert launch["rc"] == distributed.PEER_FAILURE_EXIT_CODE, _readable(log)
+        assert len(errors) == 1 and "multi-process run stopped" in errors[0], _readable(log)
+        assert says in errors[0]
+        assert f"process {1 - victim} of 2 stops too" in errors[0]
+        if victim == 0:
+            assert launch["elapsed"] < 10, launch["elapsed"]
+
+
+def test_a_killed_host_three_times_over_the_relaunched_pod_resumes_bit_identical(runs):
+    """SIGKILL to one process of a 2-process run, three times: first while a checkpoint is
+    being written, then at a random moment (up to half a second) after a launch has committed
+    a checkpoint of its own; the victim is chosen at random each time. Each relaunch resumes
+    from the newest committed checkpoint, and the last one ends with the state of an
+    uninterrupted run, bit for bit (that run checkpoints every 4 steps, this one every step)."""
+    workdirs, out = runs
+    kills = out["kills"]
+    assert len(kills) == 3 and {k["victim"] for k in kills} == {0, 1}
+    for attempt, launch in enumerate(kills):
+        survivor = launch["survivor"]
+        errors = [line for line in survivor.splitlines() if line.startswith("error:")]
+        assert launch["rc"] == distributed.PEER_FAILURE_EXIT_CODE, _readable(survivor)
+        assert len(errors) == 1 and "multi-process run stopped" in errors[0], _readable(survivor)
+        p0 = launch["outputs"][0]
+        resumed = re.findall(r"Resumed from the checkpoint of step (\d+)", p0)
+        assert resumed == [str(launch["resumed_from"])], _readable(p0)
+        if attempt == 0:
+            assert launch["writing_at_kill"], "the first kill missed the checkpoint write"
+    # Each launch after the first committed progress of its own before its kill, and the
+    # next launch resumed there.
+    resume = out["resume_after_kills"]
+    progress = [k["resumed_from"] for k in kills[1:]] + [resume]
+    assert progress == sorted(set(progress)), progress
+    assert progress[0] >= kills[0]["resumed_from"], (kills[0]["resumed_from"], progress)
+
+    assert f"Resumed from the checkpoint of step {resume} " in out["relaunched"]
+    assert_same_final_state(workdirs["killed"], workdirs["single_then_pod"])
 
 
 # JAX's own reaction to a dead peer: LOG(FATAL), then abort().

@@ -15,7 +15,6 @@ import jax
 import numpy as np
 import pytest
 import remote_fs
-from jax_cache import persistent_compilation_cache
 from PIL import Image
 
 from vitvq import bundle, paths
@@ -200,16 +199,7 @@ def test_bundle_at_a_url(tmp_path, monkeypatch, bucket):
 # --- a whole run: train, resume, read back, export -----------------------------------------
 
 
-@pytest.fixture
-def compilation_cache(tmp_path):
-    """A persistent compilation cache: the resumed run reuses the first run's compiles."""
-    with persistent_compilation_cache(str(tmp_path / "jax_cache")):
-        yield
-
-
-def test_train_resume_and_export_from_a_url_workdir(
-    tmp_path, monkeypatch, capsys, compilation_cache, bucket
-):
+def test_train_resume_and_export_from_a_url_workdir(tmp_path, monkeypatch, capsys, bucket):
     """Stage 1 with --workdir=ram://bucket/run (orbax in its GCS mode), then a resume."""
     RUN = f"{bucket}/run"
     store = tmp_path / "store"

@@ -23,7 +23,6 @@ import jax
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
-from jax_cache import persistent_compilation_cache
 from PIL import Image
 
 from vitvq import data as data_lib
@@ -136,13 +135,6 @@ def check_run_outputs(workdir, result, *, total_steps):
         assert image.format == "PNG" and image.mode == "RGB"
         assert image.size[1] == 2 * 32 + 2  # originals over reconstructions
     assert list(workdir.glob("events.out.tfevents.*"))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """A persistent compilation cache for this module: the runs of one config compile once."""
-    with persistent_compilation_cache(str(tmp_path_factory.mktemp("jax_cache"))):
-        yield
 
 
 class BatchTap:

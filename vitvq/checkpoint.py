@@ -122,6 +122,7 @@ class Checkpointer:
         self.read_only = read_only
         self._writing: int | None = None  # the step of the newest started save
         self._unrecorded: int | None = None  # a started save whose digests are not written yet
+        self._first_step: int | None = None  # the step before the first this launch trained
         _check_gcs_support(self.directory)
         if read_only and not paths.is_dir(self.directory):
             raise DataError(f"There is no checkpoint directory {self.directory}.")
@@ -149,6 +150,7 @@ class Checkpointer:
         self._manager = ocp.CheckpointManager(
             self.directory, options=options, handler_registry=registry
         )
+        self._manager.reached_preemption = self._reached_sync_point  # see there
 
     # --- queries -------------------------------------------------------------------------
 
@@ -171,7 +173,26 @@ class Checkpointer:
         save with `force=True`, `wait()` and exit. In a single-process run a SIGTERM caught
         by `vitvq.preemption` counts as the notice.
         """
-        return preemption.requested() or self._manager.reached_preemption(step)
+        return preemption.requested() or self._reached_sync_point(step)
+
+    def _reached_sync_point(self, step: int) -> bool:
+        """JAX's preemption sync point, counted in the steps of this launch.
+
+        Once a notice arrives, JAX's runtime agrees on "one past the newest counter any
+        process has reported", where a process that has not reported yet counts as 0. Given
+        the global step, a resumed run preempted before its first step (during restore or a
+        compile, which can take minutes) would agree on step 1 and never reach it: the run
+        went on until the scheduler's SIGKILL. So the counter is the number of steps since
+        this Checkpointer first asked (1 after the first step of the launch), the same in
+        every process. orbax's own checks (its save policy) ask through here too, so that
+        nothing else moves the counter.
+        """
+        if self._first_step is None:
+            self._first_step = step - 1
+        try:
+            return multihost_utils.reached_preemption_sync_point(step - self._first_step)
+        except RuntimeError:  # a single process: JAX runs no preemption service
+            return False
 
     # --- saving --------------------------------------------------------------------------
 
