@@ -9,7 +9,7 @@
 # VITVQ_TEST_WORKERS sets the number of workers of the first pass (default 2).
 # VITVQ_TEST_JAX_CACHE=off runs with no persistent compilation cache (tests/conftest.py).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 2
 
 status=0
 run_pass() {

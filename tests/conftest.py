@@ -113,6 +113,11 @@ FAST_IN_SLOW_MODULES = {
     "test_export.py::test_export_cli_errors_exit_2",
     "test_benchmarks.py::test_config_overrides_are_typed",
     "test_fsdp_memory.py::test_step_memory_of_a_tiny_vim_counts_the_donated_state",
+    # The commands' error paths, in-process (one case each of main and the multi-process
+    # settings still a real subprocess).
+    "test_main.py::test_user_error_is_one_line_and_exit_2",
+    "test_aot.py::test_bad_arguments_exit_2_with_one_error_line",
+    "test_multiprocess.py::test_inconsistent_settings_are_one_line_errors",
 }
 
 
@@ -126,6 +131,7 @@ SERIAL_TESTS = {
 }
 NOT_SERIAL_IN_SERIAL_MODULES = {
     "test_multiprocess.py::test_settings_resolution",
+    "test_multiprocess.py::test_inconsistent_settings_are_one_line_errors",
 }
 
 

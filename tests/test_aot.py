@@ -10,6 +10,7 @@ import sys
 
 import jax
 import pytest
+from inprocess_cli import run_module_main
 
 from vitvq import aot, aot_report, memory, parallel
 from vitvq.errors import ConfigError
@@ -176,8 +177,10 @@ def test_remat_is_suggested_when_activations_dominate():
         (["--topology=v5e:2x2", "--config.no_such_key=1"], "no_such_key"),
     ],
 )
-def test_bad_arguments_exit_2_with_one_error_line(args, message):
-    result = run_aot(f"--config={STAGE1}", *args)
+def test_bad_arguments_exit_2_with_one_error_line(capfd, args, message):
+    # `python -m vitvq.aot` in this process (tests/inprocess_cli.py), as run_aot runs it
+    argv, env = [f"--config={STAGE1}", *args], {"TF_CPP_MIN_LOG_LEVEL": "2"}
+    result = run_module_main(capfd, "vitvq.aot", argv, cwd=ROOT, env=env)
     assert result.returncode == 2, result.stdout + result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr

@@ -1,20 +1,22 @@
-"""Tests of the entry point `python -m vitvq.main`, run as users run it (subprocesses).
+"""Tests of the entry point `python -m vitvq.main`, run as users run it.
 
 - the full runlocal config (GAN, LPIPS, evaluation, images) trains end to end into the
-  default workdir, runs/<config name>, relative to the current directory;
+  default workdir, runs/<config name>, relative to the current directory (a subprocess);
 - user mistakes (bad overrides, impossible meshes, unknown data, bad flags) end with one
   `error:` line on stderr, no traceback, exit status 2, and nothing written: they are caught
-  before anything is built or compiled.
+  before anything is built or compiled. One of them runs as a subprocess; the others run the
+  module's entry point in this process, as `python -m` would (tests/inprocess_cli.py).
 """
 
-import concurrent.futures
 import json
 import os
 import pathlib
 import subprocess
 import sys
 
+import jax
 import pytest
+from inprocess_cli import run_module_main
 
 from vitvq import main as vitvq_main
 
@@ -55,52 +57,53 @@ def test_default_workdir():
     assert os.path.join("runs", "ablations", "row-cnn_scale-small") in rows
 
 
-# (case id, extra arguments, device count, what the one error line must say)
+# (case id, extra arguments, the device count the message needs (None: any, the same line
+# on 1 device as on this process's 8), what the one error line must say)
 BAD_INVOCATIONS = [
     ("batch_not_divisible", ["--config.batch_size=3"], 8, ["batch_size 3", "not divisible"]),
     ("mesh_product", ["--config.mesh.data=3"], 8, ["config.mesh", "multiplies to 3", "8 devices"]),
     ("eval_batch_not_divisible", ["--config.eval_batch_size=4"], 8, ["eval_batch_size 4"]),
-    ("unknown_dataset", ["--config.dataset.name=nope"], 1, ["dataset.name='nope'", "digits"]),
-    ("missing_folder", ["--config.dataset.name=folder"], 1, ["dataset.path"]),
-    ("patch_size", ["--config.model.patch_size=5"], 1, ["patch_size 5", "image_size 32"]),
-    ("unknown_key", ["--config.nope=1"], 1, ["unknown config key 'nope'", "--config.nope"]),
-    ("unknown_nested_key", ["--config.model.nope=1"], 1, ["'nope'", "--config.model.nope"]),
-    ("bad_value", ["--config.total_steps=abc"], 1, ["--config.total_steps=abc", "int"]),
-    ("unknown_trainer", ["--config.trainer=nope"], 1, ["config.trainer 'nope'"]),
-    ("unknown_variant", [f"--config={CONFIG}:bogus"], 1, ["unknown config variant 'bogus'"]),
-    ("missing_config", ["--config=configs/nope.py"], 1, ["configs/nope.py", "No such file"]),
-    ("no_config", None, 1, ["--config is required"]),
-    ("positional_argument", ["extra"], 1, ["unexpected arguments", "extra"]),
+    ("unknown_dataset", ["--config.dataset.name=nope"], None, ["dataset.name='nope'", "digits"]),
+    ("missing_folder", ["--config.dataset.name=folder"], None, ["dataset.path"]),
+    ("patch_size", ["--config.model.patch_size=5"], None, ["patch_size 5", "image_size 32"]),
+    ("unknown_key", ["--config.nope=1"], None, ["unknown config key 'nope'", "--config.nope"]),
+    ("unknown_nested_key", ["--config.model.nope=1"], None, ["'nope'", "--config.model.nope"]),
+    ("bad_value", ["--config.total_steps=abc"], None, ["--config.total_steps=abc", "int"]),
+    ("unknown_trainer", ["--config.trainer=nope"], None, ["config.trainer 'nope'"]),
+    ("unknown_variant", [f"--config={CONFIG}:bogus"], None, ["unknown config variant 'bogus'"]),
+    ("missing_config", ["--config=configs/nope.py"], None, ["configs/nope.py", "No such file"]),
+    ("no_config", None, None, ["--config is required"]),
+    ("positional_argument", ["extra"], None, ["unexpected arguments", "extra"]),
     # vitvq/config_check.py: the one line names the full key, the value and what is allowed.
-    ("negative_lr", ["--config.optimizer.lr=-0.001"], 1, ["config.optimizer.lr=-0.001", "> 0"]),
+    ("negative_lr", ["--config.optimizer.lr=-0.001"], None, ["config.optimizer.lr=-0.001", "> 0"]),
     (
         "heads_not_dividing_width",
         ["--config.model.encoder.num_heads=3"],
-        1,
+        None,
         ["config.model.encoder.num_heads=3", "divisor of config.model.encoder.width=32"],
     ),
     (
         "codebook_size_1",
         ["--config.model.codebook_size=1"],
-        1,
+        None,
         ["config.model.codebook_size=1", "an integer >= 2"],
     ),
     (
         "dropout_out_of_range",
         ["--config.model.decoder.dropout=1.5"],
-        1,
+        None,
         ["config.model.decoder.dropout=1.5", "a number in [0, 1)"],
     ),
     (
         "unknown_dtype",
         ["--config.dtype=float64"],
-        1,
+        None,
         ["config.dtype='float64'", "'bfloat16', 'float16', 'float32'"],
     ),
     (
         "keep_checkpoints_0",
         ["--config.keep_checkpoints=0"],
-        1,
+        None,
         ["config.keep_checkpoints=0", ">= 1"],
     ),
     (
@@ -112,53 +115,53 @@ BAD_INVOCATIONS = [
     (
         "crop_scale_out_of_range",
         ["--config.dataset.crop_scale=(0.0,1.0)"],
-        1,
+        None,
         ["config.dataset.crop_scale=(0.0, 1.0)", "0 < lo <= hi <= 1"],
     ),
     (
         "image_size_not_power_of_two",  # divisible by the patch, but the discriminator halves it
         ["--config.image_size=48"],
-        1,
+        None,
         ["config.image_size=48", "a power of two >= 8", "config.loss.adversarial=0"],
     ),
     (
         "vim_top_p",
         [f"--config={REPO / 'configs' / 'vim_base.py'}:runlocal", "--config.sampling.top_p=0"],
-        1,
+        None,
         ["config.sampling.top_p=0.0", "a number in (0, 1]"],
     ),
     (
         "pipeline_vim_heads",
         [f"--config={REPO / 'configs' / 'demo.py'}", "--config.vim.model.num_heads=3"],
-        1,
+        None,
         ["config.vim.model.num_heads=3", "divisor of config.vim.model.width=128"],
     ),
 ]
 
 
-@pytest.fixture(scope="module")
-def bad_runs(tmp_path_factory):
-    """Runs every bad invocation (a few at a time): case id -> (process, workdir)."""
-    root = tmp_path_factory.mktemp("bad")
+# The one case that runs as a real `python -m vitvq.main` process (on 8 devices): the
+# process itself exits with status 2 and prints the one line, no traceback.
+SUBPROCESS_CASE = "mesh_product"
 
-    def one(case):
-        name, extra, devices, _ = case
-        workdir = root / name
-        args = [f"--workdir={workdir}"]
-        if extra is not None:
-            has_config = any(a.startswith("--config=") for a in extra)
-            args += ([] if has_config else [f"--config={CONFIG}:runlocal"]) + extra
-        return name, (run_main(args, cwd=REPO, devices=devices), workdir)
 
-    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
-        return dict(pool.map(one, BAD_INVOCATIONS))
+def bad_args(workdir, extra):
+    args = [f"--workdir={workdir}"]
+    if extra is not None:
+        has_config = any(a.startswith("--config=") for a in extra)
+        args += ([] if has_config else [f"--config={CONFIG}:runlocal"]) + extra
+    return args
 
 
 @pytest.mark.parametrize(
-    "name, expected", [case[::3] for case in BAD_INVOCATIONS], ids=[c[0] for c in BAD_INVOCATIONS]
+    "name, extra, devices, expected", BAD_INVOCATIONS, ids=[c[0] for c in BAD_INVOCATIONS]
 )
-def test_user_error_is_one_line_and_exit_2(bad_runs, name, expected):
-    proc, workdir = bad_runs[name]
+def test_user_error_is_one_line_and_exit_2(capfd, tmp_path, name, extra, devices, expected):
+    workdir = tmp_path / name
+    if name == SUBPROCESS_CASE:
+        proc = run_main(bad_args(workdir, extra), cwd=REPO, devices=devices or 1)
+    else:  # in this process: tests/conftest.py's 8 CPU devices
+        assert devices in (None, jax.device_count()), "needs a subprocess with its devices"
+        proc = run_module_main(capfd, "vitvq.main", bad_args(workdir, extra), cwd=REPO)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]

@@ -669,18 +669,30 @@ BAD_SETTINGS = [
     (["--process_id=1"], {}, "needs the number of processes"),
     (["--heartbeat_timeout=0"], {}, "--heartbeat_timeout=0 must be at least 1"),
 ]
+# This case runs as a real `python -m vitvq.main` process (exit status 2, one line, no
+# traceback, a setting from the environment); the others run its entry point in this
+# process (tests/inprocess_cli.py) with VITVQ_* and SLURM_* unset and the case's variables set.
+SUBPROCESS_SETTING = "not HOST:PORT"
 
 
 @pytest.mark.parametrize("flags, env, says", BAD_SETTINGS)
-def test_inconsistent_settings_are_one_line_errors(tmp_path, flags, env, says):
-    proc = subprocess.run(
-        [sys.executable, "-m", "vitvq.main", *STAGE1, f"--workdir={tmp_path / 'w'}", *flags],
-        cwd=REPO,
-        env={**_env(1), **env},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+def test_inconsistent_settings_are_one_line_errors(capfd, tmp_path, flags, env, says):
+    args = [*STAGE1, f"--workdir={tmp_path / 'w'}", *flags]
+    if says == SUBPROCESS_SETTING:
+        proc = subprocess.run(
+            [sys.executable, "-m", "vitvq.main", *args],
+            cwd=REPO,
+            env={**_env(1), **env},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    else:
+        from inprocess_cli import run_module_main
+
+        proc = run_module_main(
+            capfd, "vitvq.main", args, cwd=REPO, env=env, unset_env_prefixes=("VITVQ_", "SLURM_")
+        )
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("error:") and says in lines[-1], proc.stderr[-2000:]
