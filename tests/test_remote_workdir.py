@@ -10,6 +10,7 @@ import io
 import json
 import os
 import pathlib
+import types
 
 import jax
 import numpy as np
@@ -92,7 +93,12 @@ def test_checkpointer_passes_gcs_urls_to_orbax_unchanged(monkeypatch):
             Checkpointer("gs://bucket/run/checkpoints", save_every_steps=1)
     seen = []
     monkeypatch.setattr(checkpoint, "_check_gcs_support", lambda directory: None)
-    monkeypatch.setattr(ocp, "CheckpointManager", lambda directory, **kw: seen.append(directory))
+
+    def manager(directory, **kw):
+        seen.append(directory)
+        return types.SimpleNamespace()  # the Checkpointer routes its preemption checks here
+
+    monkeypatch.setattr(ocp, "CheckpointManager", manager)
     ckpt = Checkpointer("gs://bucket/run/checkpoints", save_every_steps=1)
     assert ckpt.directory == "gs://bucket/run/checkpoints"
     assert seen == ["gs://bucket/run/checkpoints"]
