@@ -44,8 +44,9 @@ two ways:
   so this keeps JAX's report `JAX_HEARTBEAT_MARGIN` seconds behind the watchdog's;
 - while the watchdog runs, a SIGABRT handler turns JAX's abort into the same `_stop` when it
   follows a peer failure (the coordinator refuses connections, or the watchdog has not heard
-  from a process): JAX's lines come first, then the project's line and status 3. Any other
-  abort ends the process as before.
+  from a process, or it does within its timeout: gloo aborts at once on a message cut off by
+  a peer's death): JAX's lines come first, then the project's line and status 3. Any other
+  abort ends the process as before, after that wait.
 """
 
 import atexit
@@ -503,8 +504,20 @@ def _stop_after_abort() -> None:
     if watchdog is None:
         return
     # JAX reports a silent process `JAX_HEARTBEAT_MARGIN` s after the watchdog would: by then
-    # the watchdog has missed its beats for longer than its timeout, unless this machine
-    # starved the watchdog; then the processes silent for more than two beats are named.
+    # the watchdog has missed its beats for longer than its timeout.
+    _stop_for_silent(watchdog)
+    # An abort that comes at once, before any process is silent for long: gloo's own
+    # consistency check on a half-received message from a peer killed mid-collective
+    # (`gloo::EnforceNotMet ... Received data size doesn't match`). Give the watchdog its
+    # timeout to name the peer (it ends the process itself); any other abort goes on after.
+    if watchdog.is_alive():
+        watchdog.join(watchdog.timeout + 2 * watchdog.period)
+        _stop_for_silent(watchdog)
+
+
+def _stop_for_silent(watchdog) -> None:
+    """`_stop` naming the processes silent for the watchdog's timeout, or (where this machine
+    starved the watchdog) for more than two beats; returns when none is."""
     for longer_than in (watchdog.timeout, 2 * watchdog.period):
         dead = watchdog.silent(longer_than)
         if dead:
