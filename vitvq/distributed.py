@@ -351,7 +351,7 @@ def exit_if_peer_failure(error: BaseException) -> None:
         _stop(f"lost contact with the coordinator (process 0 at {address})", cause)
     watchdog = _state["watchdog"]
     if watchdog is not None and watchdog.is_alive():
-        watchdog.join(watchdog.timeout + 2 * watchdog.period)  # it exits if one is dead
+        watchdog.await_verdict()
         what = "a collective with the other processes failed although they are alive"
     else:
         what = "a collective with the other processes failed (one may have stopped)"
@@ -384,6 +384,11 @@ class _Watchdog(threading.Thread):
         self._watching_since = time.monotonic()
         self._seen: dict[int, str] = {}  # peer -> its last value seen
         self._changed: dict[int, float] = {}  # peer -> when that value was first seen
+
+    def await_verdict(self) -> None:
+        """Waits as long as the watchdog needs to call a peer dead (its timeout and two beats);
+        if one is, the watchdog ends the process and this never returns."""
+        self.join(self.timeout + 2 * self.period)
 
     def silent(self, longer_than: float) -> list[int]:
         """The unfinished peers not heard from for more than `longer_than` seconds."""
@@ -511,7 +516,7 @@ def _stop_after_abort() -> None:
     # (`gloo::EnforceNotMet ... Received data size doesn't match`). Give the watchdog its
     # timeout to name the peer (it ends the process itself); any other abort goes on after.
     if watchdog.is_alive():
-        watchdog.join(watchdog.timeout + 2 * watchdog.period)
+        watchdog.await_verdict()
         _stop_for_silent(watchdog)
 
 
