@@ -4,8 +4,9 @@
   written: each restart with the same command resumes from the last committed checkpoint
   (never a partial one), and the finished run's final state equals an uninterrupted run's,
   bit for bit. The uninterrupted run is made twice: same config and seed, identical states.
-- SIGTERM: the run checkpoints the step in flight and exits 0 within a bound; the restart
-  continues from exactly that step.
+- SIGTERM, to a restart in the same chain: the run checkpoints the step in flight and exits
+  0 within a bound; the next restart continues from exactly that step, logs each step after
+  it once, and still ends bit-identical.
 - An unwritable workdir is a one-line error at start; a disk that fills up (a file-size
   limit: the kernel refuses writes with EFBIG) is a one-line error at save time, and the
   previous checkpoint stays valid.
@@ -36,17 +37,19 @@ import time
 import jax
 import numpy as np
 import pytest
+from workdir_helpers import resume_point
 
 from vitvq.checkpoint import Checkpointer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = f"--config={REPO / 'configs' / 'vitvq_small.py'}:runlocal"
 TOTAL = 40
+LOG_EVERY = 4
 ARGS = [
     CONFIG,
     f"--config.total_steps={TOTAL}",
     "--config.checkpoint_every_steps=4",
-    "--config.log_every_steps=4",
+    f"--config.log_every_steps={LOG_EVERY}",
     f"--config.eval_every_steps={TOTAL}",
     f"--config.image_every_steps={TOTAL}",
     "--config.loss.perceptual=0.0",
@@ -181,15 +184,24 @@ def test_same_config_and_seed_give_bit_identical_states(uninterrupted):
     assert_bitwise_equal(first, second)
 
 
-def test_sigkill_at_random_moments_then_restart_finishes_identically(env, uninterrupted, tmp_path):
+def test_sigkill_at_random_moments_and_sigterm_then_restart_finishes_identically(
+    env, uninterrupted, tmp_path
+):
     workdir = tmp_path / "killed"
     rng = np.random.default_rng(0)
-    kills = []  # (committed steps, partial writes left, exit status) after each kill
+    # After each kill: (committed steps, partial writes left, exit status, resume point).
+    kills = []
 
     def kill(proc):
         proc.kill()
         proc.wait(timeout=60)
-        kills.append((committed_steps(workdir), partial_writes(workdir), proc.returncode))
+        after = (committed_steps(workdir), partial_writes(workdir), proc.returncode)
+        kills.append((*after, resume_point(workdir)))
+
+    def trains_past_its_start(proc):
+        """Once the restart `proc` has committed a checkpoint of its own."""
+        before = max(committed_steps(workdir), default=0)
+        wait_for(lambda: max(committed_steps(workdir), default=0) > before, proc)
 
     # Kill while an asynchronous checkpoint is being written: as soon as orbax's temporary
     # directory appears. The write may still win the race and commit first: try again (each
@@ -204,33 +216,16 @@ def test_sigkill_at_random_moments_then_restart_finishes_identically(env, uninte
     assert kills[-1][1], "no kill landed while a checkpoint was being written"
     # Then at random moments, once a restart has trained a little further.
     for _ in range(2):
-        before = max(committed_steps(workdir), default=0)
         proc = start(env, workdir)
-        wait_for(lambda: max(committed_steps(workdir), default=0) > before, proc)  # noqa: B023
+        trains_past_its_start(proc)
         time.sleep(rng.uniform(0.0, 0.5))
         kill(proc)
-    assert all(rc == -signal.SIGKILL for _, _, rc in kills if rc != 0)
+    assert all(rc == -signal.SIGKILL for _, _, rc, _ in kills if rc != 0)
 
-    # The same command, to the end; its programs come from the cache the restarts wrote.
-    rc, log = run({**env, **CACHE_HITS}, workdir)
-    assert rc == 0, log[-3000:]
-    hits = cache_hits(log)
-    assert any("train_step" in name for name in hits), (hits, log[-3000:])
-    logs = pathlib.Path(f"{workdir}.log").read_text() + log  # the killed attempts, the last
-    resumed = [int(s) for s in re.findall(r"Resumed from the checkpoint of step (\d+)", logs)]
-    committed_at_kill = [max(steps) if steps else None for steps, _, _ in kills]
-    # Every restart after a kill resumed from the newest committed step, never a partial one
-    # (a restart after a kill that left no committed checkpoint starts afresh).
-    assert resumed == [s for s in committed_at_kill if s is not None]
-    assert not partial_writes(workdir)
-    # Served from the cache, bit-identical to run0, which compiled everything itself.
-    assert_bitwise_equal(final_state(workdir), uninterrupted[0][0])
-
-
-def test_sigterm_checkpoints_the_current_step_and_exits_0(env, tmp_path):
-    workdir = tmp_path / "preempted"
-    proc = start(env, workdir, "--config.total_steps=100000", "--config.keep_checkpoints=2")
-    assert wait_for(lambda: committed_steps(workdir), proc), "the run ended early"
+    # SIGTERM (a preemption notice): the restart checkpoints the step in flight and exits 0
+    # within the bound, leaving no partial write.
+    proc = start(env, workdir)
+    trains_past_its_start(proc)
     time.sleep(0.3)
     sent = time.time()
     proc.send_signal(signal.SIGTERM)
@@ -239,16 +234,33 @@ def test_sigterm_checkpoints_the_current_step_and_exits_0(env, tmp_path):
     log = pathlib.Path(f"{workdir}.log").read_text()
     assert proc.returncode == 0, log[-3000:]
     assert took < SIGTERM_BOUND
-    (step,) = map(int, re.findall(r"Preemption notice at step (\d+): checkpoint written", log))
-    assert committed_steps(workdir)[-1] == step
+    (preempted,) = map(int, re.findall(r"Preemption notice at step (\d+): checkpoint written", log))
+    assert preempted < TOTAL, "the run ended before the notice"
+    assert committed_steps(workdir)[-1] == preempted
     assert not partial_writes(workdir)
 
-    rc, log = run(env, workdir, f"--config.total_steps={step + 2}", "--config.log_every_steps=1")
+    # The same command, to the end; its programs come from the cache the restarts wrote.
+    metrics = workdir / "metrics.jsonl"
+    rows_before = len(metrics.read_text().splitlines())
+    rc, log = run({**env, **CACHE_HITS}, workdir)
     assert rc == 0, log[-3000:]
-    assert f"Resumed from the checkpoint of step {step} in" in log
-    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    hits = cache_hits(log)
+    assert any("train_step" in name for name in hits), (hits, log[-3000:])
+    # It continued from exactly the preempted step and logged each step after it once.
+    assert f"Resumed from the checkpoint of step {preempted} in" in log
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()[rows_before:]]
     trained = [r["step"] for r in rows if "train/loss/total" in r]
-    assert trained[-2:] == [step + 1, step + 2]  # the resumed steps, each logged once
+    assert trained == [s for s in range(preempted + 1, TOTAL + 1) if s % LOG_EVERY == 0]
+    logs = pathlib.Path(f"{workdir}.log").read_text() + log  # the killed attempts, the last
+    resumed = [int(s) for s in re.findall(r"Resumed from the checkpoint of step (\d+)", logs)]
+    # Every restart after a kill resumed from the newest committed step with its digest record
+    # (a kill between orbax's commit and the record loses that step: the restart sets it
+    # aside), never a partial one; a restart after a kill that left nothing committed starts
+    # afresh.
+    assert resumed == [point for *_, point in kills if point is not None] + [preempted]
+    assert not partial_writes(workdir)
+    # Served from the cache, bit-identical to run0, which compiled everything itself.
+    assert_bitwise_equal(final_state(workdir), uninterrupted[0][0])
 
 
 def test_unwritable_workdir_is_a_clear_error_at_start(env, tmp_path):

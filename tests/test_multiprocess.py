@@ -42,6 +42,7 @@ import threading
 import time
 
 import pytest
+from workdir_helpers import resume_point
 
 from vitvq import distributed
 
@@ -291,20 +292,6 @@ def _recorded_after(workdir, step: int | None):
     return ready
 
 
-def _resume_point(workdir) -> int | None:
-    """Where a restart must resume, by the documented rule: the newest step with a digest
-    record; where no step has one (the first save was cut off between its commit and its
-    record), the newest committed step."""
-    from vitvq import digests
-
-    ckpts = pathlib.Path(workdir) / "checkpoints"
-    steps = [p for p in ckpts.iterdir() if p.name.isdigit()] if ckpts.is_dir() else []
-    recorded = [int(p.name) for p in steps if digests.has_record(p)]
-    if recorded:
-        return max(recorded)
-    return max((int(p.name) for p in steps), default=None)
-
-
 def _kill_one(workdir, attempt: int, victim: int, resume: int | None, rng) -> dict:
     """One launch of the killed pod (checkpointing every step): SIGKILL to `victim`, the
     first time while a checkpoint is being written, later at a random moment (up to half a
@@ -415,7 +402,7 @@ def runs(tmp_path_factory):
             out["kills"].append(launch)
             if launch["rc"] is None:
                 break  # the test of the survivors says so
-            resume = _resume_point(workdirs["killed"])
+            resume = resume_point(workdirs["killed"])
         out["resume_after_kills"] = resume
 
         # The preempted command again, to the end; the reference pod's checkpoint of
