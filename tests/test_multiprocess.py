@@ -1,8 +1,8 @@
-"""Multi-process training on localhost: real JAX processes (gloo collectives, 4 fake CPU
+"""Multi-process training on localhost: real JAX processes (gloo collectives, 2 fake CPU
 devices each) started by `launch/local_pod.sh` or directly, as users run them.
 
-- A 2-process x 4-device run of the runlocal stage-1 and stage-2 configs (the full loss:
-  LPIPS and the GAN) logs the same losses at every step as a 1-process x 8-device run with
+- A 2-process x 2-device run of the runlocal stage-1 and stage-2 configs (the full loss:
+  LPIPS and the GAN) logs the same losses at every step as a 1-process x 4-device run with
   the same global batch, and evaluates the same; process 0 alone writes the metrics, config
   and images.
 - Everything else runs a cheap stage-1 config (no LPIPS, no GAN, `CHEAP_TOTAL` steps) and
@@ -56,6 +56,11 @@ STAGE1 = [
     "--config.loss.r1_gamma=0.0",
 ]
 FAST_COMPILE = "--xla_backend_optimization_level=0"
+# Two fake devices per process: more than one (a process feeds and shards over its own
+# devices, collectives run within and across processes), and no more, since a fake CPU device
+# is a thread and a step of the full loss on 8 of them takes 2.5x as long as on one.
+LOCAL_DEVICES = 2
+GLOBAL_DEVICES = 2 * LOCAL_DEVICES
 RTOL = 1e-5
 # The survivor of a killed process must be gone this soon: it notices the coordinator's loss
 # at once and a silent worker after HEARTBEAT seconds; the rest is slack for a busy machine.
@@ -86,11 +91,14 @@ def cheap(every: int) -> list[str]:
 
 
 def _env(devices: int | None) -> dict:
-    """A clean environment: fake CPU devices (None: local_pod.sh sets them), the repo."""
+    """A clean environment: fake CPU devices (None: local_pod.sh sets them, LOCAL_DEVICES per
+    process), the repo."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VITVQ_", "SLURM_"))}
     xla = [FAST_COMPILE]
     if devices is not None:
         xla.append(f"--xla_force_host_platform_device_count={devices}")
+    else:
+        env["DEVICES_PER_PROCESS"] = str(LOCAL_DEVICES)
     env.update(
         XLA_FLAGS=" ".join(xla),
         JAX_PLATFORMS="cpu",
@@ -157,7 +165,7 @@ class PreemptedRun(Run):
 
 
 def pod_argv(args) -> list[str]:
-    """`launch/local_pod.sh 2 ARGS` (2 processes x 4 devices)."""
+    """`launch/local_pod.sh 2 ARGS` (2 processes x LOCAL_DEVICES devices)."""
     return ["bash", str(LOCAL_POD), "2", *args]
 
 
@@ -166,8 +174,9 @@ def pod(args, workdir, tag: str = "run") -> Run:
 
 
 def single(args, workdir) -> Run:
-    """`python -m vitvq.main ARGS --workdir=WORKDIR` (1 process x 8 devices)."""
-    return Run([sys.executable, "-m", "vitvq.main", *args], _env(8), workdir, "1-process run")
+    """`python -m vitvq.main ARGS --workdir=WORKDIR` (1 process x GLOBAL_DEVICES devices)."""
+    argv = [sys.executable, "-m", "vitvq.main", *args]
+    return Run(argv, _env(GLOBAL_DEVICES), workdir, "1-process run")
 
 
 def losses(workdir, key: str = "train/loss/total") -> dict[int, float]:
@@ -224,7 +233,7 @@ def _pod_processes(args, workdir, tag: str):
     logs = [pathlib.Path(f"{workdir}.{tag}.p{i}.log") for i in range(2)]
     procs = []
     for i in range(2):
-        env = _env(4)
+        env = _env(LOCAL_DEVICES)
         env.update(
             VITVQ_COORDINATOR=f"127.0.0.1:{port}",
             VITVQ_NUM_PROCESSES="2",
@@ -430,7 +439,7 @@ def check_pod_against_single(workdirs, out, stage: str, keys, image: str):
             line for line in log.splitlines() if f"process {i} of 2 (coordinator 127.0.0.1:" in line
         ]
         assert len(lines) == 1 and lines[0].startswith(f"[p{i}]"), _readable(log)
-        assert "4 local / 8 global devices" in lines[0]
+        assert f"{LOCAL_DEVICES} local / {GLOBAL_DEVICES} global devices" in lines[0]
     # Both processes evaluated the same (padded eval batches), as one process does.
     pod_evals, single_evals = final_evals(log), final_evals(out[f"{stage}_single"])
     assert len(pod_evals) == 2 and pod_evals[0] == pod_evals[1]
