@@ -51,9 +51,15 @@ for ((i = 0; i < num; i++)); do
     log="$LOG_DIR/process_${i}.log"
   fi
   # The environment of a pod's host: the coordinator, this process's id, fake CPU devices.
+  # The output's prefixer ignores INT and TERM (and ends when the process closes its
+  # output): a signal to the whole process group (Ctrl-C, `kill -- -PGID`) must reach the
+  # processes without cutting off what they print while they checkpoint and exit.
   VITVQ_COORDINATOR="127.0.0.1:${port}" VITVQ_NUM_PROCESSES="$num" VITVQ_PROCESS_ID="$i" \
     JAX_PLATFORMS=cpu XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=${devices}" \
-    "$python" -u -m "$module" "$@" > >(tee "$log" | sed -u "s/^/[p${i}] /") 2>&1 &
+    "$python" -u -m "$module" "$@" > >(
+      trap '' INT TERM
+      tee "$log" | sed -u "s/^/[p${i}] /"
+    ) 2>&1 &
   pids+=("$!")
 done
 

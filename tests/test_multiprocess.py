@@ -10,8 +10,10 @@ devices each) started by `launch/local_pod.sh` or directly, as users run them.
   checkpoint of step 8:
   - checkpoints cross over: that pod's resumed steps repeat the 1-process run's losses, and
     a 1-process run resuming the pod's checkpoint repeats both;
-  - every host preempted: SIGTERM to `local_pod.sh 2` reaches both processes, which agree on
-    a step (JAX's preemption sync), checkpoint it and exit 0; the next launch resumes there;
+  - every host preempted: SIGTERM to the whole process group of `local_pod.sh 2` (launcher,
+    output prefixers, both processes), while the processes start, before JAX's runtime has:
+    they record it, hand it to JAX's preemption service, agree on a step, checkpoint it and
+    exit 0, their lines intact; the next launch resumes there;
   - a host lost, the pod relaunched: one process SIGKILLed three times over (mid-save, then at
     random moments; both processes are victims at least once), the survivor prints one
     `error:` line naming what happened (a silent worker, the lost coordinator) and exits with
@@ -145,23 +147,61 @@ class Run:
 
 
 class PreemptedRun(Run):
-    """A `local_pod.sh 2` run that gets SIGTERM once both processes have joined the pod
-    (JAX's preemption notifier is installed by then) and before their first step."""
+    """A `local_pod.sh 2` run in a session of its own whose whole process group (the launcher,
+    its output prefixers, both processes) gets SIGTERM as early as a signal can be caught: as
+    soon as both processes catch SIGTERM (vitvq.main records it from its first lines), before
+    JAX's distributed runtime has started, as Ctrl-C or a scheduler's `kill -- -PGID` would
+    deliver a maintenance event during start-up."""
 
     def __init__(self, argv, env, workdir, what: str, tag: str = "run"):
-        super().__init__(argv, env, workdir, what, tag)
+        self.what = what
+        self.log = pathlib.Path(f"{workdir}.{tag}.log")
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "w") as f:
+            self.proc = subprocess.Popen(
+                [*argv, f"--workdir={workdir}"],
+                cwd=REPO,
+                env=env,
+                stdout=f,
+                stderr=f,
+                start_new_session=True,
+            )
         self.signalled_at = None
         threading.Thread(target=self._preempt, daemon=True).start()
+
+    def _training_processes(self) -> list[int]:
+        """The `vitvq.main` processes of this run's process group."""
+        found = []
+        for entry in pathlib.Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                if os.getpgid(int(entry.name)) != self.proc.pid:
+                    continue
+                if b"vitvq.main" in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:  # gone meanwhile
+                continue
+        return found
+
+    @staticmethod
+    def _catches_sigterm(pid: int) -> bool:
+        try:
+            status = pathlib.Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            return False
+        caught = int(re.search(r"^SigCgt:\s*([0-9a-f]+)", status, re.M).group(1), 16)
+        return bool(caught & (1 << (signal.SIGTERM - 1)))
 
     def _preempt(self) -> None:
         deadline = time.time() + RUN_TIMEOUT
         while time.time() < deadline and self.proc.poll() is None:
-            text = self.log.read_text(errors="replace")
-            if all(f"[p{i}] " in text and f"process {i} of 2 (coordinator" in text for i in (0, 1)):
+            pids = self._training_processes()
+            if len(pids) == 2 and all(self._catches_sigterm(pid) for pid in pids):
                 self.signalled_at = time.time()
-                self.proc.send_signal(signal.SIGTERM)
+                os.killpg(self.proc.pid, signal.SIGTERM)
                 return
-            time.sleep(0.05)
+            time.sleep(0.01)
 
 
 def pod_argv(args) -> list[str]:
@@ -512,9 +552,16 @@ def test_every_host_preempted_checkpoints_one_step_and_resumes_bit_identical(run
         re.findall(rf"^\[p{i}\] .*Preemption notice at step (\d+): checkpoint written", log, re.M)
         for i in (0, 1)
     ]
+    # The launcher exited 0 (Run.wait) and the processes' lines came through the prefixers,
+    # which the same signal reached.
     assert agreed[0] == agreed[1] and len(agreed[0]) == 1, _readable(log)
     step = int(agreed[0][0])
     assert CROSS_STEP < step < CHEAP_TOTAL, step
+    # The signal came before JAX's runtime had started (in one process at least): the
+    # recorded notice went to JAX's preemption service, which the processes agreed through.
+    assert re.search(
+        r"^\[p[01]\] .*The SIGTERM of the start-up goes to JAX's preemption service", log, re.M
+    ), _readable(log)
     assert out["preempted_steps"][-1] == step, (step, out["preempted_steps"])
     # The next launch resumed there (it was killed later: see the killed-host test), and the
     # same command, run again, ended with the uninterrupted reference pod's state.

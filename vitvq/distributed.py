@@ -326,10 +326,15 @@ def is_peer_failure(error: BaseException) -> bool:
 
     if jax.process_count() <= 1:
         return False
+    # Python's own OSErrors (BrokenPipeError, ConnectionResetError, ...) come from this
+    # process's files, pipes and sockets (a closed console, remote storage), never from the
+    # collectives or JAX's runtime, whose errors are JaxRuntimeError.
     return caused_by(
         error,
         lambda e: (
-            isinstance(e, Exception) and any(m in str(e).lower() for m in _PEER_FAILURE_MARKERS)
+            isinstance(e, Exception)
+            and not isinstance(e, OSError)
+            and any(m in str(e).lower() for m in _PEER_FAILURE_MARKERS)
         ),
     )
 

@@ -16,7 +16,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from vitvq import distributed, preemption, quiet
+from vitvq import distributed, lost_console, preemption, quiet
 from vitvq.errors import ConfigError, VitvqError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
@@ -128,12 +128,13 @@ def main(argv):
     # flag) brings back the libraries' INFO log lines (clu's metric lines, orbax, ...).
     quiet.startup()
     try:
-        distributed.initialize_if_configured(
+        if distributed.initialize_if_configured(
             coordinator=_COORDINATOR.value,
             num_processes=_NUM_PROCESSES.value,
             process_id=_PROCESS_ID.value,
             heartbeat_timeout=_HEARTBEAT_TIMEOUT.value,
-        )
+        ):
+            preemption.hand_over_to_jax()  # JAX's runtime owns SIGTERM from here on
         distributed.log_topology()
         # deferred: JAX and the model modules; keeps --help and flag errors fast
         import jax
@@ -168,4 +169,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse_flags)
+    # A preemption notice (SIGTERM) at any moment, from the first: see vitvq.preemption.
+    # A closed console (a pipe's reader gone) does not end the run: see vitvq.lost_console.
+    with preemption.recorded_from_start(), lost_console.outlived():
+        app.run(main, flags_parser=_parse_flags)

@@ -11,10 +11,19 @@ with status 0. A restart with the same command resumes from exactly that step.
 The handler is installed only in the main thread of a single-process run, and the previous
 handler is put back when the `sigterm_checkpoints` block ends. A second SIGTERM while the
 checkpoint is being written is recorded like the first (the write is not interrupted).
+
+A notice can come at any moment, also while the command starts (imports, flag parsing, the
+processes meeting): `vitvq.main` records SIGTERM from its first line (`recorded_from_start`)
+instead of dying by it. In a single-process run that record is the notice the loop sees
+(before its first step it exits 0 with one line: nothing was trained, nothing to save). In a
+multi-process run JAX's runtime takes SIGTERM over when it starts; a notice recorded before
+that is handed to it (`hand_over_to_jax`), so the processes agree on a step as for any later
+notice.
 """
 
 import contextlib
 import logging
+import os
 import signal
 import threading
 
@@ -54,15 +63,11 @@ def _on_sigterm(signum, frame):
 
 
 @contextlib.contextmanager
-def sigterm_checkpoints(process_count: int):
-    """Within the block, SIGTERM requests a checkpoint-and-exit (single process only).
-
-    A no-op with several processes (JAX's runtime owns SIGTERM there), outside the main
-    thread (Python allows handlers only there), and when an outer block already installed it.
-    """
+def _handler_installed():
+    """Installs `_on_sigterm` for the block, unless an outer block did or this is not the main
+    thread (Python allows handlers only there); a new record starts empty."""
     global _installed
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    if process_count != 1 or _installed or not in_main_thread:
+    if _installed or threading.current_thread() is not threading.main_thread():
         yield
         return
     _requested.clear()
@@ -73,3 +78,41 @@ def sigterm_checkpoints(process_count: int):
     finally:
         signal.signal(signal.SIGTERM, previous)
         _installed = False
+
+
+@contextlib.contextmanager
+def recorded_from_start():
+    """Within the block (a command's whole run), SIGTERM is recorded, not fatal; the previous
+    handler comes back at the end, and the record is cleared. Within an outer block, or
+    outside the main thread, a no-op. The `sigterm_checkpoints` blocks inside keep the
+    record."""
+    with _handler_installed():
+        try:
+            yield
+        finally:
+            _requested.clear()
+
+
+def hand_over_to_jax() -> None:
+    """Call right after JAX's distributed runtime started (it handles SIGTERM from then on:
+    its preemption service makes every process agree on a step). A SIGTERM recorded before
+    goes to it: this process signals itself once more. The record is cleared, so that only
+    JAX's agreed step stops this process's loop."""
+    if _requested.is_set():
+        _requested.clear()
+        logger.warning("The SIGTERM of the start-up goes to JAX's preemption service.")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def sigterm_checkpoints(process_count: int):
+    """Within the block, SIGTERM requests a checkpoint-and-exit (single process only).
+
+    A no-op with several processes (JAX's runtime owns SIGTERM there), outside the main
+    thread (Python allows handlers only there), and when an outer block already installed it.
+    """
+    if process_count != 1:
+        yield
+        return
+    with _handler_installed():
+        yield
