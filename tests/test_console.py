@@ -120,7 +120,9 @@ def test_the_orbax_filter_keeps_real_warnings_and_errors():
 
 
 def _command(*args, **env_changes):
-    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+    # A user's environment: none of the suite's platform, device or TensorFlow log settings.
+    unset = ("JAX_PLATFORMS", "XLA_FLAGS", "TF_CPP_MIN_LOG_LEVEL")
+    env = {k: v for k, v in os.environ.items() if k not in unset}
     env.update(env_changes)
     return subprocess.run(
         [sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True, text=True
@@ -132,18 +134,19 @@ def _command(*args, **env_changes):
 )
 def test_a_config_mistake_prints_exactly_its_error_line_with_libtpu_installed(tmp_path):
     """No TPU here and JAX_PLATFORMS unset, as on a laptop with the `tpu` extra: nothing of
-    libtpu's probe, JAX, TensorFlow or our own start-up comes before the one error line."""
+    libtpu's probe, JAX, TensorFlow or our own start-up comes before the one error line. The
+    mistake is one the trainer finds, after TensorFlow was imported (its import notices:
+    vitvq.tf_notices)."""
+    missing = tmp_path / "nonexistent"
     proc = _command(
         "vitvq.main",
-        "--config=configs/demo.py",
-        f"--workdir={tmp_path}",
-        "--config.batch_size=-3",
+        "--config=configs/vitvq_small.py:runlocal",
+        f"--workdir={tmp_path / 'run'}",
+        f"--config.init_from={missing}",
     )
     assert proc.returncode == 2
     assert proc.stdout == ""
-    assert proc.stderr.splitlines() == [
-        "error: config.batch_size=-3 is invalid; allowed: an integer >= 1"
-    ]
+    assert proc.stderr.splitlines() == [f"error: config.init_from={missing} does not exist"]
 
 
 def test_verbosity_brings_the_log_lines_back(tmp_path):

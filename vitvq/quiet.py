@@ -8,8 +8,9 @@ the console; warnings and errors still reach it.
   is told to use the CPU (`jax_platforms="cpu"`) and the probe never runs. A TPU VM has its
   chips on the bus, so nothing changes there; `JAX_PLATFORMS` and `JAX_FORCE_TPU_INIT`,
   when set, are always obeyed.
-- **TensorFlow's INFO notices** (the oneDNN one, printed when TensorFlow loads):
-  `TF_CPP_MIN_LOG_LEVEL=1` unless set, which keeps TensorFlow's warnings and errors.
+- **TensorFlow's INFO notices**: `TF_CPP_MIN_LOG_LEVEL=1` unless set, which keeps
+  TensorFlow's warnings and errors; the notices its import prints regardless (oneDNN, absl's
+  "before InitializeLog") are dropped by `vitvq.tf_notices`.
 - **orbax's INFO lines and its read-only warnings** (several per checkpoint read or save):
   `OrbaxFilter` on the console's log handlers.
 
@@ -25,6 +26,8 @@ import os
 from collections.abc import Mapping
 
 from absl import flags
+
+from vitvq import tf_notices
 
 # Variables by which a user (or a TPU VM image) chooses JAX's platform: obeyed, never replaced.
 # (TPU_LIBRARY_PATH is no such choice: importing libtpu sets it on any machine.)
@@ -111,6 +114,8 @@ def startup(verbose: bool | None = None) -> None:
     verbose = verbosity_given() if verbose is None else verbose
     logging.getLogger().setLevel(logging.INFO if verbose else logging.WARNING)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+    if not verbose:
+        tf_notices.quiet_tensorflow_import()
     for handler in logging.getLogger().handlers:
         if not any(isinstance(f, OrbaxFilter) for f in handler.filters):
             handler.addFilter(OrbaxFilter())
