@@ -48,6 +48,9 @@ def test_demo_pipeline_writes_bundle_and_images(tmp_path, capsys):
         assert stage in out
     final = json.loads(out.strip().splitlines()[-1])["final_eval"]
     assert final == result
+    # Between the stages, each stage's readable eval line; the JSON summary only at the end.
+    assert [line.startswith('{"final_eval"') for line in out.splitlines()].count(True) == 1
+    assert "tokenizer eval @ 4:" in out and "VIM eval @ 4:" in out
     assert 0.0 <= result["samples/recognized"] <= 1.0
     assert result["samples/real_top1"] > 0.85  # the judge itself works on real digits
     assert result["samples/rejecter_real_top1"] > 0.8  # and so does the rejecting classifier

@@ -122,7 +122,8 @@ def test_the_pipeline_checks_both_stages_once_and_hands_on_checked_settings(monk
     class Reached(Exception):
         pass
 
-    def first_stage(config, workdir):
+    def first_stage(config, workdir, *, summary=True):
+        assert not summary  # the pipeline prints the one JSON summary itself
         stage1.check_config(config)  # what stage 1 does first: no second validation
         raise Reached(config)
 
@@ -139,7 +140,7 @@ def test_the_pipeline_checks_both_stages_once_and_hands_on_checked_settings(monk
 
 def test_a_bad_vim_block_fails_before_the_tokenizer_trains(monkeypatch, tmp_path):
     monkeypatch.setattr(
-        pipeline.stage1, "train_and_evaluate", lambda *a: pytest.fail("stage 1 started")
+        pipeline.stage1, "train_and_evaluate", lambda *a, **k: pytest.fail("stage 1 started")
     )
     config = demo_config()
     config.vim.eval_batch_size = 3

@@ -120,8 +120,11 @@ def eval_batches_from(config, image_size: int):
     )
 
 
-def run_loop(task, config, checkpointer: Checkpointer, writer) -> dict[str, float]:
-    """Runs the shared loop, closes the checkpointer and writer, prints the final eval."""
+def run_loop(
+    task, config, checkpointer: Checkpointer, writer, *, summary: bool = True
+) -> dict[str, float]:
+    """Runs the shared loop, closes the checkpointer and writer; prints the final eval as a
+    JSON line when `summary` (the loop has shown it as a readable line already)."""
     # deferred: TensorFlow and clu (the training loop); this module alone stays TF-free
     from vitvq.train import loop
 
@@ -134,6 +137,6 @@ def run_loop(task, config, checkpointer: Checkpointer, writer) -> dict[str, floa
     finally:
         checkpointer.close()
         writer.close()
-    if result:
+    if result and summary:
         print(json.dumps({"final_eval": result}, sort_keys=True))
     return result

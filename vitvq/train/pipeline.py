@@ -101,7 +101,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     start = time.time()
 
     t = _stage("1/5", f"training the tokenizer ({stage1_config.total_steps} steps) in {tok_dir}")
-    tok_metrics = stage1.train_and_evaluate(stage1_config, tok_dir)
+    # Each stage's final evaluation is its last eval line; the JSON line is the run's own.
+    tok_metrics = stage1.train_and_evaluate(stage1_config, tok_dir, summary=False)
     if _preempted("tokenizer"):
         return {}
     logger.info("tokenizer done in %.0f s", time.time() - t)
@@ -112,7 +113,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
 
     vim_config = config.vim.replace(tokenizer_bundle=tok_bundle)
     t = _stage("3/5", f"training the VIM ({vim_config.total_steps} steps) in {vim_dir}")
-    vim_metrics = stage2.train_and_evaluate(vim_config, vim_dir)
+    vim_metrics = stage2.train_and_evaluate(vim_config, vim_dir, summary=False)
     if _preempted("VIM"):
         return {}
     logger.info("VIM done in %.0f s", time.time() - t)

@@ -116,10 +116,12 @@ def check_config(config, mesh=None) -> Settings:
     return config
 
 
-def train_and_evaluate(config, workdir: str) -> dict[str, float]:
+def train_and_evaluate(config, workdir: str, *, summary: bool = True) -> dict[str, float]:
     """Trains a ViT-VQGAN as configured; returns the final evaluation metrics.
 
-    `config`: a ConfigDict, or settings `check_config` (or the pipeline) already checked."""
+    `config`: a ConfigDict, or settings `check_config` (or the pipeline) already checked.
+    `summary`: print them as the JSON line `{"final_eval": ...}` at the end (a command's
+    last line; the pipeline prints one for all its stages)."""
     # Every key checked once, before anything is built; past here `config` is frozen.
     config = check_config(config)
     mesh = parallel.make_mesh(config.mesh)
@@ -157,7 +159,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         progress_fields=PROGRESS_FIELDS,
         eval_fields=EVAL_FIELDS,
     )
-    return common.run_loop(task, config, checkpointer, writer)
+    return common.run_loop(task, config, checkpointer, writer, summary=summary)
 
 
 def _flat_hparams(config) -> dict[str, Any]:

@@ -55,10 +55,12 @@ def _sample_labels(num_classes: int, per_class: int) -> np.ndarray | None:
     return np.repeat(np.arange(num_classes, dtype=np.int32), per_class)
 
 
-def train_and_evaluate(config, workdir: str) -> dict[str, float]:
+def train_and_evaluate(config, workdir: str, *, summary: bool = True) -> dict[str, float]:
     """Trains a VIM as configured; returns the final evaluation metrics.
 
-    `config`: a ConfigDict, or settings `check_config` (or the pipeline) already checked."""
+    `config`: a ConfigDict, or settings `check_config` (or the pipeline) already checked.
+    `summary`: print them as the JSON line `{"final_eval": ...}` at the end (a command's
+    last line; the pipeline prints one for all its stages)."""
     # Every key checked once, before anything is built; past here `config` is frozen.
     config = check_config(config)
     mesh = parallel.make_mesh(config.mesh)
@@ -121,4 +123,4 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         progress_fields=PROGRESS_FIELDS,
         eval_fields=EVAL_FIELDS,
     )
-    return common.run_loop(task, config, checkpointer, writer)
+    return common.run_loop(task, config, checkpointer, writer, summary=summary)
