@@ -120,13 +120,19 @@ def _readable(output: str, limit: int = 8000) -> str:
 class Run:
     """A training run in a subprocess, its output (stdout and stderr) in `WORKDIR.TAG.log`."""
 
-    def __init__(self, argv, env, workdir, what: str, tag: str = "run"):
+    def __init__(self, argv, env, workdir, what: str, tag: str = "run", new_session=False):
+        """`new_session`: the run leads a process group of its own (see `PreemptedRun`)."""
         self.what = what
         self.log = pathlib.Path(f"{workdir}.{tag}.log")
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log, "w") as f:
             self.proc = subprocess.Popen(
-                [*argv, f"--workdir={workdir}"], cwd=REPO, env=env, stdout=f, stderr=f
+                [*argv, f"--workdir={workdir}"],
+                cwd=REPO,
+                env=env,
+                stdout=f,
+                stderr=f,
+                start_new_session=new_session,
             )
 
     def wait(self) -> str:
@@ -154,19 +160,7 @@ class PreemptedRun(Run):
     deliver a maintenance event during start-up."""
 
     def __init__(self, argv, env, workdir, what: str, tag: str = "run"):
-        self.what = what
-        self.log = pathlib.Path(f"{workdir}.{tag}.log")
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log, "w") as f:
-            self.proc = subprocess.Popen(
-                [*argv, f"--workdir={workdir}"],
-                cwd=REPO,
-                env=env,
-                stdout=f,
-                stderr=f,
-                start_new_session=True,
-            )
-        self.signalled_at = None
+        super().__init__(argv, env, workdir, what, tag, new_session=True)
         threading.Thread(target=self._preempt, daemon=True).start()
 
     def _training_processes(self) -> list[int]:
@@ -198,7 +192,6 @@ class PreemptedRun(Run):
         while time.time() < deadline and self.proc.poll() is None:
             pids = self._training_processes()
             if len(pids) == 2 and all(self._catches_sigterm(pid) for pid in pids):
-                self.signalled_at = time.time()
                 os.killpg(self.proc.pid, signal.SIGTERM)
                 return
             time.sleep(0.01)
