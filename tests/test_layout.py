@@ -139,3 +139,32 @@ def test_imports_inside_functions_say_why_they_are_deferred():
         if lines := _deferred_without_reason(path):
             missing[str(path.relative_to(PACKAGE))] = lines
     assert missing == {}, missing
+
+
+def _package_imports_at_load(module: str) -> set[str]:
+    """The vitvq modules that loading `module` loads, by its module-level imports and theirs
+    (imports inside functions, which run later, are not followed)."""
+    known = set(_modules()) | {"vitvq"}
+    seen, todo = set(), [module]
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in known:
+            continue
+        seen.add(name)
+        path = PACKAGE.joinpath(*name.split(".")[1:])
+        path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+        tree = ast.parse(path.read_text())
+        top_level = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+        for target in _imported(ast.Module(body=top_level, type_ignores=[])):
+            parts = target.split(".")
+            # a package's __init__ runs before any of its submodules
+            todo.extend(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    return seen
+
+
+def test_the_config_checker_imports_nothing_of_the_trainers():
+    """The rule book sits below the code it rules: the value sets it checks against live in
+    vitvq.settings (or with the models and data that own them), never in vitvq/train."""
+    loaded = _package_imports_at_load("vitvq.config_check")
+    assert "vitvq.settings" in loaded and "vitvq.models.vitvqgan" in loaded  # it does follow
+    assert sorted(m for m in loaded if m.startswith("vitvq.train")) == []

@@ -39,13 +39,9 @@ from vitvq.models.vim import VIM_CONFIG_KEYS, VIM_PRESETS
 from vitvq.models.vit import POSEMB_KINDS
 from vitvq.models.vitvqgan import BACKBONES, OUTPUT_KINDS
 from vitvq.parallel import MESH_AXES
-from vitvq.settings import Settings
-from vitvq.train import stage1_build
+from vitvq.settings import DTYPES, TRAINABLE, Settings
 
 TRAINERS = ("vitvqgan", "vim", "pipeline")
-# config.dtype and config.trainable: the names the stage-1 builder knows.
-DTYPES = tuple(stage1_build.DTYPES)
-TRAINABLE = stage1_build.TRAINABLE
 IN_MEMORY_SOURCES = ("digits", "photos", "synthetic")  # the sources dataset.crop_scale applies to
 MAX_SEED = 2**32 - 1  # jax.random.key keeps the low 32 bits: larger seeds alias smaller ones
 

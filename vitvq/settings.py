@@ -11,11 +11,25 @@ A `Settings` reads like the ConfigDict it came from (`s.loss.l2`, `s["batch_size
 cannot be changed: `replace("loss.perceptual", 0.0)` returns a changed copy. It is built
 from a ConfigDict or from a plain dict (the step benchmark has no ml_collections), and is
 hashable, so it can key a cache of compiled functions.
+
+The value sets of the keys whose vocabulary no model owns (`DTYPES`, `TRAINABLE`) live here
+too.
 """
 
 import json
 from collections.abc import Iterator, Mapping
 from typing import Any
+
+# The values some keys take, owned here: `vitvq.config_check` checks configs against them and
+# the stage builders read them from here (value sets owned by a model, such as the backbones,
+# stay with the model).
+# config.dtype: the compute dtype, by name (a jax.numpy dtype of that name).
+DTYPES = ("bfloat16", "float16", "float32")
+# config.trainable (stage 1): which generator parameters train. "decoder": the encoder and the
+# quantizer (its projection and codebook) are frozen; the code projection up and the decoder
+# train (Parti's decoder fine-tuning).
+TRAINABLE = ("all", "decoder")
+FROZEN_FOR_DECODER = ("enc", "quantizer")
 
 
 def _freeze(value: Any, checked: bool = False) -> Any:

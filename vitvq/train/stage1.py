@@ -24,9 +24,7 @@ from vitvq.images import image_grid, save_png
 from vitvq.settings import Settings
 from vitvq.train import common, curves, loop, restore, writers
 from vitvq.train.stage1_build import (  # noqa: F401  (Stage1 and its helpers, re-exported)
-    DTYPES,
     FROZEN_FOR_DECODER,
-    TRAINABLE,
     Stage1,
     freeze,
     step_settings,

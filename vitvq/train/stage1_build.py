@@ -32,12 +32,7 @@ from vitvq.train.stage1_step import (
 
 logger = logging.getLogger(__name__)
 
-# config.dtype: the compute dtype, by name (vitvq.config_check checks the names from here).
-DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}
-# config.trainable: which generator parameters train. "decoder": the encoder and the quantizer
-# (its projection and codebook) are frozen, the code projection up and the decoder train.
-TRAINABLE = ("all", "decoder")
-FROZEN_FOR_DECODER = ("enc", "quantizer")
+FROZEN_FOR_DECODER = settings_lib.FROZEN_FOR_DECODER
 
 
 def freeze(tx: optax.GradientTransformation, frozen: tuple[str, ...]):
@@ -96,7 +91,7 @@ class Stage1:
         self.config = config
         self.mesh = mesh
         self.rules = parallel.normalize_rules(config.axis_rules, mesh)
-        dtype = DTYPES[config.dtype]
+        dtype = getattr(jnp, config.dtype)  # one of vitvq.settings.DTYPES (checked)
         self.model = build_vitvqgan(config.model.to_dict(), config.image_size, dtype)
         self.settings = step_settings(config)
         self.trainable = config.get("trainable", "all")

@@ -18,7 +18,6 @@ from vitvq.errors import ConfigError
 from vitvq.models.vim import build_vim
 from vitvq.train import stage2_step
 from vitvq.train.optim import make_adam
-from vitvq.train.stage1_build import DTYPES
 from vitvq.train.stage2_step import Stage2Settings, Stage2State, eval_step, train_step
 
 
@@ -58,7 +57,7 @@ class Stage2:
             vocab_size=self.tokenizer.codebook_size,
             grid_size=self.tokenizer.grid_size,
             num_classes=self.num_classes,
-            dtype=DTYPES[config.dtype],
+            dtype=getattr(jnp, config.dtype),  # one of vitvq.settings.DTYPES (checked)
         )
         self.tx, self.schedule = make_adam(config.optimizer, config.total_steps)
         self.tok_vars = jax.device_put(tok_vars, parallel.replicated(mesh))
