@@ -180,6 +180,55 @@ def _copy(src, dst):
     return dst
 
 
+def test_export_needs_only_the_workdir_to_name_the_classes(trained, tmp_path, monkeypatch, caplog):
+    """Training records its data (data.json) at start; export reads that, not the dataset. A
+    workdir from before the record still exports, naming the classes from the dataset, and
+    says so in one line."""
+    import shutil
+
+    from vitvq import data as data_lib
+
+    _, workdir, _, _ = trained
+    digit_names = [str(i) for i in range(10)]
+    record = json.loads((workdir / "data.json").read_text())
+    assert record == {
+        "dataset": "digits",
+        "num_classes": 10,
+        "class_names": digit_names,
+        "num_train": record["num_train"],
+        "num_eval": record["num_eval"],
+        "image_size": 32,
+    }
+    assert record["num_train"] > 0 and record["num_eval"] > 0
+
+    def unreadable(_dataset):  # the data is on another machine
+        raise AssertionError("export read the dataset")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(data_lib, "dataset_info", unreadable)
+        export(str(workdir), str(tmp_path / "recorded"))
+    manifest = json.loads((tmp_path / "recorded" / "bundle.json").read_text())
+    assert manifest["classes"] == {"num_classes": 10, "names": digit_names}
+
+    older = tmp_path / "older"
+    shutil.copytree(workdir, older)
+    (older / "data.json").unlink()
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        export(str(older), str(tmp_path / "from_dataset"))
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert [m for m in said if "data.json" in m] == [
+        f"{older} has no data.json (a run from before vitvq recorded its data): naming the "
+        "classes from its dataset"
+    ], said
+    manifest = json.loads((tmp_path / "from_dataset" / "bundle.json").read_text())
+    assert manifest["classes"] == {"num_classes": 10, "names": digit_names}
+
+    (older / "data.json").write_text("{not json")
+    with pytest.raises(DataError, match="data.json is not a readable data record"):
+        export(str(older), str(tmp_path / "damaged"))
+
+
 @pytest.mark.parametrize(
     "damage, match",
     [

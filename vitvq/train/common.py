@@ -18,6 +18,8 @@ from vitvq.train import curves
 
 logger = logging.getLogger(__name__)
 
+DATA_RECORD = "data.json"  # a workdir's record of its data (`data_record`)
+
 
 def checked(config, trainer: str, mesh=None) -> Settings:
     """`config` checked once (`vitvq.config_check.check`: every key, the mesh against the
@@ -29,9 +31,23 @@ def checked(config, trainer: str, mesh=None) -> Settings:
     )
 
 
-def prepare_workdir(config, workdir: str) -> None:
+def data_record(config, info: dict, image_size: int) -> dict:
+    """What a workdir records about its data (`data.json`): export reads it instead of the
+    dataset, which may not be at hand where a run is exported. `info`: `dataset_info`'s."""
+    return {
+        "dataset": str(config.dataset.get("name", "")),
+        "num_classes": int(info["num_classes"]),
+        "class_names": list(info["class_names"]) if info.get("class_names") else None,
+        "num_train": int(info["num_train"]),
+        "num_eval": int(info["num_eval"]),
+        "image_size": int(image_size),
+    }
+
+
+def prepare_workdir(config, workdir: str, data: dict | None = None) -> None:
     """Creates the workdir (a local path or a URL such as gs://bucket/run); process 0 writes
-    the resolved config to `config.json` (atomically: a resumed run never leaves it torn).
+    the resolved config to `config.json` and, given `data` (`data_record`'s), `data.json`
+    (each atomically: a resumed run never leaves them torn).
 
     A workdir that cannot be created or written is a ConfigError, before anything compiles.
     """
@@ -40,6 +56,9 @@ def prepare_workdir(config, workdir: str) -> None:
         if jax.process_index() == 0:
             text = Settings(config).to_json(indent=2)
             paths.write_text(paths.join(workdir, "config.json"), text)
+            if data is not None:
+                text = json.dumps(data, indent=2, sort_keys=True)
+                paths.write_text(paths.join(workdir, DATA_RECORD), text)
     except OSError as e:
         reason = f"[Errno {e.errno}] {e.strerror}" if e.strerror else str(e)
         raise ConfigError(

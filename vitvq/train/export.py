@@ -3,7 +3,8 @@ run's), checked against each other. `python -m vitvq.export` is the command arou
 
 The generator's parameters (its EMA parameters when the run kept them) and code-usage
 statistics, the model config, image size, codebook size, class names where the dataset has
-them, and the training step. Arrays are read whole from any sharding of the saved run; in a
+them (as the run recorded them at start in `data.json`: the dataset need not be at hand), and
+the training step. Arrays are read whole from any sharding of the saved run; in a
 multi-process run every process reads and process 0 writes while the others wait. The run's
 workdir is opened read-only, so a run that is still training there is not disturbed. The
 workdirs may be URLs (gs://bucket/run); the bundle may be too (written in place, bundle.json
@@ -27,8 +28,18 @@ from vitvq.train import restore
 logger = logging.getLogger(__name__)
 
 
-def classes_of(config) -> dict:
-    """{"num_classes", "names"} of the run's dataset, when it can still be read here."""
+def classes_of(workdir: str, config) -> dict:
+    """{"num_classes", "names"} of a run's dataset: from what the run recorded at start
+    (`workdir/data.json`); a run from before that record names them from the dataset, when
+    it can still be read here."""
+    record = restore.load_data_record(workdir)
+    if record is not None:
+        return {"num_classes": int(record["num_classes"]), "names": record["class_names"]}
+    logger.warning(
+        "%s has no data.json (a run from before vitvq recorded its data): naming the classes "
+        "from its dataset",
+        workdir,
+    )
     try:
         info = data_lib.dataset_info(config.dataset)
         return {"num_classes": int(info["num_classes"]), "names": info.get("class_names")}
@@ -71,10 +82,10 @@ def export(
         "training_config": config.to_dict(),
     }
     if vim_workdir:
-        vim, vim_params, classes = _vim_export(vim_workdir, generator, config)
+        vim, vim_params, classes = _vim_export(vim_workdir, generator, workdir, config)
         on_part()
     else:
-        vim, vim_params, classes = None, None, classes_of(config)
+        vim, vim_params, classes = None, None, classes_of(workdir, config)
     path = None
     if jax.process_index() == 0:
         path = bundle.write_bundle(
@@ -113,7 +124,7 @@ def _is_dir(path: str) -> bool:
         return False
 
 
-def _vim_export(vim_workdir: str, generator: dict, stage1_config):
+def _vim_export(vim_workdir: str, generator: dict, stage1_workdir: str, stage1_config):
     """(vim section, VIM params, classes) of a stage-2 run, checked against the tokenizer."""
     config = restore.load_workdir_config(vim_workdir)
     if config.get("trainer") != "vim":
@@ -144,6 +155,9 @@ def _vim_export(vim_workdir: str, generator: dict, stage1_config):
         "source": paths.absolute(vim_workdir),
         "training_config": config.to_dict(),
     }
-    classes = classes_of(config) if num_classes else classes_of(stage1_config)
+    if num_classes:
+        classes = classes_of(vim_workdir, config)
+    else:
+        classes = classes_of(stage1_workdir, stage1_config)
     params = jax.tree_util.tree_map(np.asarray, jax.device_get(state["params"]))
     return vim, params, classes

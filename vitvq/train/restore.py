@@ -1,6 +1,8 @@
 """Reading trained weights back: a run's checkpoints for export, and `config.init_from`.
 
 - `load_workdir_config(workdir)`: the config a run saved as `workdir/config.json`.
+- `load_data_record(workdir)`: what it recorded about its data (`workdir/data.json`), or None
+  for a run from before the record.
 - `read_generator(path, step=None)`: the stage-1 generator's parameters (EMA when kept) and
   code-usage statistics from a workdir, its `checkpoints/` directory, one step directory of
   it, or a bundle.
@@ -42,6 +44,23 @@ def load_workdir_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict
         return ml_collections.ConfigDict(json.loads(path.read_text()))
     except (OSError, ValueError) as err:
         raise DataError(f"{path} is not a readable config: {err}") from None
+
+
+def load_data_record(workdir: str | os.PathLike) -> dict | None:
+    """What a run recorded about its data at start (`workdir/data.json`: class count and
+    names, split sizes, image size), or None when the workdir predates the record."""
+    path = paths.as_path(workdir) / "data.json"
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        int(record["num_classes"]), record["class_names"], int(record["image_size"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise DataError(
+            f"{path} is not a readable data record ({err}); it is rewritten when the run "
+            "resumes, or delete it to name the classes from the dataset"
+        ) from None
+    return record
 
 
 def _checkpoint_location(path: epath.Path) -> tuple[epath.Path, int | None]:

@@ -124,7 +124,10 @@ def train_and_evaluate(config, workdir: str, *, summary: bool = True) -> dict[st
     config = check_config(config)
     mesh = parallel.make_mesh(config.mesh)
     trainer = Stage1(config, mesh)
-    common.prepare_workdir(config, workdir)
+    info = data_lib.dataset_info(config.dataset)
+    common.prepare_workdir(
+        config, workdir, common.data_record(config, info, int(config.image_size))
+    )
     abstract, shardings = trainer.abstract_state()
     checkpointer = common.open_checkpointer(config, workdir)
 
