@@ -4,11 +4,12 @@
 process counts, the batch sizes against the mesh) and returns it frozen as
 `vitvq.settings.Settings`, which everything past it reads without checking a key again.
 
-`validate(config)` walks declarative tables of rules: one row per key (its type, range or
+`validate(config)` walks the trainers' tables of rules: one row per key (its type, range or
 allowed values), plus the checks that relate keys (heads that divide the width, a patch
 that divides the image, the mesh against the device count, ...). The first bad value raises
 a `ConfigError` whose message is one line that names the full key, the value and what is
-allowed, e.g.
+allowed (the rule and value-spec classes, how a rule is applied and that wording live in
+vitvq/config_rules.py; this module holds what is checked), e.g.
 
     config.model.encoder.num_heads=5 is invalid: width 32 is not divisible by 5 heads;
     allowed: a divisor of config.model.encoder.width=32 (1, 2, 4, 8, 16, 32)
@@ -25,11 +26,26 @@ stage-1 config, `config.vim` a stage-2 config).
 
 import dataclasses
 import math
-import numbers
-from collections.abc import Callable, Sequence
 from typing import Any
 
 from vitvq import parallel
+from vitvq.config_rules import (
+    MISSING,
+    Bool,
+    Fractions,
+    Int,
+    OneOf,
+    PositiveInts,
+    Real,
+    Rule,
+    Text,
+    apply,
+    divisors,
+    fail,
+    get,
+    is_int,
+    is_real,
+)
 from vitvq.data.pipeline import KNOWN_SOURCES
 from vitvq.errors import ConfigError
 from vitvq.losses import GAN_LOSS_KINDS
@@ -44,209 +60,6 @@ from vitvq.settings import DTYPES, TRAINABLE, Settings
 TRAINERS = ("vitvqgan", "vim", "pipeline")
 IN_MEMORY_SOURCES = ("digits", "photos", "synthetic")  # the sources dataset.crop_scale applies to
 MAX_SEED = 2**32 - 1  # jax.random.key keeps the low 32 bits: larger seeds alias smaller ones
-
-_MISSING = object()
-
-
-# --- value specs ---------------------------------------------------------------------------
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_real(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def _fmt(x) -> str:
-    """A bound or choice as a message shows it: 0.5, 1, 'hinge', None."""
-    return repr(x) if not isinstance(x, float) else f"{x:g}"
-
-
-@dataclasses.dataclass(frozen=True)
-class Int:
-    """An integer in [lo, hi] (either bound optional), or one of `also` (e.g. -1, None)."""
-
-    lo: int | None = None
-    hi: int | None = None
-    also: tuple = ()
-    note: str = ""  # what the extra values mean, e.g. "-1: the rest of the devices"
-
-    def ok(self, value) -> bool:
-        if value in self.also and (value is None or _is_int(value)):
-            return True
-        if not _is_int(value):
-            return False
-        return (self.lo is None or value >= self.lo) and (self.hi is None or value <= self.hi)
-
-    def allowed(self) -> str:
-        if self.lo is not None and self.hi is not None:
-            text = f"an integer in [{self.lo}, {self.hi}]"
-        elif self.lo is not None:
-            text = f"an integer >= {self.lo}"
-        elif self.hi is not None:
-            text = f"an integer <= {self.hi}"
-        else:
-            text = "an integer"
-        if self.also:
-            text += " or " + " or ".join(_fmt(a) for a in self.also)
-        return f"{text} ({self.note})" if self.note else text
-
-
-@dataclasses.dataclass(frozen=True)
-class Real:
-    """A finite number in the interval from lo to hi (open ends where `*_open`)."""
-
-    lo: float | None = None
-    hi: float | None = None
-    lo_open: bool = False
-    hi_open: bool = False
-    note: str = ""
-
-    def ok(self, value) -> bool:
-        if not _is_real(value) or not math.isfinite(value):
-            return False
-        if self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo):
-            return False
-        if self.hi is not None and (value >= self.hi if self.hi_open else value > self.hi):
-            return False
-        return True
-
-    def allowed(self) -> str:
-        if self.lo is not None and self.hi is not None:
-            left, right = "(" if self.lo_open else "[", ")" if self.hi_open else "]"
-            text = f"a number in {left}{_fmt(self.lo)}, {_fmt(self.hi)}{right}"
-        elif self.lo is not None:
-            text = f"a finite number {'>' if self.lo_open else '>='} {_fmt(self.lo)}"
-        elif self.hi is not None:
-            text = f"a finite number {'<' if self.hi_open else '<='} {_fmt(self.hi)}"
-        else:
-            text = "a finite number"
-        return f"{text} ({self.note})" if self.note else text
-
-
-@dataclasses.dataclass(frozen=True)
-class OneOf:
-    choices: tuple
-
-    def ok(self, value) -> bool:
-        return isinstance(value, str | int | float | type(None)) and value in self.choices
-
-    def allowed(self) -> str:
-        return "one of " + ", ".join(_fmt(c) for c in self.choices)
-
-
-@dataclasses.dataclass(frozen=True)
-class Fractions:
-    """None, or a pair (lo, hi) with 0 < lo <= hi <= 1."""
-
-    def ok(self, value) -> bool:
-        if value is None:
-            return True
-        if not isinstance(value, tuple | list) or len(value) != 2:
-            return False
-        lo, hi = value
-        return _is_real(lo) and _is_real(hi) and 0 < lo <= hi <= 1
-
-    def allowed(self) -> str:
-        return "None or a pair (lo, hi) with 0 < lo <= hi <= 1 (fractions of the shorter side)"
-
-
-@dataclasses.dataclass(frozen=True)
-class Bool:
-    def ok(self, value) -> bool:
-        return isinstance(value, bool)
-
-    def allowed(self) -> str:
-        return "True or False"
-
-
-@dataclasses.dataclass(frozen=True)
-class Text:
-    """A non-empty string; where `optional`, also None or "" (unset)."""
-
-    optional: bool = False
-    note: str = ""
-
-    def ok(self, value) -> bool:
-        if self.optional and value in (None, ""):
-            return True
-        return isinstance(value, str) and bool(value)
-
-    def allowed(self) -> str:
-        text = "a non-empty string" + (" or None (unset)" if self.optional else "")
-        return f"{text} ({self.note})" if self.note else text
-
-
-@dataclasses.dataclass(frozen=True)
-class PositiveInts:
-    """A non-empty tuple (or list) of integers >= 1, e.g. the CNN's channel multipliers."""
-
-    def ok(self, value) -> bool:
-        return (
-            isinstance(value, tuple | list)
-            and len(value) > 0
-            and all(_is_int(v) and v >= 1 for v in value)
-        )
-
-    def allowed(self) -> str:
-        return "a non-empty tuple of integers >= 1, e.g. (1, 1, 2, 4)"
-
-
-Spec = Int | Real | OneOf | Fractions | Bool | Text | PositiveInts
-
-
-@dataclasses.dataclass(frozen=True)
-class Rule:
-    """`key` (dotted, relative to the config) must satisfy `spec`.
-
-    required: the trainer reads the key without a default, so a missing key is an error.
-    when: the rule applies only when `when(config)` is true (e.g. a threshold that only
-      matters when the feature it belongs to is on); `reason` says so in the message.
-    """
-
-    key: str
-    spec: Spec
-    required: bool = False
-    when: Callable[[Any], bool] | None = None
-    reason: str = ""  # why `when` makes the key matter, added to the message
-
-
-def _get(config, key: str, default=_MISSING):
-    """The value at dotted `key` (references resolved), or `default` when absent."""
-    node = config
-    for part in key.split("."):
-        if node is None or not hasattr(node, "get"):
-            return default
-        try:
-            node = node.get(part, _MISSING)
-        except (KeyError, AttributeError):
-            return default
-        if node is _MISSING:
-            return default
-    return node
-
-
-def _fail(path: str, value, allowed: str, reason: str = "") -> None:
-    shown = repr(dict(value.items())) if hasattr(value, "items") else repr(value)
-    reason = f": {reason}" if reason else ""
-    raise ConfigError(f"{path}={shown} is invalid{reason}; allowed: {allowed}")
-
-
-def _apply(rules: Sequence[Rule], config, prefix: str) -> None:
-    for rule in rules:
-        if rule.when is not None and not rule.when(config):
-            continue
-        value = _get(config, rule.key)
-        path = f"{prefix}.{rule.key}"
-        if value is _MISSING:
-            if rule.required:
-                reason = f" ({rule.reason})" if rule.reason else ""
-                raise ConfigError(f"{path} is missing{reason}; allowed: {rule.spec.allowed()}")
-            continue
-        if not rule.spec.ok(value):
-            _fail(path, value, rule.spec.allowed(), rule.reason)
 
 
 # --- rule tables ---------------------------------------------------------------------------
@@ -292,14 +105,14 @@ LOOP_RULES = (
         "dataset.path",
         Text(note="a directory of images"),
         required=True,
-        when=lambda c: _get(c, "dataset.name") == "folder",
+        when=lambda c: get(c, "dataset.name") == "folder",
         reason="required when dataset.name='folder'",
     ),
     Rule(
         "dataset.tfds_name",
         Text(note="a TFDS dataset name, e.g. 'imagenet2012'"),
         required=True,
-        when=lambda c: _get(c, "dataset.name") == "tfds",
+        when=lambda c: get(c, "dataset.name") == "tfds",
         reason="required when dataset.name='tfds'",
     ),
 )
@@ -334,19 +147,19 @@ def _optimizer_rules(block: str, *, stage2: bool, required: bool = True) -> tupl
 
 
 def _gan_on(config) -> bool:
-    return _is_real(w := _get(config, "loss.adversarial", 0.0)) and w > 0
+    return is_real(w := get(config, "loss.adversarial", 0.0)) and w > 0
 
 
 def _cnn_on(config) -> bool:
-    return _get(config, "model.backbone", "vit") == "cnn"
+    return get(config, "model.backbone", "vit") == "cnn"
 
 
 def _patchgan_on(config) -> bool:
-    return _gan_on(config) and _get(config, "discriminator.kind", "stylegan") == "patchgan"
+    return _gan_on(config) and get(config, "discriminator.kind", "stylegan") == "patchgan"
 
 
 def _stylegan_on(config) -> bool:
-    return _gan_on(config) and _get(config, "discriminator.kind", "stylegan") == "stylegan"
+    return _gan_on(config) and get(config, "discriminator.kind", "stylegan") == "stylegan"
 
 
 _WHEN_CNN = dict(when=_cnn_on, reason="read when model.backbone='cnn'")
@@ -398,7 +211,7 @@ STAGE1_RULES = (
         "loss.r1_every",
         POSITIVE,
         required=True,
-        when=lambda c: _is_real(g := _get(c, "loss.r1_gamma", 0.0)) and g > 0,
+        when=lambda c: is_real(g := get(c, "loss.r1_gamma", 0.0)) and g > 0,
     ),
     Rule("loss.lecam_decay", DECAY, required=True),
     *_optimizer_rules("optimizer", stage2=False),
@@ -412,7 +225,7 @@ STAGE1_RULES = (
         "codebook_restart.threshold",
         RATE,
         required=True,
-        when=lambda c: _is_int(n := _get(c, "codebook_restart.every_steps", 0)) and n > 0,
+        when=lambda c: is_int(n := get(c, "codebook_restart.every_steps", 0)) and n > 0,
     ),
     Rule("codebook_restart.start_step", NON_NEGATIVE, required=True),
     Rule("codebook_restart.stop_step", Int(lo=-1, note="-1: never"), required=True),
@@ -439,17 +252,12 @@ STAGE2_RULES = (
 # --- checks that relate keys ---------------------------------------------------------------
 
 
-def _divisors(n: int) -> str:
-    small = [d for d in range(1, n + 1) if n % d == 0]
-    return ", ".join(str(d) for d in small[:12]) + (", ..." if len(small) > 12 else "")
-
-
 def _check_heads(width, heads, path: str, width_path: str) -> None:
-    if _is_int(width) and _is_int(heads) and width > 0 and heads > 0 and width % heads:
-        _fail(
+    if is_int(width) and is_int(heads) and width > 0 and heads > 0 and width % heads:
+        fail(
             path,
             heads,
-            f"a divisor of {width_path}={width} ({_divisors(width)})",
+            f"a divisor of {width_path}={width} ({divisors(width)})",
             f"width {width} is not divisible by {heads} heads",
         )
 
@@ -457,21 +265,21 @@ def _check_heads(width, heads, path: str, width_path: str) -> None:
 def _check_stage1_relations(config, prefix: str) -> None:
     for block in ("encoder", "decoder"):
         _check_heads(
-            _get(config, f"model.{block}.width"),
-            _get(config, f"model.{block}.num_heads"),
+            get(config, f"model.{block}.width"),
+            get(config, f"model.{block}.num_heads"),
             f"{prefix}.model.{block}.num_heads",
             f"{prefix}.model.{block}.width",
         )
-    image_size, patch = _get(config, "image_size"), _get(config, "model.patch_size")
+    image_size, patch = get(config, "image_size"), get(config, "model.patch_size")
     if image_size % patch:  # both are positive integers (the tables ran first)
-        _fail(
+        fail(
             f"{prefix}.model.patch_size",
             patch,
-            f"a divisor of {prefix}.image_size={image_size} ({_divisors(image_size)})",
+            f"a divisor of {prefix}.image_size={image_size} ({divisors(image_size)})",
             f"image_size {image_size} is not divisible by patch_size {patch}",
         )
     if _stylegan_on(config) and (image_size < 8 or image_size & (image_size - 1)):
-        _fail(
+        fail(
             f"{prefix}.image_size",
             image_size,
             f"a power of two >= 8 (8, 16, 32, ...), {prefix}.discriminator.kind='patchgan', "
@@ -479,12 +287,12 @@ def _check_stage1_relations(config, prefix: str) -> None:
             "the StyleGAN discriminator halves the image down to 4x4",
         )
     if _patchgan_on(config):
-        layers = _get(config, "discriminator.num_layers", 3)
+        layers = get(config, "discriminator.num_layers", 3)
         if patch_logits_size(image_size, layers) < 1:  # the module's own output size
             most = 0
             while patch_logits_size(image_size, most + 1) >= 1:
                 most += 1
-            _fail(
+            fail(
                 f"{prefix}.discriminator.num_layers",
                 layers,
                 f"at most {most} for {prefix}.image_size={image_size}",
@@ -495,23 +303,23 @@ def _check_stage1_relations(config, prefix: str) -> None:
 
 
 def _check_cnn_relations(config, prefix: str, patch: int) -> None:
-    if _get(config, "model.remat", False):
-        _fail(
+    if get(config, "model.remat", False):
+        fail(
             f"{prefix}.model.remat",
             True,
             f"False with {prefix}.model.backbone='cnn'",
             "remat recomputes the ViT backbone's transformer blocks; the CNN has none",
         )
-    channels = _get(config, "model.cnn.channels")
-    mult = tuple(_get(config, "model.cnn.channel_mult"))
-    groups = _get(config, "model.cnn.norm_groups", 32)
+    channels = get(config, "model.cnn.channels")
+    mult = tuple(get(config, "model.cnn.channel_mult"))
+    groups = get(config, "model.cnn.norm_groups", 32)
     widths = sorted({channels * m for m in mult})
     bad = [w for w in widths if w % groups]
     if bad:
-        _fail(
+        fail(
             f"{prefix}.model.cnn.norm_groups",
             groups,
-            f"a common divisor of the level widths {widths} ({_divisors(math.gcd(*widths))})",
+            f"a common divisor of the level widths {widths} ({divisors(math.gcd(*widths))})",
             f"GroupNorm cannot split width {bad[0]} into {groups} groups",
         )
     levels = len(mult)
@@ -522,7 +330,7 @@ def _check_cnn_relations(config, prefix: str, patch: int) -> None:
             if needed == int(needed)
             else f"a power-of-two {prefix}.model.patch_size"
         )
-        _fail(
+        fail(
             f"{prefix}.model.cnn.channel_mult",
             mult,
             allowed,
@@ -532,7 +340,7 @@ def _check_cnn_relations(config, prefix: str, patch: int) -> None:
 
 
 def _check_stage2_relations(config, prefix: str) -> None:
-    model = _get(config, "model", None)
+    model = get(config, "model", None)
     if model is None or not hasattr(model, "keys"):
         raise ConfigError(f"{prefix}.model is missing; allowed: a VIM model block")
     unknown = sorted(set(model.keys()) - set(VIM_CONFIG_KEYS))
@@ -540,7 +348,7 @@ def _check_stage2_relations(config, prefix: str) -> None:
         raise ConfigError(
             f"{prefix}.model has unknown keys {unknown}; allowed: {', '.join(VIM_CONFIG_KEYS)}"
         )
-    preset = _get(config, "model.preset", None)
+    preset = get(config, "model.preset", None)
     sizes = dataclasses.asdict(VIM_PRESETS[preset]) if preset is not None else {}
     sizes.update({k: v for k, v in model.items() if v is not None})
     for key in ("width", "depth", "num_heads", "mlp_dim"):
@@ -555,9 +363,9 @@ def _check_stage2_relations(config, prefix: str) -> None:
         f"{prefix}.model.num_heads",
         f"{prefix}.model.width",
     )
-    cfg_scale = _get(config, "sampling.cfg_scale", 1.0)
-    if cfg_scale != 1.0 and _get(config, "class_dropout", 0.0) == 0.0:
-        _fail(
+    cfg_scale = get(config, "sampling.cfg_scale", 1.0)
+    if cfg_scale != 1.0 and get(config, "class_dropout", 0.0) == 0.0:
+        fail(
             f"{prefix}.sampling.cfg_scale",
             cfg_scale,
             f"1.0 while {prefix}.class_dropout=0 (guidance needs a trained null class: set "
@@ -566,9 +374,9 @@ def _check_stage2_relations(config, prefix: str) -> None:
 
 
 def _check_mesh(config, prefix: str, num_devices: int | None) -> None:
-    mesh = _get(config, "mesh")
+    mesh = get(config, "mesh")
     path = f"{prefix}.mesh"
-    if mesh is _MISSING or mesh is None or not hasattr(mesh, "items"):
+    if mesh is MISSING or mesh is None or not hasattr(mesh, "items"):
         raise ConfigError(
             f"{path} is missing; allowed: sizes of the axes {', '.join(MESH_AXES)} "
             "(one of them may be -1: the rest of the devices)"
@@ -576,10 +384,10 @@ def _check_mesh(config, prefix: str, num_devices: int | None) -> None:
     sizes = dict(mesh.items())
     unknown = sorted(set(sizes) - set(MESH_AXES))
     if unknown:
-        _fail(path, mesh, f"the axes {', '.join(MESH_AXES)}", f"unknown axes {unknown}")
+        fail(path, mesh, f"the axes {', '.join(MESH_AXES)}", f"unknown axes {unknown}")
     rest = [axis for axis in MESH_AXES if sizes.get(axis, 1) == -1]
     if len(rest) > 1:
-        _fail(
+        fail(
             path,
             mesh,
             "at most one axis -1 (the rest of the devices), the others positive",
@@ -589,7 +397,7 @@ def _check_mesh(config, prefix: str, num_devices: int | None) -> None:
         return
     fixed = math.prod(sizes.get(axis, 1) for axis in MESH_AXES if sizes.get(axis, 1) != -1)
     if rest and num_devices % fixed:
-        _fail(
+        fail(
             path,
             mesh,
             f"axes whose fixed sizes multiply to a divisor of {num_devices} (the device count)",
@@ -597,7 +405,7 @@ def _check_mesh(config, prefix: str, num_devices: int | None) -> None:
             f"devices, so axis {rest[0]!r} cannot be -1",
         )
     if not rest and fixed != num_devices:
-        _fail(
+        fail(
             path,
             mesh,
             f"sizes that multiply to {num_devices}, or one axis -1 (the rest of the devices)",
@@ -606,10 +414,10 @@ def _check_mesh(config, prefix: str, num_devices: int | None) -> None:
 
 
 def _check_dataset_relations(config, prefix: str) -> None:
-    name = _get(config, "dataset.name")
-    crop_scale = _get(config, "dataset.crop_scale", None)
+    name = get(config, "dataset.name")
+    crop_scale = get(config, "dataset.crop_scale", None)
     if crop_scale is not None and name not in IN_MEMORY_SOURCES:
-        _fail(
+        fail(
             f"{prefix}.dataset.crop_scale",
             crop_scale,
             f"None for dataset.name={name!r} (crop_scale applies to the in-memory sources "
@@ -633,20 +441,20 @@ def validate(
     num_devices: also checks that `config.mesh` fits this many devices.
     prefix: how the config is named in messages ("config.vim" for a pipeline's VIM block).
     """
-    trainer = trainer if trainer is not None else _get(config, "trainer", "vitvqgan")
+    trainer = trainer if trainer is not None else get(config, "trainer", "vitvqgan")
     if trainer not in TRAINERS:
-        _fail(f"{prefix}.trainer", trainer, OneOf(TRAINERS).allowed())
-    _apply(LOOP_RULES, config, prefix)
+        fail(f"{prefix}.trainer", trainer, OneOf(TRAINERS).allowed())
+    apply(LOOP_RULES, config, prefix)
     _check_mesh(config, prefix, num_devices)
     _check_dataset_relations(config, prefix)
     if trainer == "vim":
-        _apply(STAGE2_RULES, config, prefix)
+        apply(STAGE2_RULES, config, prefix)
         _check_stage2_relations(config, prefix)
         return
-    _apply(STAGE1_RULES, config, prefix)
+    apply(STAGE1_RULES, config, prefix)
     _check_stage1_relations(config, prefix)
     if trainer == "pipeline":
-        vim = _get(config, "vim", None)
+        vim = get(config, "vim", None)
         if vim is None or not hasattr(vim, "items"):
             raise ConfigError(
                 f"{prefix}.vim is missing; allowed: a stage-2 (VIM) config block, as in "
