@@ -5,7 +5,7 @@ import json
 import numpy as np
 from PIL import Image
 
-from vitvq.images import GRID_GAP, caption_columns, image_grid, label_rows, psnr
+from vitvq.pictures import GRID_GAP, caption_columns, image_grid, label_rows
 from vitvq.train import curves
 
 
@@ -39,13 +39,6 @@ def test_caption_columns_writes_under_each_column():
     for column in range(5):
         left = column * (16 + GRID_GAP)
         assert _dark(strip[:, left : left + 16]).any(), column
-
-
-def test_psnr_matches_its_definition():
-    a = np.zeros((4, 4, 3), np.uint8)
-    b = np.full((4, 4, 3), 10, np.uint8)
-    assert abs(psnr(a, b) - 10 * np.log10(255.0**2 / 100.0)) < 1e-12
-    assert psnr(a, a) == float("inf")
 
 
 def test_read_series_takes_finite_values_the_last_of_a_repeated_step_and_skips_torn_lines():

@@ -21,7 +21,7 @@ from PIL import Image
 from vitvq import bundle, paths
 from vitvq.checkpoint import Checkpointer
 from vitvq.errors import BundleError, ConfigError
-from vitvq.images import save_png
+from vitvq.pictures import save_png
 from vitvq.train import common, restore, stage1, writers
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -80,7 +80,7 @@ def main(argv):
     quiet.startup()
     with cli.user_errors():
         # deferred: JAX, NumPy and PIL; keeps --help and flag errors fast
-        from vitvq.images import save_png
+        from vitvq.pictures import save_png
         from vitvq.sampler import load_sampler, sample_grid
 
         labels = _parse_labels(flags.FLAGS.class_label)

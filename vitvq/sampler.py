@@ -18,7 +18,7 @@ import numpy as np
 from vitvq import console, rejection, sampling
 from vitvq.bundle import load_tokenizer_variables, load_vim_variables
 from vitvq.errors import InputError
-from vitvq.images import image_grid, label_rows
+from vitvq.pictures import image_grid, label_rows
 from vitvq.tokenizer import Tokenizer
 
 

@@ -22,8 +22,8 @@ import numpy as np
 from vitvq import config_check, preemption
 from vitvq import data as data_lib
 from vitvq.data import sources
-from vitvq.evaluation import linear_probe, sample_quality
-from vitvq.images import caption_columns, image_grid, label_rows, psnr, save_png
+from vitvq.evaluation import linear_probe, metrics, sample_quality
+from vitvq.pictures import caption_columns, image_grid, label_rows, save_png
 from vitvq.sampler import load_sampler, sample_grid
 from vitvq.train import stage1, stage2
 from vitvq.train.export import export
@@ -153,9 +153,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         recons = sampler.tokenizer.reconstruct(originals)
         plain = image_grid([originals / 255.0, recons / 255.0], max_columns=16)
         grid = label_rows(plain, ["input", "decoded"], sampler.image_size)
+        psnrs = metrics.psnr(originals, recons, data_range=255.0)
         grid = caption_columns(  # each pair's PSNR (dB) under it
             grid,
-            [f"{psnr(a, b):.1f}" for a, b in zip(originals, recons, strict=True)],
+            [f"{float(p):.1f}" for p in psnrs],
             sampler.image_size,
             left=grid.shape[1] - plain.shape[1],
             title="PSNR",

@@ -20,7 +20,7 @@ from vitvq.errors import ConfigError
 from vitvq.evaluation import fid as fid_lib
 from vitvq.evaluation.reconstruction import ReconstructionAccumulator
 from vitvq.evaluation.tokenizer_eval import FeatureAccumulator
-from vitvq.images import image_grid, save_png
+from vitvq.pictures import image_grid, save_png
 from vitvq.settings import Settings
 from vitvq.train import common, curves, loop, restore, writers
 from vitvq.train.stage1_build import (  # noqa: F401  (Stage1 and its helpers, re-exported)

@@ -17,7 +17,7 @@ from vitvq import console, parallel, paths
 from vitvq import data as data_lib
 from vitvq.data.globalize import to_global
 from vitvq.errors import ConfigError
-from vitvq.images import image_grid, save_png
+from vitvq.pictures import image_grid, save_png
 from vitvq.settings import Settings
 from vitvq.train import common, curves, loop, restore, writers
 from vitvq.train.stage2_build import Stage2, load_frozen_tokenizer  # noqa: F401
