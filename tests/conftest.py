@@ -39,6 +39,30 @@ def _set_up_compilation_cache() -> None:
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # every compile
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"  # entries of every size
     os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(CACHE_MAX_BYTES)
+    repair_compilation_cache(directory)
+
+
+def repair_compilation_cache(directory: os.PathLike) -> int:
+    """Gives every entry of the cache in `directory` that lacks one its access-time file;
+    returns how many it gave.
+
+    With a size cap JAX keeps, beside each `KEY-cache`, a `KEY-atime`, and before every write it
+    reads the atime of every entry to find what to evict. An entry without one (its process
+    was SIGKILLed between the two writes, as tests/test_faults.py does, or a run without the
+    cap wrote it) makes every later write fail with a FileNotFoundError that JAX only warns
+    about: the cache silently stops growing, and each later run compiles what it lacks again.
+    The entry's own modification time stands in for its last access."""
+    given = 0
+    for entry in pathlib.Path(directory).glob("*-cache"):
+        atime = entry.with_name(entry.name.removesuffix("-cache") + "-atime")
+        if atime.exists():
+            continue
+        try:
+            atime.write_bytes(entry.stat().st_mtime_ns.to_bytes(8, "little"))
+            given += 1
+        except FileNotFoundError:  # evicted meanwhile by another process
+            pass
+    return given
 
 
 _set_up_compilation_cache()
