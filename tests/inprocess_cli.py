@@ -19,10 +19,11 @@ initialized; each run starts so, and afterwards everything the run changed is pu
 absl's flags (values, parsed state, flags defined during the run such as ml_collections'
 `--config.KEY` overrides and absl's --help flags), `absl.app`'s one-time initialization, the
 root logger's level, handlers and their filters, absl's logger and handler, the environment,
-the current directory, `sys.argv`, JAX's config values and `vitvq.distributed`'s state
-(what importing JAX sets up once per process is done before, and stays). Two
-process-wide effects of `absl.app.run` are skipped, not undone: renaming the process after
-`sys.argv[0]` and pointing `faulthandler` at the (captured, soon closed) stderr.
+the current directory, `sys.argv`, JAX's config values and the module state of
+`vitvq.distributed` and `vitvq.peer_watchdog` (what importing JAX sets up once per process is
+done before, and stays). Two process-wide effects of `absl.app.run` are skipped, not undone:
+renaming the process after `sys.argv[0]` and pointing `faulthandler` at the (captured, soon
+closed) stderr.
 
 Only for runs that stop early (user errors): a run that trains or starts JAX's
 distributed runtime belongs in a subprocess. (absl's --help prints the docstring of
@@ -168,18 +169,20 @@ def _environ_restored() -> Iterator[None]:
 
 @contextlib.contextmanager
 def _jax_and_vitvq_state_restored() -> Iterator[None]:
-    """JAX's config values and vitvq.distributed's module state as they were."""
+    """JAX's config values and vitvq.distributed's and vitvq.peer_watchdog's module state as
+    they were."""
     import jax
 
-    from vitvq import distributed
+    from vitvq import distributed, peer_watchdog
 
     config = dict(jax.config.values)
-    state = dict(distributed._state)
+    states = [(module._state, dict(module._state)) for module in (distributed, peer_watchdog)]
     try:
         yield
     finally:
-        distributed._state.clear()
-        distributed._state.update(state)
+        for state, saved in states:
+            state.clear()
+            state.update(saved)
         for name, value in config.items():
             if jax.config.values.get(name) is not value and jax.config.values.get(name) != value:
                 jax.config.update(name, value)

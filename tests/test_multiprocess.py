@@ -17,7 +17,7 @@ devices each) started by `launch/local_pod.sh` or directly, as users run them.
   - a host lost, the pod relaunched: one process SIGKILLed three times over (mid-save, then at
     random moments; both processes are victims at least once), the survivor prints one
     `error:` line naming what happened (a silent worker, the lost coordinator) and exits with
-    `distributed.PEER_FAILURE_EXIT_CODE` within a bounded time, without help from a launcher;
+    `peer_watchdog.PEER_FAILURE_EXIT_CODE` within a bounded time, without help from a launcher;
     each relaunch resumes from the newest committed checkpoint;
   - the preempted command, run again, ends with the reference pod's state, bit for bit.
   The preemption and the kills are launches of one workdir, one after the other.
@@ -46,7 +46,7 @@ import time
 import pytest
 from workdir_helpers import resume_point
 
-from vitvq import distributed
+from vitvq import cluster_env, peer_watchdog
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LOCAL_POD = REPO / "launch" / "local_pod.sh"
@@ -586,7 +586,7 @@ def test_survivor_of_a_killed_process_exits_with_a_clear_error(runs, victim, say
             f"the survivor still ran {DEATH_BOUND} s after its peer was killed:\n" + _readable(log)
         )
         errors = [line for line in log.splitlines() if line.startswith("error:")]
-        assert launch["rc"] == distributed.PEER_FAILURE_EXIT_CODE, _readable(log)
+        assert launch["rc"] == peer_watchdog.PEER_FAILURE_EXIT_CODE, _readable(log)
         assert len(errors) == 1 and "multi-process run stopped" in errors[0], _readable(log)
         assert says in errors[0]
         assert f"process {1 - victim} of 2 stops too" in errors[0]
@@ -606,7 +606,7 @@ def test_a_killed_host_three_times_over_the_relaunched_pod_resumes_bit_identical
     for attempt, launch in enumerate(kills):
         survivor = launch["survivor"]
         errors = [line for line in survivor.splitlines() if line.startswith("error:")]
-        assert launch["rc"] == distributed.PEER_FAILURE_EXIT_CODE, _readable(survivor)
+        assert launch["rc"] == peer_watchdog.PEER_FAILURE_EXIT_CODE, _readable(survivor)
         assert len(errors) == 1 and "multi-process run stopped" in errors[0], _readable(survivor)
         p0 = launch["outputs"][0]
         resumed = re.findall(r"Resumed from the checkpoint of step (\d+)", p0)
@@ -632,16 +632,16 @@ JAX_FATAL = "Terminating process because the JAX distributed service detected fa
 # heartbeat (6 s: reported 3-6 s after the kill) while the watchdog never stops by itself.
 _JAX_FIRST = """
 import sys, threading, time
-from vitvq import distributed
+from vitvq import distributed, peer_watchdog
 if sys.argv[1] == "coordinator_dies":
-    distributed._Watchdog._listen = lambda self: None
+    peer_watchdog._Watchdog._listen = lambda self: None
 else:
-    distributed.jax_heartbeat_timeout = lambda timeout: 6
-    stop_for = distributed._Watchdog.stop_for
+    peer_watchdog.jax_heartbeat_timeout = lambda timeout: 6
+    stop_for = peer_watchdog._Watchdog.stop_for
     def stop_for_others(self, dead, silence):
         if threading.current_thread() is not self:
             stop_for(self, dead, silence)
-    distributed._Watchdog.stop_for = stop_for_others
+    peer_watchdog._Watchdog.stop_for = stop_for_others
 distributed.initialize_if_configured()
 print("ready", flush=True)
 while True:
@@ -689,7 +689,7 @@ def test_survivor_exits_with_a_clear_error_when_jax_reacts_first(tmp_path, victi
     log = logs[1 - victim].read_text()
     errors = [line for line in log.splitlines() if line.startswith("error:")]
     assert JAX_FATAL in log, _readable(log)  # JAX's runtime did react first
-    assert rc == distributed.PEER_FAILURE_EXIT_CODE, _readable(log)
+    assert rc == peer_watchdog.PEER_FAILURE_EXIT_CODE, _readable(log)
     assert len(errors) == 1 and says in errors[0], _readable(log)
     assert f"process {1 - victim} of 2 stops too" in errors[0]
 
@@ -737,7 +737,7 @@ def test_inconsistent_settings_are_one_line_errors(capfd, tmp_path, flags, env, 
 
 
 def test_settings_resolution():
-    resolve = distributed.resolve
+    resolve = cluster_env.resolve
     assert resolve(environ={}, on_tpu_vm=False).mode == "single"
     assert resolve(environ={}, on_tpu_vm=True).mode == "tpu"
     s = resolve("h:1", 2, 1, environ={}, on_tpu_vm=False)
@@ -753,5 +753,5 @@ def test_settings_resolution():
     assert resolve(environ={"VITVQ_DISTRIBUTED": "1"}, on_tpu_vm=False).mode == "auto"
     assert resolve(num_processes=1, environ={}).mode == "single"
     assert resolve(environ={}, on_tpu_vm=False).heartbeat_timeout == (
-        distributed.DEFAULT_HEARTBEAT_TIMEOUT
+        cluster_env.DEFAULT_HEARTBEAT_TIMEOUT
     )

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from vitvq import distributed, lost_console, preemption
+from vitvq import lost_console, peer_watchdog, preemption
 
 
 def test_sigterm_at_start_up_is_recorded_and_kept_by_the_loops_block():
@@ -62,8 +62,8 @@ def test_a_broken_pipe_of_this_process_is_no_peer_failure(monkeypatch):
     import jax
 
     monkeypatch.setattr(jax, "process_count", lambda: 2)
-    assert not distributed.is_peer_failure(BrokenPipeError(32, "Broken pipe"))
-    assert not distributed.is_peer_failure(ConnectionResetError(104, "Connection reset by peer"))
+    assert not peer_watchdog.is_peer_failure(BrokenPipeError(32, "Broken pipe"))
+    assert not peer_watchdog.is_peer_failure(ConnectionResetError(104, "Connection reset by peer"))
     # The collectives' errors still are.
-    assert distributed.is_peer_failure(RuntimeError("Gloo: Connection closed by peer"))
-    assert distributed.is_peer_failure(RuntimeError("write: Broken pipe (gloo)"))
+    assert peer_watchdog.is_peer_failure(RuntimeError("Gloo: Connection closed by peer"))
+    assert peer_watchdog.is_peer_failure(RuntimeError("write: Broken pipe (gloo)"))

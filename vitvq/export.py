@@ -18,7 +18,7 @@ import sys
 
 from absl import app, flags
 
-from vitvq import cli, console, distributed, quiet
+from vitvq import cli, console, distributed, peer_watchdog, quiet
 from vitvq.train.export import export
 
 
@@ -53,7 +53,7 @@ def main(argv):
             )
         finally:
             progress.close()
-        distributed.finish()  # ended normally: the other processes stop watching this one
+        peer_watchdog.finish()  # ended normally: the other processes stop watching this one
         if path is not None:
             print(f"wrote {path}")
 

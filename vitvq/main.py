@@ -4,10 +4,10 @@
 
 Parses flags, starts JAX's distributed runtime when more than one process is configured
 (`--coordinator/--num_processes/--process_id` or VITVQ_* variables, SLURM, Cloud TPU VMs: see
-vitvq/distributed.py), logs the topology and hands (config, workdir) to the trainer that
+vitvq/cluster_env.py), logs the topology and hands (config, workdir) to the trainer that
 `config.trainer` names. A user error (bad config, missing data, inconsistent multi-process
 settings) prints one line and exits with status 2; a process whose peer died prints one line
-and exits with status 3 (`distributed.PEER_FAILURE_EXIT_CODE`).
+and exits with status 3 (`peer_watchdog.PEER_FAILURE_EXIT_CODE`).
 """
 
 import os
@@ -16,33 +16,33 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from vitvq import distributed, lost_console, preemption, quiet
+from vitvq import cluster_env, distributed, lost_console, peer_watchdog, preemption, quiet
 from vitvq.errors import ConfigError, VitvqError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Where checkpoints, metrics and images go (default: runs/<config name>)."
 )
-# Multi-process runs (vitvq/distributed.py); TPU VMs and SLURM need none of these.
+# Multi-process runs (vitvq/cluster_env.py); TPU VMs and SLURM need none of these.
 _COORDINATOR = flags.DEFINE_string(
     "coordinator",
     None,
     f"HOST:PORT of process 0's coordinator, the same on every process of a multi-process "
-    f"run (env {distributed.ENV_COORDINATOR}).",
+    f"run (env {cluster_env.ENV_COORDINATOR}).",
 )
 _NUM_PROCESSES = flags.DEFINE_integer(
-    "num_processes", None, f"Processes in the run (env {distributed.ENV_NUM_PROCESSES})."
+    "num_processes", None, f"Processes in the run (env {cluster_env.ENV_NUM_PROCESSES})."
 )
 _PROCESS_ID = flags.DEFINE_integer(
     "process_id",
     None,
-    f"This process's id, 0 .. num_processes - 1 (env {distributed.ENV_PROCESS_ID}).",
+    f"This process's id, 0 .. num_processes - 1 (env {cluster_env.ENV_PROCESS_ID}).",
 )
 _HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
     "heartbeat_timeout",
     None,
     f"Seconds without a heartbeat after which a process counts as dead and the others stop "
-    f"(default {distributed.DEFAULT_HEARTBEAT_TIMEOUT}; env {distributed.ENV_HEARTBEAT_TIMEOUT}).",
+    f"(default {cluster_env.DEFAULT_HEARTBEAT_TIMEOUT}; env {cluster_env.ENV_HEARTBEAT_TIMEOUT}).",
 )
 
 
@@ -159,12 +159,12 @@ def main(argv):
         # SIGTERM from here on: checkpoint after the step in flight and exit 0.
         with preemption.sigterm_checkpoints(jax.process_count()):
             trainers[config.trainer](config, workdir)
-        distributed.finish()  # the other processes stop watching this one
+        peer_watchdog.finish()  # the other processes stop watching this one
     except VitvqError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except Exception as e:
-        distributed.exit_if_peer_failure(e)  # one line and exit status 3 when a peer is gone
+        peer_watchdog.exit_if_peer_failure(e)  # one line and exit status 3 when a peer is gone
         raise
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import jax
 
-from vitvq import config_check, console, distributed, paths
+from vitvq import config_check, console, paths, peer_watchdog
 from vitvq import data as data_lib
 from vitvq.checkpoint import Checkpointer
 from vitvq.errors import ConfigError
@@ -151,7 +151,7 @@ def run_loop(
         result = loop.run(task, loop.LoopSettings.from_config(config), checkpointer, writer)
     except Exception as e:
         # Another process is gone: exit now; closing would wait for it at a barrier.
-        distributed.exit_if_peer_failure(e)
+        peer_watchdog.exit_if_peer_failure(e)
         raise
     finally:
         checkpointer.close()
