@@ -340,7 +340,7 @@ def test_checkpoint_of_another_layout_raises_data_error(tmp_path):
 
 
 def test_only_storage_failures_become_storage_errors():
-    from vitvq.checkpoint import _is_storage_failure
+    from vitvq.checkpoint_writer import _is_storage_failure
 
     tensorstore = ValueError(
         'OUT_OF_RANGE: Error writing "params.w/0" in OCDBT database at local file "/x/": '
@@ -355,7 +355,7 @@ def test_only_storage_failures_become_storage_errors():
     except RuntimeError as wrapped:
         assert _is_storage_failure(wrapped)
     # A long message keeps its cause, wherever it is.
-    from vitvq.checkpoint import _storage_reason
+    from vitvq.checkpoint_writer import _storage_reason
 
     long = ValueError("Error opening zarr driver: " + "x" * 300 + " File too large " + "y" * 500)
     reason = _storage_reason(long)
