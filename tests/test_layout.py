@@ -168,3 +168,23 @@ def test_the_config_checker_imports_nothing_of_the_trainers():
     loaded = _package_imports_at_load("vitvq.config_check")
     assert "vitvq.settings" in loaded and "vitvq.models.vitvqgan" in loaded  # it does follow
     assert sorted(m for m in loaded if m.startswith("vitvq.train")) == []
+
+
+MAX_MODULE_LINES = 600
+MAX_CLASS_LINES = 200
+
+
+def test_modules_and_classes_stay_small():
+    """One job per module and per class: no module of the package over 600 lines, no class
+    over 200 (split by job when one grows past them)."""
+    long_modules, long_classes = {}, {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        text = path.read_text()
+        name = _module_name(path)
+        if (lines := len(text.splitlines())) > MAX_MODULE_LINES:
+            long_modules[name] = lines
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ClassDef):
+                if (lines := node.end_lineno - node.lineno + 1) > MAX_CLASS_LINES:
+                    long_classes[f"{name}.{node.name}"] = lines
+    assert long_modules == {} and long_classes == {}, (long_modules, long_classes)
