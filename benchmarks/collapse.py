@@ -206,7 +206,7 @@ def study_config(args):
 def train_study(args) -> dict:
     from vitvq import parallel
     from vitvq.data.globalize import to_global
-    from vitvq.train import common as train_common
+    from vitvq.train import runner
     from vitvq.train.stage1 import Stage1, make_evaluator
 
     config = study_config(args)
@@ -214,7 +214,9 @@ def train_study(args) -> dict:
     trainer = Stage1(config, mesh)
     state, shardings = trainer.create_state(config.seed)
     step_fn = trainer.jit_train_step(shardings)
-    batches = train_common.train_batches_from(config, config.image_size)(0)
+    batches = runner.train_batches(
+        config.dataset, image_size=config.image_size, batch_size=config.batch_size, seed=config.seed
+    )(0)
     model = trainer.model
 
     @jax.jit

@@ -20,7 +20,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from configs import common, vitvq_small  # noqa: E402
 from vitvq import parallel  # noqa: E402
 from vitvq.data.globalize import to_global  # noqa: E402
-from vitvq.train import common as train_common  # noqa: E402
+from vitvq.train import runner  # noqa: E402
 from vitvq.train.stage1 import Stage1  # noqa: E402
 
 STEPS = 60
@@ -46,7 +46,9 @@ def codes_per_batch(**overrides) -> list[int]:
     trainer = Stage1(config, mesh)
     state, shardings = trainer.create_state(config.seed)
     step_fn = trainer.jit_train_step(shardings)
-    batches = train_common.train_batches_from(config, config.image_size)(0)
+    batches = runner.train_batches(
+        config.dataset, image_size=config.image_size, batch_size=config.batch_size, seed=config.seed
+    )(0)
     used = []
     for step in range(STEPS):
         state, metrics = step_fn(state, to_global(next(batches), mesh), step)

@@ -124,7 +124,7 @@ def test_stage_builders_load_no_input_writer_or_loop_code():
         "import sys\n"
         "import vitvq.train.stage1_build, vitvq.train.stage2_build\n"
         "print(sorted(m for m in sys.modules if m.startswith(("
-        "'vitvq.data', 'vitvq.train.writers', 'vitvq.train.loop', 'vitvq.train.common', "
+        "'vitvq.data', 'vitvq.train.writers', 'vitvq.train.loop', 'vitvq.train.runner', "
         "'vitvq.checkpoint', 'ml_collections', 'clu', 'tensorflow'))))"
     )
     out = subprocess.run(

@@ -22,7 +22,7 @@ from vitvq import bundle, paths
 from vitvq.checkpoint import Checkpointer
 from vitvq.errors import BundleError, ConfigError
 from vitvq.pictures import save_png
-from vitvq.train import common, restore, stage1, writers
+from vitvq.train import restore, runner, stage1, writers
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -55,7 +55,7 @@ def test_unknown_url_scheme_is_a_config_error(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="nope:// are not supported"):
         paths.as_path("nope://bucket/run")
     with pytest.raises(ConfigError, match="not supported"):
-        common.prepare_workdir(_config(), "nope://bucket/run")
+        runner.prepare_workdir(_config(), "nope://bucket/run")
     assert not list(tmp_path.iterdir())  # no local "nope:" directory
 
 
@@ -139,8 +139,8 @@ def test_workdir_files_on_a_url(tmp_path, monkeypatch, bucket):
     remote_fs.tf_ram(monkeypatch)
     monkeypatch.chdir(tmp_path)
     config = _config()
-    common.prepare_workdir(config, RUN)
-    common.prepare_workdir(config, RUN)  # a resumed run writes it again: replaced, not appended
+    runner.prepare_workdir(config, RUN)
+    runner.prepare_workdir(config, RUN)  # a resumed run writes it again: replaced, not appended
     assert json.loads(_ram_read(f"{RUN}/config.json"))["total_steps"] == config.total_steps
     assert restore.load_workdir_config(RUN).total_steps == config.total_steps
 

@@ -11,7 +11,7 @@ import pytest
 from vitvq import config_check, memory, parallel
 from vitvq.errors import ConfigError
 from vitvq.settings import Settings, frozen
-from vitvq.train import common, pipeline, stage1
+from vitvq.train import pipeline, runner, stage1
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -106,7 +106,7 @@ def test_past_the_check_nothing_validates_again(monkeypatch, tmp_path):
     trainer = stage1.Stage1(settings, mesh)
     assert trainer.config is settings
     memory.build_trainer(settings, mesh, perceptual=False)
-    common.prepare_workdir(settings, str(tmp_path))
+    runner.prepare_workdir(settings, str(tmp_path))
     written = json.loads((tmp_path / "config.json").read_text())
     assert written == settings.to_dict()
 

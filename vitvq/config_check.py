@@ -71,7 +71,7 @@ DECAY = Real(lo=0.0, hi=1.0, hi_open=True)  # an EMA decay or a probability belo
 ADAM_BETA = Real(lo=0.0, hi=1.0, hi_open=True)
 RATE = Real(lo=0.0, lo_open=True)
 
-# Both trainers' loop, data and parallelism keys (vitvq/train/common.py, loop.py, data/).
+# Both trainers' loop, data and parallelism keys (vitvq/train/runner.py, loop.py, data/).
 LOOP_RULES = (
     Rule("trainer", OneOf(TRAINERS)),
     Rule("seed", Int(lo=0, hi=MAX_SEED), required=True),

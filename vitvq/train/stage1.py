@@ -13,7 +13,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from vitvq import console, parallel, paths
+from vitvq import console, paths
 from vitvq import data as data_lib
 from vitvq.data.globalize import to_global, to_host
 from vitvq.errors import ConfigError
@@ -22,7 +22,7 @@ from vitvq.evaluation.reconstruction import ReconstructionAccumulator
 from vitvq.evaluation.tokenizer_eval import FeatureAccumulator
 from vitvq.pictures import image_grid, save_png
 from vitvq.settings import Settings
-from vitvq.train import common, curves, loop, restore, writers
+from vitvq.train import curves, restore, runner
 from vitvq.train.stage1_build import (  # noqa: F401  (Stage1 and its helpers, re-exported)
     FROZEN_FOR_DECODER,
     Stage1,
@@ -48,6 +48,15 @@ EVAL_FIELDS = (
 )
 
 
+def _eval_batches(config):
+    return runner.eval_batches(
+        config.dataset,
+        image_size=config.image_size,
+        batch_size=config.eval_batch_size,
+        num_examples=config.eval_num_examples or None,
+    )
+
+
 def make_evaluator(trainer: Stage1, config):
     """`evaluate(state)`: reconstruction metrics and codebook usage over the eval split, and
     FID/IS of the reconstructions when `config.inception_weights` names a weights file."""
@@ -59,7 +68,7 @@ def make_evaluator(trainer: Stage1, config):
     def evaluate(state) -> dict[str, float]:
         acc = ReconstructionAccumulator(trainer.model.codebook_size)
         features = FeatureAccumulator(inception) if inception is not None else None
-        for host_batch in common.eval_batches_from(config, config.image_size):
+        for host_batch in _eval_batches(config):
             batch = to_global(host_batch, trainer.mesh)
             out = eval_fn(state, batch)
             recon = out.pop("reconstruction")
@@ -83,7 +92,7 @@ def make_evaluator(trainer: Stage1, config):
 
 def make_image_writer(trainer: Stage1, config, workdir: str, writer, eval_fn):
     def write_images(state, step: int) -> None:
-        host_batch = next(iter(common.eval_batches_from(config, config.image_size)))
+        host_batch = next(iter(_eval_batches(config)))
         batch = to_global(host_batch, trainer.mesh)
         recon = to_host(eval_fn(state, batch)["reconstruction"])
         images = to_host(batch["image"])  # gathered from all processes
@@ -99,7 +108,7 @@ def check_config(config, mesh=None) -> Settings:
     """`config` as checked settings: every key's value, the mesh against the devices and the
     batch sizes against the mesh and the processes (`vitvq.config_check.check`), then what needs
     the files and the data. Raises ConfigError (one line) on the first problem."""
-    config = common.checked(config, "vitvqgan", mesh)
+    config = runner.checked(config, "vitvqgan", mesh)
     init_from = config.get("init_from")
     if init_from and not paths.exists(init_from):  # a local path or a URL (gs://...)
         raise ConfigError(f"config.init_from={init_from} does not exist")
@@ -120,47 +129,22 @@ def train_and_evaluate(config, workdir: str, *, summary: bool = True) -> dict[st
     `config`: a ConfigDict, or settings `check_config` (or the pipeline) already checked.
     `summary`: print them as the JSON line `{"final_eval": ...}` at the end (a command's
     last line; the pipeline prints one for all its stages)."""
-    # Every key checked once, before anything is built; past here `config` is frozen.
-    config = check_config(config)
-    mesh = parallel.make_mesh(config.mesh)
-    trainer = Stage1(config, mesh)
-    info = data_lib.dataset_info(config.dataset)
-    common.prepare_workdir(
-        config, workdir, common.data_record(config, info, int(config.image_size))
-    )
-    abstract, shardings = trainer.abstract_state()
-    checkpointer = common.open_checkpointer(config, workdir)
+    return runner.run(STAGE, config, workdir, summary=summary)
 
-    def start():
-        state, _ = trainer.create_state(config.seed)
-        if config.get("init_from"):
-            return restore.apply_init_from(state, shardings, config.init_from)
-        console.say(f"Started from a fresh init (seed {config.seed}).")
-        return state
 
-    state = common.restore_or_start(checkpointer, abstract, start, workdir, config)
+def _start(trainer: Stage1, config, shardings):
+    """A run with no checkpoint: a fresh init, with `config.init_from`'s weights if given."""
+    state, _ = trainer.create_state(config.seed)
+    if config.get("init_from"):
+        return restore.apply_init_from(state, shardings, config.init_from)
+    console.say(f"Started from a fresh init (seed {config.seed}).")
+    return state
 
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state.params))
-    logger.info("generator parameters: %.2fM; mesh %s", n_params / 1e6, dict(mesh.shape))
-    common.say_size("tokenizer", n_params, mesh)
-    writer = writers.create_writer(workdir)
+
+def _loop_parts(trainer: Stage1, config, workdir: str, writer):
     writer.write_hparams(_flat_hparams(config))
-
     evaluate, eval_fn = make_evaluator(trainer, config)
-
-    task = loop.Task(
-        state=state,
-        train_step=trainer.jit_train_step(shardings),
-        train_batches=common.train_batches_from(config, config.image_size),
-        mesh=mesh,
-        evaluate=evaluate,
-        write_images=make_image_writer(trainer, config, workdir, writer, eval_fn),
-        title="tokenizer",
-        after_eval=common.curves_writer(workdir, curves.STAGE1_PANELS, "tokenizer"),
-        progress_fields=PROGRESS_FIELDS,
-        eval_fields=EVAL_FIELDS,
-    )
-    return common.run_loop(task, config, checkpointer, writer, summary=summary)
+    return evaluate, make_image_writer(trainer, config, workdir, writer, eval_fn)
 
 
 def _flat_hparams(config) -> dict[str, Any]:
@@ -177,3 +161,17 @@ def _flat_hparams(config) -> dict[str, Any]:
 
     visit("", config.to_dict())
     return out
+
+
+STAGE = runner.Stage(
+    title="tokenizer",
+    params_label="generator",
+    check=check_config,
+    build=Stage1,
+    image_size=lambda trainer: trainer.config.image_size,
+    start=_start,
+    loop_parts=_loop_parts,
+    panels=curves.STAGE1_PANELS,
+    progress_fields=PROGRESS_FIELDS,
+    eval_fields=EVAL_FIELDS,
+)

@@ -13,13 +13,13 @@ import os
 import jax
 import numpy as np
 
-from vitvq import console, parallel, paths
+from vitvq import console, paths
 from vitvq import data as data_lib
 from vitvq.data.globalize import to_global
 from vitvq.errors import ConfigError
 from vitvq.pictures import image_grid, save_png
 from vitvq.settings import Settings
-from vitvq.train import common, curves, loop, restore, writers
+from vitvq.train import curves, restore, runner
 from vitvq.train.stage2_build import Stage2, load_frozen_tokenizer  # noqa: F401
 
 logger = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ def check_config(config, mesh=None) -> Settings:
     """`config` as checked settings: every key's value, the mesh against the devices and the
     batch sizes against the mesh and the processes (`vitvq.config_check.check`), then what needs
     the files and the data. Raises ConfigError (one line) on the first problem."""
-    config = common.checked(config, "vim", mesh)
+    config = runner.checked(config, "vim", mesh)
     init_from = config.get("init_from")
     if init_from and not paths.exists(init_from):  # a local path or a URL (gs://...)
         raise ConfigError(f"config.init_from={init_from} does not exist")
@@ -61,46 +61,41 @@ def train_and_evaluate(config, workdir: str, *, summary: bool = True) -> dict[st
     `config`: a ConfigDict, or settings `check_config` (or the pipeline) already checked.
     `summary`: print them as the JSON line `{"final_eval": ...}` at the end (a command's
     last line; the pipeline prints one for all its stages)."""
-    # Every key checked once, before anything is built; past here `config` is frozen.
-    config = check_config(config)
-    mesh = parallel.make_mesh(config.mesh)
-    trainer = Stage2(config, mesh)
-    info = data_lib.dataset_info(config.dataset)
-    common.prepare_workdir(config, workdir, common.data_record(config, info, trainer.image_size))
-    abstract, shardings = trainer.abstract_state()
-    checkpointer = common.open_checkpointer(config, workdir)
+    return runner.run(STAGE, config, workdir, summary=summary)
 
-    def start():
-        state = trainer.create_state(config.seed)[0]
-        if config.get("init_from"):
-            codebook = np.asarray(
-                jax.device_get(trainer.tok_vars["params"]["quantizer"]["codebook"])
-            )
-            return restore.apply_vim_init_from(state, shardings, config.init_from, codebook)
-        console.say(f"Started from a fresh init (seed {config.seed}).")
-        return state
 
-    state = common.restore_or_start(checkpointer, abstract, start, workdir, config)
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state.params))
-    logger.info("VIM parameters: %.2fM; mesh %s", n_params / 1e6, dict(mesh.shape))
-    common.say_size("VIM", n_params, mesh)
-    writer = writers.create_writer(workdir)
+def _start(trainer: Stage2, config, shardings):
+    """A run with no checkpoint: a fresh init, with `config.init_from`'s VIM if given."""
+    state = trainer.create_state(config.seed)[0]
+    if config.get("init_from"):
+        codebook = np.asarray(jax.device_get(trainer.tok_vars["params"]["quantizer"]["codebook"]))
+        return restore.apply_vim_init_from(state, shardings, config.init_from, codebook)
+    console.say(f"Started from a fresh init (seed {config.seed}).")
+    return state
+
+
+def _loop_parts(trainer: Stage2, config, workdir: str, writer):
     eval_fn = trainer.jit_eval_step()
 
     def evaluate(state) -> dict[str, float]:
         sums = {"ce_sum": 0.0, "correct_sum": 0.0, "tokens": 0.0}
-        for host_batch in common.eval_batches_from(config, trainer.image_size):
-            out = jax.device_get(eval_fn(state, to_global(host_batch, mesh)))
+        batches = runner.eval_batches(
+            config.dataset,
+            image_size=trainer.image_size,
+            batch_size=config.eval_batch_size,
+            num_examples=config.eval_num_examples or None,
+        )
+        for host_batch in batches:
+            out = jax.device_get(eval_fn(state, to_global(host_batch, trainer.mesh)))
             for k in sums:
                 sums[k] += float(out[k])
         n = max(sums["tokens"], 1.0)
         loss = sums["ce_sum"] / n
-        result = {
+        return {
             "loss": loss,
             "bits_per_token": loss / math.log(2.0),
             "accuracy": sums["correct_sum"] / n,
         }
-        return result
 
     def write_images(state, step: int) -> None:
         labels = _sample_labels(trainer.num_classes, int(config.sampling.num_per_class))
@@ -112,16 +107,18 @@ def train_and_evaluate(config, workdir: str, *, summary: bool = True) -> dict[st
             save_png(os.path.join(workdir, "images", f"samples_{step:07d}.png"), grid)
         writer.write_images(step, {"samples": grid[None]})
 
-    task = loop.Task(
-        state=state,
-        train_step=trainer.jit_train_step(shardings),
-        train_batches=common.train_batches_from(config, trainer.image_size),
-        mesh=mesh,
-        evaluate=evaluate,
-        write_images=write_images,
-        title="VIM",
-        after_eval=common.curves_writer(workdir, curves.STAGE2_PANELS, "VIM"),
-        progress_fields=PROGRESS_FIELDS,
-        eval_fields=EVAL_FIELDS,
-    )
-    return common.run_loop(task, config, checkpointer, writer, summary=summary)
+    return evaluate, write_images
+
+
+STAGE = runner.Stage(
+    title="VIM",
+    params_label="VIM",
+    check=check_config,
+    build=Stage2,
+    image_size=lambda trainer: trainer.image_size,
+    start=_start,
+    loop_parts=_loop_parts,
+    panels=curves.STAGE2_PANELS,
+    progress_fields=PROGRESS_FIELDS,
+    eval_fields=EVAL_FIELDS,
+)
