@@ -33,6 +33,24 @@ python="${PYTHON:-python}"
 module="${MODULE:-vitvq.main}"
 port="${PORT:-$("$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"
 
+# gloo (the CPU collectives) prints "[Gloo] Rank R is connected to N peer ranks. Expected
+# number of connected peer ranks is : N" from C++ for every device of every communicator, about
+# 30 lines before the first step, the two devices of a process often mixed into one line. The
+# prefixer drops those pieces (and a line left with nothing else) unless --verbosity is 1 or
+# more; LOG_DIR's files keep everything.
+gloo_lines='/\[Gloo\]|connected to|peer ranks/{
+  s/\[Gloo\] Rank //g
+  s/ ?peer ranks\. ?(Expected number of connected peer ranks is : [0-9]*)?//g
+  s/Expected number of connected peer ranks is : [0-9]*//g
+  s/[0-9]* is connected to [0-9]*//g
+  /^[[:space:][:digit:]]*$/d
+}'
+for arg in "$@"; do
+  case "$arg" in
+  --verbosity=[1-9]* | -v=[1-9]* | --v=[1-9]*) gloo_lines="" ;;
+  esac
+done
+
 pids=()
 # SIGTERM or Ctrl-C to this script goes to every process (a maintenance event reaches every
 # host at once); they agree on a step, checkpoint it and exit 0, and so does this script.
@@ -58,7 +76,8 @@ for ((i = 0; i < num; i++)); do
     JAX_PLATFORMS=cpu XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=${devices}" \
     "$python" -u -m "$module" "$@" > >(
       trap '' INT TERM
-      tee "$log" | sed -u "s/^/[p${i}] /"
+      tee "$log" | sed -u -E "${gloo_lines}
+s/^/[p${i}] /"
     ) 2>&1 &
   pids+=("$!")
 done

@@ -374,16 +374,26 @@ def test_slurm_bad_arguments_exit_2(fake_path, args, option):
 
 # --- local_pod.sh --------------------------------------------------------------------------
 
-POD_MODULE = """
+GLOO = "[Gloo] Rank 1 is connected to 1 peer ranks. Expected number of connected peer ranks is : 1"
+POD_MODULE = (
+    f"GLOO = {GLOO + chr(10)!r}\n"
+    + """
 import json, os, sys, time
 env = {k: os.environ.get(k) for k in ("VITVQ_COORDINATOR", "VITVQ_NUM_PROCESSES",
                                       "VITVQ_PROCESS_ID", "XLA_FLAGS", "JAX_PLATFORMS")}
 print("ENV " + json.dumps({"env": env, "argv": sys.argv[1:]}), flush=True)
+# gloo's connection lines as a pod's two devices print them, mixed (written from C++ to fd 1)
+for piece in [GLOO, "[Gloo] Rank 0 is connected to 3", GLOO, " peer ranks. Expected number "
+              "of connected peer ranks is : 3\\n", "[Gloo] Rank ", GLOO,
+              "1 is connected to 1 peer ranks. Expected number of connected peer ranks is : 1\\n",
+              GLOO.rstrip("\\n"), "loss 0.25\\n", "42\\n", "\\n"]:
+    os.write(1, piece.encode())
 if "--fail" in sys.argv:
     if env["VITVQ_PROCESS_ID"] == "1":
         sys.exit(3)
     time.sleep(120)  # must be stopped by local_pod.sh
 """
+)
 
 
 def run_pod(tmp_path, args, **env):
@@ -419,14 +429,22 @@ def test_local_pod_starts_n_processes(tmp_path):
         assert report["env"]["JAX_PLATFORMS"] == "cpu"
         assert "--xla_force_host_platform_device_count=4" in report["env"]["XLA_FLAGS"]
         assert report["argv"] == ["--config=x.py", "--config.a=b c"]
-        assert "ENV " in (tmp_path / "logs" / f"process_{i}.log").read_text()
+        log = (tmp_path / "logs" / f"process_{i}.log").read_text()
+        assert "ENV " in log and log.count("[Gloo] Rank") == 6  # the log keeps everything
+    # At the default verbosity gloo's pieces are gone from the console, every other line kept
+    # (a line that had gloo's piece in front of it included).
+    for i in range(2):
+        lines = [line for line in proc.stdout.splitlines() if line.startswith(f"[p{i}]")]
+        assert lines[1:] == [f"[p{i}] loss 0.25", f"[p{i}] 42", f"[p{i}] "], lines
+    assert "Gloo" not in proc.stdout and "peer ranks" not in proc.stdout
 
 
 def test_local_pod_failure_stops_the_others(tmp_path):
-    proc, seconds = run_pod(tmp_path, ["2", "--fail"])
+    proc, seconds = run_pod(tmp_path, ["2", "--fail", "--verbosity=1"])
     assert proc.returncode == 3
     assert seconds < 30  # process 0 (sleeping 120 s) was stopped, not waited for
     assert "a process exited with status 3" in proc.stderr
+    assert proc.stdout.count(GLOO) == 2 * 4  # --verbosity=1 shows gloo's lines as they come
 
 
 @pytest.mark.parametrize("num", ["0", "-1", "two", "1.5"])

@@ -473,6 +473,9 @@ def check_pod_against_single(workdirs, out, stage: str, keys, image: str):
         ]
         assert len(lines) == 1 and lines[0].startswith(f"[p{i}]"), _readable(log)
         assert f"{LOCAL_DEVICES} local / {GLOBAL_DEVICES} global devices" in lines[0]
+    # gloo printed a line for each device of each communicator it connected (about 10 here);
+    # at the default verbosity launch/local_pod.sh shows none of them.
+    assert "[Gloo] Rank" not in log and "peer ranks" not in log, _readable(log)
     # Both processes evaluated the same (padded eval batches), as one process does.
     pod_evals, single_evals = final_evals(log), final_evals(out[f"{stage}_single"])
     assert len(pod_evals) == 2 and pod_evals[0] == pod_evals[1]
