@@ -20,11 +20,11 @@ from cli_helpers import REPO, run_module
 from PIL import Image
 
 import vitvq
-from vitvq import probe
 from vitvq.cli import dataset_config
 from vitvq.data import sources
 from vitvq.errors import InputError
 from vitvq.evaluation import linear_probe
+from vitvq.evaluation.bundle_probe import probe_bundle
 
 
 def test_softmax_probe_against_scikit_learn_and_its_own_choice():
@@ -83,7 +83,7 @@ def test_probe_on_digits_matches_in_memory_features_and_resumes(vim_bundle, tmp_
     workdir = tmp_path / "work"
     monkeypatch.setattr(linear_probe.VimFeatures, "__call__", failing)
     with pytest.raises(KeyboardInterrupt):
-        probe.run(str(vim_bundle), dataset, workdir=str(workdir), **options)
+        probe_bundle(str(vim_bundle), dataset, workdir=str(workdir), **options)
     cached = sorted(os.listdir(workdir / "probe_features"))
     assert cached == ["meta.json", "train_0000000.npz", "train_0000001.npz"]
 
@@ -94,7 +94,7 @@ def test_probe_on_digits_matches_in_memory_features_and_resumes(vim_bundle, tmp_
         return real_call(self, images)
 
     monkeypatch.setattr(linear_probe.VimFeatures, "__call__", counting)
-    result = probe.run(str(vim_bundle), dataset, workdir=str(workdir), **options)
+    result = probe_bundle(str(vim_bundle), dataset, workdir=str(workdir), **options)
     assert counted == [32, 4, 32, 8]  # train batches 3-4 (100 = 3 x 32 + 4), eval 1-2
     assert result["block"] == block and result["num_train"] == 100 and result["num_test"] == 40
     for key in ("top1", "weight_decay", "held_out_top1"):
@@ -108,15 +108,15 @@ def test_probe_on_digits_matches_in_memory_features_and_resumes(vim_bundle, tmp_
     )
     # A workdir of another probe (another block) is refused, its files kept.
     with pytest.raises(InputError, match="holds the features of another probe.*block"):
-        probe.run(str(vim_bundle), dataset, workdir=str(workdir), block=2, **options)
+        probe_bundle(str(vim_bundle), dataset, workdir=str(workdir), block=2, **options)
     assert len(os.listdir(workdir / "probe_features")) == 7
 
 
 def test_probe_refuses_bad_requests(vim_bundle):
     with pytest.raises(InputError, match=r"probe block must be in \[1, 2\]"):
-        probe.run(str(vim_bundle), dataset_config("digits"), block=3)
+        probe_bundle(str(vim_bundle), dataset_config("digits"), block=3)
     with pytest.raises(InputError, match="needs class labels.*'photos'"):
-        probe.run(str(vim_bundle), dataset_config("photos"))
+        probe_bundle(str(vim_bundle), dataset_config("photos"))
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +194,7 @@ def test_probe_command_sigterm_mid_run_then_resume(vim_bundle, tmp_path):
     resumed = _probe_cli(*args)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"train: reusing the features of {done} of 300 batches" in resumed.stderr
-    want = probe.run(
+    want = probe_bundle(
         str(vim_bundle), dataset_config("digits"), batch_size=2, num_train=600, num_eval=40
     )
     got = json.loads(resumed.stdout.strip().splitlines()[-1])
