@@ -24,12 +24,13 @@ ssim_jit = jax.jit(ssim)
 psnr_jit = jax.jit(psnr)
 
 
-def skimage_ssim(a: np.ndarray, b: np.ndarray) -> float:
+def skimage_ssim(a: np.ndarray, b: np.ndarray, data_range: float = 1.0) -> float:
+    """scikit-image's Gaussian-window SSIM (Wang et al. 2004) in float64: the reference."""
     return structural_similarity(
         a.astype(np.float64),
         b.astype(np.float64),
         channel_axis=-1,
-        data_range=1.0,
+        data_range=data_range,
         gaussian_weights=True,
         sigma=1.5,
         use_sample_covariance=False,

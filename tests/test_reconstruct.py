@@ -21,7 +21,7 @@ import pytest
 import skimage.data
 from bundle_helpers import make_tokenizer_bundle
 from PIL import Image
-from skimage.metrics import structural_similarity
+from test_metrics import skimage_ssim
 
 from vitvq import reconstruct
 from vitvq.images import fit_square, read_image
@@ -180,15 +180,7 @@ def test_metrics_match_independent_computation(result):
         # The training evaluation's metrics (float32): PSNR against float64 NumPy, SSIM
         # against scikit-image's Gaussian-window SSIM (Wang et al. 2004) in float64.
         assert float(row["psnr"]) == pytest.approx(psnr_uint8(original, recon), abs=1e-4)
-        ssim = structural_similarity(
-            original.astype(np.float64),
-            recon.astype(np.float64),
-            channel_axis=-1,
-            data_range=255,
-            gaussian_weights=True,
-            sigma=1.5,
-            use_sample_covariance=False,
-        )
+        ssim = skimage_ssim(original, recon, data_range=255)
         assert float(row["ssim"]) == pytest.approx(ssim, abs=1e-4)
     summary = json.loads((output / "summary.json").read_text())
     assert summary["num_images"] == len(READABLE) and summary["num_failed"] == len(BROKEN)

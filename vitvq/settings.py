@@ -29,7 +29,6 @@ DTYPES = ("bfloat16", "float16", "float32")
 # quantizer (its projection and codebook) are frozen; the code projection up and the decoder
 # train (Parti's decoder fine-tuning).
 TRAINABLE = ("all", "decoder")
-FROZEN_FOR_DECODER = ("enc", "quantizer")
 
 
 def _freeze(value: Any, checked: bool = False) -> Any:

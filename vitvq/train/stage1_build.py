@@ -32,7 +32,8 @@ from vitvq.train.stage1_step import (
 
 logger = logging.getLogger(__name__)
 
-FROZEN_FOR_DECODER = settings_lib.FROZEN_FOR_DECODER
+# trainable='decoder' (vitvq.settings.TRAINABLE): the generator's top-level modules it freezes.
+FROZEN_FOR_DECODER = ("enc", "quantizer")
 
 
 def freeze(tx: optax.GradientTransformation, frozen: tuple[str, ...]):
