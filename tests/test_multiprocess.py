@@ -11,8 +11,9 @@ devices each) started by `launch/local_pod.sh` or directly, as users run them.
   - checkpoints cross over: that pod's resumed steps repeat the 1-process run's losses, and
     a 1-process run resuming the pod's checkpoint repeats both;
   - every host preempted: SIGTERM to the whole process group of `local_pod.sh 2` (launcher,
-    output prefixers, both processes), while the processes start, before JAX's runtime has:
-    they record it, hand it to JAX's preemption service, agree on a step, checkpoint it and
+    output prefixers, both processes), once while the processes start, before JAX's runtime
+    has (they record it and hand it to JAX's preemption service), and once in a later launch
+    while a checkpoint is being written: each time they agree on a step, checkpoint it and
     exit 0, their lines intact; the next launch resumes there;
   - a host lost, the pod relaunched: one process SIGKILLed three times over (mid-save, then at
     random moments; both processes are victims at least once), the survivor prints one
@@ -70,8 +71,10 @@ HEARTBEAT = 5
 DEATH_BOUND = 60
 RUN_TIMEOUT = 900
 # The cheap runs: steps enough that every relaunch of the killed pod starts from a committed
-# checkpoint and still has steps left to be killed in.
-CHEAP_TOTAL = 16
+# checkpoint and still has steps left to be killed or preempted in (JAX's preemption service
+# agrees on a step a few steps after the signal: 3 in a run here).
+CHEAP_TOTAL = 20
+KEEP = 4  # checkpoints kept: the 1-process run's of CROSS_STEP lasts to its end
 CHEAP = [
     *STAGE1,
     "--config.loss.perceptual=0",
@@ -81,11 +84,11 @@ CHEAP = [
     f"--config.eval_every_steps={CHEAP_TOTAL}",
     f"--config.image_every_steps={CHEAP_TOTAL}",
     f"--heartbeat_timeout={HEARTBEAT}",
+    f"--config.keep_checkpoints={KEEP}",
 ]
 REFERENCE_EVERY = 4  # the reference pod and the 1-process runs checkpoint every 4 steps
 CROSS_STEP = 8  # the 1-process run's checkpoint the reference pod (and the killed pod) resume
 POD_STEP = 12  # the reference pod's checkpoint a 1-process run resumes
-KEEP = 3  # configs/common.py: keep_checkpoints
 
 
 def cheap(every: int) -> list[str]:
@@ -154,12 +157,15 @@ class Run:
 
 class PreemptedRun(Run):
     """A `local_pod.sh 2` run in a session of its own whose whole process group (the launcher,
-    its output prefixers, both processes) gets SIGTERM as early as a signal can be caught: as
-    soon as both processes catch SIGTERM (vitvq.main records it from its first lines), before
-    JAX's distributed runtime has started, as Ctrl-C or a scheduler's `kill -- -PGID` would
-    deliver a maintenance event during start-up."""
+    its output prefixers, both processes) gets SIGTERM at once, as Ctrl-C or a scheduler's
+    `kill -- -PGID` delivers a maintenance event. By default as early as a signal can be
+    caught: as soon as both processes catch SIGTERM (vitvq.main records it from its first
+    lines), before JAX's distributed runtime has started. `moment`, where given, is polled
+    instead: the group gets the signal when it first returns True (both processes started)."""
 
-    def __init__(self, argv, env, workdir, what: str, tag: str = "run"):
+    def __init__(self, argv, env, workdir, what: str, tag: str = "run", moment=None):
+        self.moment = moment
+        self.signalled = None  # what `moment` saw when the signal went out
         super().__init__(argv, env, workdir, what, tag, new_session=True)
         threading.Thread(target=self._preempt, daemon=True).start()
 
@@ -192,8 +198,11 @@ class PreemptedRun(Run):
         while time.time() < deadline and self.proc.poll() is None:
             pids = self._training_processes()
             if len(pids) == 2 and all(self._catches_sigterm(pid) for pid in pids):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                return
+                seen = True if self.moment is None else self.moment()
+                if seen:
+                    os.killpg(self.proc.pid, signal.SIGTERM)
+                    self.signalled = seen
+                    return
             time.sleep(0.01)
 
 
@@ -334,6 +343,30 @@ def _recorded_after(workdir, step: int | None):
     return ready
 
 
+def _saving_after(workdir, step: int):
+    """A moment: the number of a step newer than `step` while its checkpoint is being written
+    (orbax's unfinished directory, or committed without its digest record yet) by a launch
+    started after this call; else None. What earlier launches left (a step killed mid-save)
+    does not count."""
+    from vitvq import digests
+
+    ckpts = pathlib.Path(workdir) / "checkpoints"
+    before = {p.name for p in ckpts.iterdir()} if ckpts.is_dir() else set()
+
+    def saving() -> int | None:
+        for p in ckpts.iterdir() if ckpts.is_dir() else ():
+            if p.name in before:
+                continue
+            number = p.name.split(".", 1)[0]
+            if not number.isdigit() or int(number) <= step:
+                continue
+            if "orbax-checkpoint-tmp" in p.name or not digests.has_record(p):
+                return int(number)
+        return None
+
+    return saving
+
+
 def _kill_one(workdir, attempt: int, victim: int, resume: int | None, rng) -> dict:
     """One launch of the killed pod (checkpointing every step): SIGKILL to `victim`, the
     first time while a checkpoint is being written, later at a random moment (up to half a
@@ -447,6 +480,23 @@ def runs(tmp_path_factory):
             resume = resume_point(workdirs["killed"])
         out["resume_after_kills"] = resume
 
+        # Every host preempted again, later: the whole group gets SIGTERM while this launch
+        # writes its first checkpoint (the next step already under way).
+        late = PreemptedRun(
+            pod_argv(cheap(1)),
+            _env(None),
+            workdirs["killed"],
+            "pod preempted mid-save",
+            "preempted_late",
+            moment=_saving_after(workdirs["killed"], resume),
+        )
+        started.append(late)
+        out["preempted_late"] = late.wait()
+        out["preempted_late_saving"] = late.signalled
+        resume = resume_point(workdirs["killed"])
+        out["resume_after_late"] = resume
+        print(f"\npreempted while saving step {late.signalled}; resumable from step {resume}")
+
         # The preempted command again, to the end; the reference pod's checkpoint of
         # POD_STEP resumed by one process, beside it.
         copy_checkpoint(workdirs["single_then_pod"], POD_STEP, workdirs["pod_then_single"])
@@ -541,17 +591,25 @@ def assert_same_final_state(workdir, reference):
         assert a.dtype == b.dtype and np.array_equal(a, b, equal_nan=True), path
 
 
-def test_every_host_preempted_checkpoints_one_step_and_resumes_bit_identical(runs):
-    workdirs, out = runs
-    log = out["preempted"]
+def agreed_preemption_step(log: str) -> int:
+    """The step both processes of a preempted pod checkpointed, each saying so once; no
+    `error:` line."""
     agreed = [
         re.findall(rf"^\[p{i}\] .*Preemption notice at step (\d+): checkpoint written", log, re.M)
         for i in (0, 1)
     ]
+    assert agreed[0] == agreed[1] and len(agreed[0]) == 1, _readable(log)
+    assert not re.search(r"^(\[p\d\] )?error:", log, re.M), _readable(log)
+    return int(agreed[0][0])
+
+
+def test_every_host_preempted_checkpoints_one_step_and_resumes_bit_identical(runs):
+    """SIGTERM to the whole group during start-up, before JAX's runtime has started."""
+    workdirs, out = runs
+    log = out["preempted"]
     # The launcher exited 0 (Run.wait) and the processes' lines came through the prefixers,
     # which the same signal reached.
-    assert agreed[0] == agreed[1] and len(agreed[0]) == 1, _readable(log)
-    step = int(agreed[0][0])
+    step = agreed_preemption_step(log)
     assert CROSS_STEP < step < CHEAP_TOTAL, step
     # The signal came before JAX's runtime had started (in one process at least): the
     # recorded notice went to JAX's preemption service, which the processes agreed through.
@@ -564,6 +622,23 @@ def test_every_host_preempted_checkpoints_one_step_and_resumes_bit_identical(run
     first = out["kills"][0]["outputs"][0]
     assert f"Resumed from the checkpoint of step {step}" in first, _readable(first)
     assert "Resumed from the checkpoint of step" in out["relaunched"]
+    assert_same_final_state(workdirs["killed"], workdirs["single_then_pod"])
+
+
+def test_every_host_preempted_mid_save_checkpoints_the_agreed_step_and_resumes(runs):
+    """SIGTERM to the whole group while the launch writes its first checkpoint (orbax's
+    background write in flight, the next step under way): both processes agree on a step
+    at or after the one being saved, checkpoint it, exit 0 with their lines intact; the
+    next launch resumes there and ends with the reference pod's state."""
+    workdirs, out = runs
+    log, saving = out["preempted_late"], out["preempted_late_saving"]
+    began = out["resume_after_kills"]
+    assert saving is not None and saving > began, (saving, began)
+    step = agreed_preemption_step(log)
+    assert saving <= step < CHEAP_TOTAL, (saving, step)
+    assert "The SIGTERM of the start-up" not in log  # JAX's runtime had it from the start
+    assert out["resume_after_late"] == step, (step, out["resume_after_late"])
+    assert f"Resumed from the checkpoint of step {step} " in out["relaunched"]
     assert_same_final_state(workdirs["killed"], workdirs["single_then_pod"])
 
 
@@ -623,7 +698,7 @@ def test_a_killed_host_three_times_over_the_relaunched_pod_resumes_bit_identical
     assert progress == sorted(set(progress)), progress
     assert progress[0] >= kills[0]["resumed_from"], (kills[0]["resumed_from"], progress)
 
-    assert f"Resumed from the checkpoint of step {resume} " in out["relaunched"]
+    assert f"Resumed from the checkpoint of step {resume} " in out["preempted_late"]
     assert_same_final_state(workdirs["killed"], workdirs["single_then_pod"])
 
 
