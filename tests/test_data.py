@@ -325,21 +325,29 @@ def test_in_memory_sources_do_not_import_tensorflow():
     assert result.returncode == 0, result.stderr
 
 
-def test_crop_scale_gives_random_square_crops_resized_and_resumes():
+@pytest.mark.parametrize("name, scale", [("photos", (0.2, 1.0)), ("digits", (0.85, 1.0))])
+def test_crop_scale_gives_random_square_crops_resized_and_resumes(name, scale):
+    """The photos recipe's crops, and the demo VIM's zoomed digits: the same for a seed,
+    resumed exactly, other for another seed, unlike the plain batches; labels unchanged."""
     from vitvq.errors import ConfigError
 
-    cfg = ml_collections.ConfigDict({"name": "photos", "crop_scale": (0.2, 1.0)})
-    straight = data.train_batches(cfg, image_size=32, global_batch_size=4, seed=3)
-    batches = [next(straight)["image"] for _ in range(3)]
-    assert batches[0].shape == (4, 32, 32, 3)
-    resumed = next(
-        data.train_batches(cfg, image_size=32, global_batch_size=4, seed=3, start_step=2)
-    )
-    np.testing.assert_array_equal(resumed["image"], batches[2])
-    # Whole-photo-scale crops are smoother than native-resolution crops of the same photos.
-    native = ml_collections.ConfigDict({"name": "photos"})
-    plain = next(data.train_batches(native, image_size=32, global_batch_size=4, seed=3))["image"]
-    assert not np.array_equal(plain, batches[0])
+    cfg = ml_collections.ConfigDict({"name": name, "crop_scale": scale})
+    kwargs = dict(image_size=32, global_batch_size=4)
+    straight = data.train_batches(cfg, seed=3, **kwargs)
+    batches = [next(straight) for _ in range(3)]
+    assert batches[0]["image"].shape == (4, 32, 32, 3)
+    again = next(data.train_batches(cfg, seed=3, **kwargs))
+    np.testing.assert_array_equal(again["image"], batches[0]["image"])
+    resumed = next(data.train_batches(cfg, seed=3, start_step=2, **kwargs))
+    np.testing.assert_array_equal(resumed["image"], batches[2]["image"])
+    other = next(data.train_batches(cfg, seed=4, **kwargs))
+    assert not np.array_equal(other["image"], batches[0]["image"])
+    # The same examples as without crop_scale, drawn otherwise (for photos: whole-photo-scale
+    # crops are smoother than native-resolution crops of the same photos).
+    native = ml_collections.ConfigDict({"name": name})
+    plain = next(data.train_batches(native, seed=3, **kwargs))
+    np.testing.assert_array_equal(plain["label"], batches[0]["label"])
+    assert not np.array_equal(plain["image"], batches[0]["image"])
     for bad in [(0.0, 0.5), (0.6, 0.5), (0.5, 1.5), "big"]:
         with pytest.raises(ConfigError, match="crop_scale"):
             data.train_batches(
