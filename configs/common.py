@@ -142,8 +142,14 @@ def stage1(encoder: str = "S", decoder: str = "S", **overrides) -> ml_collection
             # entropy minus the entropy of the batch's mean soft assignment.
             entropy=0.0,
             entropy_temperature=0.01,  # of the soft assignments softmax(cos / T)
+            # When LPIPS and the discriminator join: at the step where one is set (> 0),
+            # else at the fraction of total_steps (vitvq/train/schedule.py).
             perceptual_start_step=0,  # LPIPS term switched on at this step
             disc_start_step=0,  # discriminator trained and used from this step
+            perceptual_start_fraction=0.0,
+            # Not the paper's (it does not say): the discriminator joins half-way, once the
+            # codes carry the content (BENCHMARKS.md, "stability at paper scale").
+            disc_start_fraction=0.5,
             gan_loss="non_saturating",  # or "hinge"
             r1_gamma=10.0,  # R1 penalty weight (0 = off)
             r1_every=16,  # lazy R1: applied every N steps, scaled by N
@@ -277,6 +283,9 @@ def optimizer(**overrides) -> ml_collections.ConfigDict:
             weight_decay=1e-4,  # decoupled (AdamW)
             grad_clip_norm=0.0,  # 0 = off
             codebook_lr_multiplier=1.0,  # the codebook's learning rate relative to lr
+            # The warmup is at most this share of total_steps (the paper's 50k of 500k);
+            # 0 = no cap (the warmup is only clamped to the run).
+            max_warmup_fraction=0.1,
         )
     )
     o.update(overrides)
@@ -294,6 +303,7 @@ def runlocal_stage1(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.model.cnn = cnn(channels=8, channel_mult=(1, 1, 2, 2), num_res_blocks=1, norm_groups=4)
     c.discriminator.base_channels = 8
     c.discriminator.max_channels = 16
+    c.loss.disc_start_fraction = 0.0  # every term from the first step: seconds test them all
     for opt in (c.optimizer, c.disc_optimizer):
         opt.warmup_steps = 1
         opt.lr = 1e-3

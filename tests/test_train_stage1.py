@@ -35,6 +35,7 @@ from vitvq.train import loop, stage1
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 TOTAL = 6
+DISC_START = 3  # the straight and preempted runs' discriminator joins at this step
 # Checkpoints every 2 steps, train metrics every 3, evaluation every 4, images every 4; the
 # final step always gets all of them.
 INTERVALS = dict(
@@ -92,6 +93,24 @@ def read_metrics(workdir) -> list[dict]:
 
 def steps_with(rows, prefix: str) -> list[int]:
     return sorted({r["step"] for r in rows if any(k.startswith(prefix) for k in r)})
+
+
+def rows_at(rows, step: int) -> dict:
+    """The train metrics logged at `step` (one row)."""
+    found = [r for r in rows if r["step"] == step and "train/loss/total" in r]
+    assert len(found) == 1, step
+    return found[0]
+
+
+def disc_updates(state) -> int:
+    """How many updates the discriminator's optimizer has applied."""
+    counts = [
+        int(leaf)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(host(state.disc_opt_state))
+        if jax.tree_util.keystr(path).endswith(".count")
+    ]
+    assert counts and len(set(counts)) == 1, counts
+    return counts[0]
 
 
 def restore(config, workdir, step):
@@ -295,8 +314,10 @@ def test_overflowing_update_is_skipped(step_setup, path):
 
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory, tap):
-    """An uninterrupted digits run of TOTAL steps: (config, workdir, result, batches seen)."""
+    """An uninterrupted digits run of TOTAL steps: (config, workdir, result, batches seen).
+    The discriminator joins half-way (DISC_START), where the preempted run resumes."""
     config = make_config()
+    config.loss.disc_start_fraction = DISC_START / TOTAL
     workdir = tmp_path_factory.mktemp("straight")
     tap.reset()
     result = stage1.train_and_evaluate(config, str(workdir))
@@ -316,6 +337,12 @@ def test_digits_end_to_end_at_configured_intervals(straight_run):
     ]
     final = restore(config, workdir, TOTAL)
     assert int(final.step) == TOTAL and int(final.opt_state[0][0].count) == TOTAL
+    # The discriminator joined at DISC_START (a fraction of total_steps): untouched before,
+    # updated at every step from there on.
+    fresh = stage1.Stage1(config, parallel.make_mesh(config.mesh)).create_state(config.seed)[0]
+    assert_trees_equal(restore(config, workdir, 2).disc_params, fresh.disc_params)
+    assert disc_updates(final) == TOTAL - DISC_START
+    assert "train/disc/loss" not in rows_at(rows, DISC_START)  # the row of step index 2
     kernel = final.params["dec"]["transformer"]["block_0"]["mlp"]["fc2"]["kernel"]  # [64, 32]
     assert kernel.sharding.spec == P("tensor", "fsdp")  # restored onto the sharded layout
     assert jax.tree_util.tree_leaves(final.disc_params)
@@ -339,6 +366,7 @@ def test_preempted_run_resumes_to_identical_state(straight_run, tap, tmp_path):
     at_3 = restore(config, workdir, 3)
     assert int(at_3.step) == 3 and int(at_3.nonfinite) == 0
     assert int(at_3.opt_state[0][0].count) == 3
+    assert DISC_START == 3 and disc_updates(at_3) == 0  # the resumed run starts the GAN
     straight_2 = restore(config, straight_dir, 2)
     np.testing.assert_array_equal(host(at_3.rng), host(straight_2.rng))
     assert_trees_equal(restore(config, workdir, 2), straight_2)

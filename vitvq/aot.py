@@ -44,6 +44,7 @@ from ml_collections import config_flags
 from vitvq import cli, console, paths, quiet
 from vitvq.aot_report import Report, format_report, out_of_memory
 from vitvq.errors import ConfigError, VitvqError
+from vitvq.train import schedule
 
 EXIT_DOES_NOT_FIT = 1
 GIB = 2**30
@@ -159,7 +160,7 @@ def hbm_bytes(device_kind: str, hbm_gib: float | None = None) -> int:
 def heaviest_step(config) -> int:
     """Stage 1's first step with every term on: LPIPS, the GAN and, when on, lazy R1."""
     loss = config.loss
-    step = max(1, loss.perceptual_start_step, loss.disc_start_step)
+    step = max(1, *schedule.loss_starts(loss, config.total_steps))
     if loss.adversarial > 0 and loss.r1_gamma > 0:
         step = math.ceil(step / max(1, loss.r1_every)) * max(1, loss.r1_every)
     return step

@@ -70,6 +70,7 @@ WEIGHT = Real(lo=0.0)  # a loss weight (0 = off)
 DECAY = Real(lo=0.0, hi=1.0, hi_open=True)  # an EMA decay or a probability below 1
 ADAM_BETA = Real(lo=0.0, hi=1.0, hi_open=True)
 RATE = Real(lo=0.0, lo_open=True)
+START_FRACTION = Real(lo=0.0, hi=1.0, hi_open=True, note="read where the step key is 0")
 
 # Both trainers' loop, data and parallelism keys (vitvq/train/runner.py, loop.py, data/).
 LOOP_RULES = (
@@ -134,8 +135,9 @@ def _optimizer_rules(block: str, *, stage2: bool, required: bool = True) -> tupl
         Rule(f"{block}.lr", RATE, required=required),
         # Stage 2 decays exponentially towards end_lr (a ratio end_lr / lr): it must be > 0.
         Rule(f"{block}.end_lr", RATE if stage2 else WEIGHT, required=required),
-        # Both schedules clamp the warmup to total_steps: any count >= 0 works.
+        # Both schedules cap the warmup (vitvq/train/schedule.py): any count >= 0 works.
         Rule(f"{block}.warmup_steps", NON_NEGATIVE, required=required),
+        Rule(f"{block}.max_warmup_fraction", Real(lo=0.0, hi=1.0, note="0: no cap")),
         Rule(f"{block}.b1", ADAM_BETA, required=required),
         Rule(f"{block}.b2", ADAM_BETA, required=required),
         Rule(f"{block}.weight_decay", WEIGHT, required=required and not stage2),
@@ -206,6 +208,8 @@ STAGE1_RULES = (
     Rule("loss.entropy_temperature", RATE),
     Rule("loss.perceptual_start_step", NON_NEGATIVE, required=True),
     Rule("loss.disc_start_step", NON_NEGATIVE, required=True),
+    Rule("loss.perceptual_start_fraction", START_FRACTION),
+    Rule("loss.disc_start_fraction", START_FRACTION),
     Rule("loss.gan_loss", OneOf(GAN_LOSS_KINDS), required=True),
     Rule(
         "loss.r1_every",

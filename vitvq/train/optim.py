@@ -2,12 +2,15 @@
 (`vitvq.settings`: every key and range was checked there).
 
 Stage 1: AdamW with warmup + cosine decay (`make_optimizer`). Stage 2 (VIM): Adam with
-warmup to a constant rate, then exponential decay (`make_adam`).
+warmup to a constant rate, then exponential decay (`make_adam`). Both warm up over
+`vitvq.train.schedule.warmup_steps` (at most a tenth of the run by default).
 """
 
 import jax
 import jax.numpy as jnp
 import optax
+
+from vitvq.train.schedule import warmup_steps as capped_warmup
 
 
 def warmup_cosine(lr: float, end_lr: float, warmup_steps: int, total_steps: int):
@@ -45,7 +48,7 @@ def warmup_exponential(
 def make_adam(ocfg, total_steps: int) -> tuple[optax.GradientTransformation, object]:
     """Adam (decoupled weight decay when `weight_decay` > 0) with `warmup_exponential`."""
     schedule = warmup_exponential(
-        ocfg.lr, ocfg.end_lr, ocfg.warmup_steps, ocfg.decay_start_step, total_steps
+        ocfg.lr, ocfg.end_lr, capped_warmup(ocfg, total_steps), ocfg.decay_start_step, total_steps
     )
     parts = []
     if ocfg.get("grad_clip_norm", 0.0) > 0:
@@ -65,7 +68,7 @@ def make_optimizer(ocfg, total_steps: int) -> tuple[optax.GradientTransformation
 
     Returns (transformation, schedule). `codebook_lr_multiplier` scales the codebook's updates.
     """
-    schedule = warmup_cosine(ocfg.lr, ocfg.end_lr, ocfg.warmup_steps, total_steps)
+    schedule = warmup_cosine(ocfg.lr, ocfg.end_lr, capped_warmup(ocfg, total_steps), total_steps)
     parts = []
     if ocfg.get("grad_clip_norm", 0.0) > 0:
         parts.append(optax.clip_by_global_norm(ocfg.grad_clip_norm))

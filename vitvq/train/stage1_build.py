@@ -20,7 +20,7 @@ from vitvq import settings as settings_lib
 from vitvq.models.discriminator import discriminator_from_config
 from vitvq.models.perceptual import lpips_fn
 from vitvq.models.vitvqgan import build_vitvqgan
-from vitvq.train import stage1_step
+from vitvq.train import schedule, stage1_step
 from vitvq.train.optim import make_optimizer
 from vitvq.train.stage1_step import (
     Stage1Settings,
@@ -55,6 +55,7 @@ def freeze(tx: optax.GradientTransformation, frozen: tuple[str, ...]):
 def step_settings(config) -> Stage1Settings:
     """The static settings of the train step, from checked settings."""
     loss, restart = config.loss, config.codebook_restart
+    perceptual_start, disc_start = schedule.loss_starts(loss, config.total_steps)
     return Stage1Settings(
         l2=loss.l2,
         logit_laplace=loss.logit_laplace,
@@ -64,8 +65,8 @@ def step_settings(config) -> Stage1Settings:
         # Absent from configs saved before the entropy term existed: off.
         entropy=loss.get("entropy", 0.0),
         entropy_temperature=loss.get("entropy_temperature", 0.01),
-        perceptual_start_step=loss.perceptual_start_step,
-        disc_start_step=loss.disc_start_step,
+        perceptual_start_step=perceptual_start,
+        disc_start_step=disc_start,
         gan_loss=loss.gan_loss,
         r1_gamma=loss.r1_gamma,
         r1_every=loss.r1_every,
