@@ -94,6 +94,42 @@ def code_counts(indices: jax.Array, codebook_size: int) -> jax.Array:
     return jnp.zeros((codebook_size,), jnp.float32).at[flat].add(1.0)
 
 
+def code_projection(code_dim: int, dtype: Dtype, param_dtype: Dtype) -> nn.Module:
+    """The linear map from the encoder's width down to the lookup dimension that every
+    quantizer kind starts with (its parameters: `project_down/{kernel,bias}`)."""
+    return dense(
+        code_dim,
+        axes.EMBED,
+        axes.CODE_DIM,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        name="project_down",
+    )
+
+
+def nearest_and_losses(
+    z: jax.Array, codebook: jax.Array, chunk_size: int, *, euclidean: bool
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """z [B, T, D] float32, codebook [K, D] -> (indices int32 [B, T], their codes e [B, T, D],
+    the codebook loss mean ||sg[z] - e||^2, the commitment loss mean ||z - sg[e]||^2). The
+    search sees neither side's gradient; the codebook loss reaches the codebook through e."""
+    flat = jax.lax.stop_gradient(z.reshape(-1, z.shape[-1]))
+    indices = nearest_code(flat, jax.lax.stop_gradient(codebook), chunk_size, euclidean=euclidean)
+    indices = indices.reshape(z.shape[:-1])
+    e = jnp.take(codebook, indices, axis=0)
+    codebook_loss = jnp.mean(jnp.sum((jax.lax.stop_gradient(z) - e) ** 2, axis=-1))
+    commit_loss = jnp.mean(jnp.sum((z - jax.lax.stop_gradient(e)) ** 2, axis=-1))
+    return indices, e, codebook_loss, commit_loss
+
+
+def update_usage(module: nn.Module, counts: jax.Array) -> None:
+    """Folds one step's per-code counts into `module.usage` (the `vq_stats` EMA the dead-code
+    restart reads), in training only (the collection mutable, not initializing)."""
+    if module.is_mutable_collection("vq_stats") and not module.is_initializing():
+        decay = module.usage_decay
+        module.usage.value = decay * module.usage.value + (1 - decay) * counts
+
+
 def usage_statistics(counts: jax.Array) -> dict[str, jax.Array]:
     """Codes used, their share of the codebook, and the perplexity of the code distribution."""
     total = jnp.maximum(jnp.sum(counts), 1.0)
@@ -120,14 +156,7 @@ class VectorQuantizer(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     def setup(self):
-        self.project_down = dense(
-            self.code_dim,
-            axes.EMBED,
-            axes.CODE_DIM,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name="project_down",
-        )
+        self.project_down = code_projection(self.code_dim, self.dtype, self.param_dtype)
         # The paper initializes the codebook from a normal distribution.
         self.codebook = self.param(
             "codebook",
@@ -155,22 +184,13 @@ class VectorQuantizer(nn.Module):
         if self.l2_normalize_codes:
             z = l2_normalize(z)
         codebook = self.normalized_codebook()  # [K, code_dim]
-        flat = jax.lax.stop_gradient(z.reshape(-1, self.code_dim))
-        indices = nearest_code(
-            flat,
-            jax.lax.stop_gradient(codebook),
-            self.search_chunk_size,
-            euclidean=not self.l2_normalize_codes,
+        indices, e, codebook_loss, commit_loss = nearest_and_losses(
+            z, codebook, self.search_chunk_size, euclidean=not self.l2_normalize_codes
         )
-        indices = indices.reshape(z.shape[:-1])  # [B, T]
-        e = jnp.take(codebook, indices, axis=0)
-        codebook_loss = jnp.mean(jnp.sum((jax.lax.stop_gradient(z) - e) ** 2, axis=-1))
-        commit_loss = jnp.mean(jnp.sum((z - jax.lax.stop_gradient(e)) ** 2, axis=-1))
         quantized = z + jax.lax.stop_gradient(e - z)
 
         counts = code_counts(indices, self.codebook_size)
-        if self.is_mutable_collection("vq_stats") and not self.is_initializing():
-            self.usage.value = self.usage_decay * self.usage.value + (1 - self.usage_decay) * counts
+        update_usage(self, counts)
         aux = {
             "indices": indices,
             "latents": z,  # (normalized) encoder outputs, for dead-code restart
