@@ -148,7 +148,8 @@ def stage1(encoder: str = "S", decoder: str = "S", **overrides) -> ml_collection
             disc_start_step=0,  # discriminator trained and used from this step
             perceptual_start_fraction=0.0,
             # Not the paper's (it does not say): the discriminator joins half-way, once the
-            # codes carry the content (BENCHMARKS.md, "stability at paper scale").
+            # reconstruction terms have had their start (BENCHMARKS.md, "Stability at paper
+            # scale": at its fixed weight the GAN's term outweighs a small L2).
             disc_start_fraction=0.5,
             gan_loss="non_saturating",  # or "hinge"
             r1_gamma=10.0,  # R1 penalty weight (0 = off)

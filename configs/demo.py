@@ -59,7 +59,8 @@ def vim_config(tokenizer_config):
     randomly zoomed digits."""
     v = common.stage2()
     # The tokenizer's digits, each drawn as a random square of 85-100% of its side resized
-    # back (a slight zoom and shift) before it is tokenized: without it the VIM memorized
+    # back (a slight zoom and shift) before it is tokenized, as the paper augments images
+    # before its frozen tokenizer: without it the VIM memorized
     # the 1,500 training digits' codes and its held-out loss rose after step 500 (4.27 ->
     # 5.94 nats); with it the loss falls to the end (3.62 -> 3.39; BENCHMARKS.md).
     v.dataset = common.dataset("digits", num_classes=10, crop_scale=(0.85, 1.0))
