@@ -156,6 +156,10 @@ def stage1(encoder: str = "S", decoder: str = "S", **overrides) -> ml_collection
             r1_every=16,  # lazy R1: applied every N steps, scaled by N
             lecam=0.0,  # LeCam regularizer weight (0 = off)
             lecam_decay=0.99,
+            # True: the adversarial weight is scaled each step by the ratio of the
+            # reconstruction terms' gradient norm to the GAN term's, both at the decoder's
+            # output (taming's adaptive weight; the paper uses a fixed weight)
+            adaptive_gan_weight=False,
         )
     )
     # Adam b1 0.9 b2 0.99, warmup to 1e-4 over 50k steps, cosine to 5e-5, decoupled wd 1e-4.

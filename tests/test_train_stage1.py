@@ -315,9 +315,11 @@ def test_overflowing_update_is_skipped(step_setup, path):
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory, tap):
     """An uninterrupted digits run of TOTAL steps: (config, workdir, result, batches seen).
-    The discriminator joins half-way (DISC_START), where the preempted run resumes."""
+    The discriminator joins half-way (DISC_START), where the preempted run resumes, with the
+    adaptive GAN weight."""
     config = make_config()
     config.loss.disc_start_fraction = DISC_START / TOTAL
+    config.loss.adaptive_gan_weight = True
     workdir = tmp_path_factory.mktemp("straight")
     tap.reset()
     result = stage1.train_and_evaluate(config, str(workdir))
@@ -343,6 +345,9 @@ def test_digits_end_to_end_at_configured_intervals(straight_run):
     assert_trees_equal(restore(config, workdir, 2).disc_params, fresh.disc_params)
     assert disc_updates(final) == TOTAL - DISC_START
     assert "train/disc/loss" not in rows_at(rows, DISC_START)  # the row of step index 2
+    # The adaptive weight's scale, logged once the GAN is on (tests/test_adaptive_gan_weight.py
+    # checks its value).
+    assert rows_at(rows, TOTAL)["train/loss/adaptive_gan_scale"] > 0
     kernel = final.params["dec"]["transformer"]["block_0"]["mlp"]["fc2"]["kernel"]  # [64, 32]
     assert kernel.sharding.spec == P("tensor", "fsdp")  # restored onto the sharded layout
     assert jax.tree_util.tree_leaves(final.disc_params)

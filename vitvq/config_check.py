@@ -218,6 +218,7 @@ STAGE1_RULES = (
         when=lambda c: is_real(g := get(c, "loss.r1_gamma", 0.0)) and g > 0,
     ),
     Rule("loss.lecam_decay", DECAY, required=True),
+    Rule("loss.adaptive_gan_weight", Bool()),
     *_optimizer_rules("optimizer", stage2=False),
     # Read only with the GAN on (loss.adversarial > 0); checked whenever present.
     *_optimizer_rules("disc_optimizer", stage2=False, required=False),

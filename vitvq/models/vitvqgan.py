@@ -105,10 +105,7 @@ class ViTVQGAN(nn.Module):
     def _decode_codes(self, codes: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
         """Normalized codes [B, T, code_dim] -> (image mean, unclipped; decoder logits)."""
         logits = self.dec(self.project_up(codes), deterministic=not train)  # float32
-        if self.output == "sigmoid":
-            eps = self.logit_laplace_eps
-            return (jax.nn.sigmoid(logits) - eps) / (1.0 - 2.0 * eps), logits
-        return logits, logits
+        return image_from_logits(logits, self.output, self.logit_laplace_eps), logits
 
     def encode(self, images: jax.Array, train: bool = False) -> tuple[jax.Array, dict]:
         """Images [B, H, W, 3] in [0, 1] -> (int32 codes [B, H/p, W/p], aux)."""
@@ -134,6 +131,14 @@ class ViTVQGAN(nn.Module):
         recon, logits = self._decode_codes(quantized, train)
         aux["decoder_logits"] = logits
         return recon, aux
+
+
+def image_from_logits(logits: jax.Array, output: str, eps: float) -> jax.Array:
+    """The decoder's image (unclipped) for its output logits: the logit-Laplace mean
+    `(sigmoid(logits) - eps) / (1 - 2 eps)` for `output="sigmoid"`, the logits for "raw"."""
+    if output == "sigmoid":
+        return (jax.nn.sigmoid(logits) - eps) / (1.0 - 2.0 * eps)
+    return logits
 
 
 def validate_model(model: ViTVQGAN) -> None:

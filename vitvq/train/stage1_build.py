@@ -72,6 +72,8 @@ def step_settings(config) -> Stage1Settings:
         r1_every=loss.r1_every,
         lecam=loss.lecam,
         lecam_decay=loss.lecam_decay,
+        # Absent from configs saved before it existed: off.
+        adaptive_gan_weight=bool(loss.get("adaptive_gan_weight", False)),
         ema_decay=config.ema_decay,
         restart_every=restart.every_steps,
         restart_threshold=restart.threshold,

@@ -26,6 +26,7 @@ from vitvq.evaluation import metrics as eval_metrics
 from vitvq.evaluation.reconstruction import masked_code_counts
 from vitvq.models.kmeans import kmeans_codebook
 from vitvq.models.quantizer import l2_normalize, restart_dead_codes, usage_statistics
+from vitvq.models.vitvqgan import image_from_logits
 from vitvq.train.finite import all_finite, global_norm
 
 
@@ -64,6 +65,9 @@ class Stage1Settings:
     r1_every: int = 16
     lecam: float = 0.0
     lecam_decay: float = 0.99
+    # Scale the adversarial weight by ||d rec / d logits|| / ||d adv / d logits|| each step
+    # (taming's adaptive weight, measured at the decoder's output rather than its last layer)
+    adaptive_gan_weight: bool = False
     ema_decay: float = 0.0
     restart_every: int = 0
     restart_threshold: float = 0.03
@@ -151,6 +155,36 @@ def _init_codebook(params, vq_stats, images, rng, *, model, iterations):
     )
     quantizer = {**params["quantizer"], "codebook": fitted.astype(codebook.dtype)}
     return {**params, "quantizer": quantizer}
+
+
+def _adaptive_gan_scale(logits, images, perceptual, *, model, disc, disc_params, settings):
+    """||grad of the weighted reconstruction terms|| / ||grad of the adversarial term||, both
+    w.r.t. the decoder's output logits (clipped to [0, 1e4], no gradient): the adversarial
+    term's pull on the decoder is then `settings.adversarial` times the reconstruction's."""
+    s = settings
+    logits = jax.lax.stop_gradient(logits)
+    to_image = functools.partial(
+        image_from_logits, output=model.output, eps=model.logit_laplace_eps
+    )
+
+    def reconstruction(z):
+        recon = to_image(z)
+        loss = s.l2 * losses.l2_loss(recon, images)
+        if s.logit_laplace > 0 and model.output == "sigmoid":
+            loss += s.logit_laplace * losses.logit_laplace_nll(
+                images, z, eps=model.logit_laplace_eps
+            )
+        if s.perceptual > 0 and perceptual is not None and s.perceptual_on:
+            loss += s.perceptual * jnp.mean(perceptual(recon, images))
+        return loss
+
+    def adversarial(z):
+        fake_logits = disc.apply({"params": disc_params}, to_image(z))
+        return losses.generator_adversarial_loss(fake_logits, s.gan_loss)
+
+    rec_norm = global_norm(jax.grad(reconstruction)(logits))
+    adv_norm = global_norm(jax.grad(adversarial)(logits))
+    return jax.lax.stop_gradient(jnp.clip(rec_norm / (adv_norm + 1e-4), 0.0, 1e4))
 
 
 def _discriminator_update(carry, *, images, fake, disc, disc_tx, settings):
@@ -260,6 +294,18 @@ def train_step(
             fake_logits = disc.apply({"params": state.disc_params}, recon)
             terms["adversarial"] = losses.generator_adversarial_loss(fake_logits, s.gan_loss)
             weights["adversarial"] = s.adversarial
+            if s.adaptive_gan_weight:
+                scale = _adaptive_gan_scale(
+                    aux["decoder_logits"],
+                    images,
+                    perceptual,
+                    model=model,
+                    disc=disc,
+                    disc_params=state.disc_params,
+                    settings=s,
+                )
+                weights["adversarial"] = s.adversarial * scale
+                aux = {**aux, "adaptive_gan_scale": scale}
         total = sum(weights[k] * terms[k] for k in terms)
         return total, (terms, aux, mutated["vq_stats"], recon)
 
@@ -282,6 +328,8 @@ def train_step(
     for k in ("token_entropy", "batch_entropy"):
         if f"entropy_{k}" in aux:
             metrics[f"vq/{k}"] = aux[f"entropy_{k}"]
+    if "adaptive_gan_scale" in aux:
+        metrics["loss/adaptive_gan_scale"] = aux["adaptive_gan_scale"]
 
     disc_params, disc_opt_state = state.disc_params, state.disc_opt_state
     lecam_ema = state.lecam_ema
