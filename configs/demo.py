@@ -39,6 +39,7 @@ def get_config(arg=None):
     # digits: it is only evaluated. The discriminator joins for the last third.
     c.loss.perceptual = 0.0
     c.loss.disc_start_step = 1000
+    c.loss.adaptive_gan_weight = False  # the fixed weight its figures were measured with
     # Dead codes (unused for ~100 steps) jump onto current encoder outputs.
     c.codebook_restart.every_steps = 50
     c.codebook_restart.start_step = 50

@@ -11,7 +11,8 @@ measures it (BENCHMARKS.md). Two variants:
   logit-Laplace lowered PSNR.
 - `full`: the paper's loss at the paper's weights (L2 1.0, logit-Laplace 0.1, LPIPS 0.1,
   StyleGAN2 discriminator 0.1, sigmoid output); the discriminator (32-128 channels) starts
-  after a fifth of the run, which the paper leaves unsaid.
+  after a fifth of the run, which the paper leaves unsaid, and its weight is scaled each step
+  by the stage-1 defaults' adaptive GAN weight (not the paper's: it uses a fixed weight).
 
 Both keep the stage-1 defaults' k-means codebook init, restart dead codes every 50 steps
 until 90% of the run, and decay the learning rate over `total_steps`; `steps=N` sets that to

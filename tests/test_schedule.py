@@ -141,7 +141,8 @@ def _paper_config(name: str):
 
 def test_the_paper_scale_tokenizers_share_one_schedule():
     """SS, BB and SL (configs/vitvq_{small,base,large}.py) start LPIPS and the GAN at the
-    same points and warm up alike, at the paper's length and at a short one."""
+    same points, warm up alike (at the paper's length and at a short one) and weigh the GAN
+    adaptively."""
     schedules = {}
     for name in ("vitvq_small", "vitvq_base", "vitvq_large"):
         config = _paper_config(name)
@@ -152,8 +153,9 @@ def test_the_paper_scale_tokenizers_share_one_schedule():
                 schedule.warmup_steps(config.disc_optimizer, total),
             )
             for total in (500_000, 150)
-        ]
+        ] + [config.loss.adaptive_gan_weight]
     assert len({tuple(v) for v in schedules.values()}) == 1, schedules
-    at_paper_length, short = schedules["vitvq_small"]
+    at_paper_length, short, adaptive = schedules["vitvq_small"]
+    assert adaptive is True
     assert at_paper_length == ((0, 250_000), 50_000, 50_000)  # the paper's 50k warmup
     assert short == ((0, 75), 15, 15)
