@@ -1,10 +1,11 @@
 """Writing a bundle from training runs: a stage-1 workdir's checkpoint (and optionally a stage-2
 run's), checked against each other. `python -m vitvq.export` is the command around it.
 
-The generator's parameters (its EMA parameters when the run kept them) and code-usage
-statistics, the model config, image size, codebook size, class names where the dataset has
-them (as the run recorded them at start in `data.json`: the dataset need not be at hand), and
-the training step. Arrays are read whole from any sharding of the saved run; in a
+The generator's parameters (its EMA parameters when the run kept them), code-usage
+statistics and the quantizer's other collections (an EMA codebook, SimVQ's basis), the model
+config, image size, codebook size, class names where the dataset has them (as the run
+recorded them at start in `data.json`: the dataset need not be at hand), and the training
+step. Arrays are read whole from any sharding of the saved run; in a
 multi-process run every process reads and process 0 writes while the others wait. The run's
 workdir is opened read-only, so a run that is still training there is not disturbed. The
 workdirs may be URLs (gs://bucket/run); the bundle may be too (written in place, bundle.json
@@ -93,6 +94,7 @@ def export(
             tokenizer=tokenizer,
             tokenizer_params=generator["params"],
             tokenizer_stats=generator["vq_stats"],
+            tokenizer_state=generator["quantizer_state"],
             vim=vim,
             vim_params=vim_params,
             classes=classes,
