@@ -227,3 +227,37 @@ def test_an_ema_codebook_is_frozen_with_trainable_decoder():
     config.trainable = "all"
     settings = stage1.Stage1(config, mesh).settings
     assert settings.codebook_ema_on and settings.codebook_init == "kmeans"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["fsq", "lfq"])
+def test_a_vim_trains_on_a_codebook_free_tokenizer_and_samples(name, tmp_path):
+    """Stage 2 predicts indices into the tokenizer's code table (FSQ's grid, LFQ's signs):
+    its vocabulary is their code count; export checks the VIM against that table."""
+    from vitvq.train import stage2
+
+    config = make_config(KINDS[name])
+    config.update(total_steps=2, checkpoint_every_steps=2, eval_every_steps=2)
+    config.update(image_every_steps=2, log_every_steps=2)
+    tok_dir = tmp_path / "tok"
+    stage1.train_and_evaluate(config, str(tok_dir))
+    tok_bundle = export(str(tok_dir), str(tok_dir / "bundle"))
+    spec = importlib.util.spec_from_file_location("vim", REPO / "configs" / "vim_base.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    vim_config = module.get_config("runlocal")
+    vim_config.tokenizer_bundle = str(tok_bundle)
+    vim_config.mesh.update(data=2, fsdp=2, tensor=2)
+    vim_config.update(total_steps=2, checkpoint_every_steps=2, eval_every_steps=2)
+    vim_config.update(image_every_steps=2, log_every_steps=2)
+    vim_dir = tmp_path / "vim"
+    result = stage2.train_and_evaluate(vim_config, str(vim_dir))
+    assert np.isfinite(result["loss"])
+    out = export(str(tok_dir), str(tmp_path / "both"), vim_workdir=str(vim_dir))
+    manifest = json.loads((out / "bundle.json").read_text())
+    vocab = manifest["vim"]["vocab_size"]
+    assert vocab == manifest["tokenizer"]["codebook_size"] == NUM_CODES[name]
+    sampler = vitvq.load_sampler(out, devices=jax.devices()[:1])
+    codes = sampler.sample_codes(2, class_labels=[0, 1], seed=0)
+    assert codes.shape == (2, 4, 4) and 0 <= codes.min() and codes.max() < NUM_CODES[name]
+    assert sampler.sample(2, class_labels=[0, 1], seed=0).shape == (2, 32, 32, 3)

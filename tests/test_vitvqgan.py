@@ -162,6 +162,9 @@ def test_each_quantizer_kind_builds_from_the_config_and_round_trips_codes(name):
     assert images.shape == (2, 16, 16, 3)
     recon, aux = model.apply(variables, x)  # decoding the quantized codes == decoding indices
     np.testing.assert_allclose(np.clip(recon, 0, 1), images, atol=1e-5)
+    table = model.apply(variables, method=model.code_table)  # the vocabulary, in index order
+    assert table.shape == (num_codes, code_dim)
+    assert len(np.unique(np.asarray(table), axis=0)) == num_codes
     top = np.full((1, 2, 2), num_codes - 1, np.int32)
     model.apply(variables, top, method=model.decode)  # the last code is valid
     with pytest.raises(InputError, match=rf"\[0, {num_codes - 1}\], got values in"):

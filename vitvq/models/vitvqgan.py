@@ -151,6 +151,12 @@ class ViTVQGAN(nn.Module):
         images, _ = self._decode_codes(codes, train=False)
         return jnp.clip(images, 0.0, 1.0)
 
+    def code_table(self) -> jax.Array:
+        """Every code the decoder receives, in index order: [num_codes, codes_dim] float32
+        (the normalized codebook, an EMA or SimVQ codebook, FSQ's grid, LFQ's signs). What
+        identifies a tokenizer's vocabulary: a VIM predicts indices into it."""
+        return self.quantizer.lookup(jnp.arange(self.num_codes, dtype=jnp.int32))
+
     def __call__(
         self, images: jax.Array, train: bool = False, entropy_scale: Any = 1.0
     ) -> tuple[jax.Array, dict]:

@@ -24,6 +24,7 @@ from jax.experimental import multihost_utils
 from vitvq import bundle, paths
 from vitvq import data as data_lib
 from vitvq.errors import ConfigError
+from vitvq.models.vitvqgan import build_vitvqgan
 from vitvq.train import restore
 
 logger = logging.getLogger(__name__)
@@ -135,7 +136,11 @@ def _vim_export(vim_workdir: str, generator: dict, stage1_workdir: str, stage1_c
             "stage-2 (VIM, trainer 'vim') run"
         )
     state, vim_step = restore.read_checkpoint(vim_workdir)
-    codebook = np.asarray(generator["params"]["quantizer"]["codebook"])
+    tokenizer = build_vitvqgan(stage1_config.model.to_dict(), int(stage1_config.image_size))
+    variables = {"params": generator["params"], **generator["quantizer_state"]}
+    if generator["vq_stats"]:
+        variables["vq_stats"] = generator["vq_stats"]
+    codebook = restore.code_table(tokenizer, variables)
     trained_on = config.get("tokenizer_bundle")
     if trained_on and _is_dir(trained_on):
         if not np.array_equal(restore.tokenizer_codebook(trained_on), codebook):

@@ -193,10 +193,18 @@ def _param_merger(params, loaded: dict[str, np.ndarray], path: str):
     return merge
 
 
+def code_table(model, variables) -> np.ndarray:
+    """`model.code_table` ([num_codes, codes_dim]) for `variables`, computed from host copies
+    (every caller gets the same bits for the same tokenizer, wherever its arrays live)."""
+    variables = jax.tree_util.tree_map(np.asarray, jax.device_get(variables))
+    return np.asarray(model.apply(variables, method=model.code_table))
+
+
 def tokenizer_codebook(path: str | os.PathLike) -> np.ndarray:
-    """The codebook [codes, code_dim] of the tokenizer in the bundle at `path`."""
-    _, _, variables = bundle.load_tokenizer_variables(path)
-    return np.asarray(variables["params"]["quantizer"]["codebook"])
+    """The code table [codes, code_dim] of the tokenizer in the bundle at `path` (its
+    vocabulary, whatever the quantizer kind: `ViTVQGAN.code_table`)."""
+    _, model, variables = bundle.load_tokenizer_variables(path)
+    return code_table(model, variables)
 
 
 def read_vim(path: str | os.PathLike, step: int | None = None) -> dict[str, Any]:
