@@ -9,6 +9,7 @@ import dataclasses
 import ml_collections
 
 from vitvq import parallel
+from vitvq.models.quantizers import QuantizerSpec
 from vitvq.models.vim import VIM_PRESETS
 from vitvq.models.vitvqgan import TRANSFORMER_PRESETS
 
@@ -43,6 +44,42 @@ def cnn(**overrides) -> ml_collections.ConfigDict:
     )
     c.update(overrides)
     return c
+
+
+def quantizer(**overrides) -> ml_collections.ConfigDict:
+    """The `model.quantizer` block (vitvq/models/quantizers.py): which quantizer and its
+    settings. Each kind reads only its own keys; the others stay at these defaults (the
+    config check refuses a changed key that the chosen kind does not read)."""
+    d = dataclasses.asdict(QuantizerSpec())
+    q = ml_collections.ConfigDict(
+        dict(
+            # "vq" (the paper's codebook), "simvq" (a frozen random basis times a learned
+            # map), "fsq" (a fixed grid of `levels`) or "lfq" (`bits` signs).
+            kind=d["kind"],
+            # vq: "gradient" (the paper) or "ema" (the codebook follows moving averages of
+            # its assigned encoder outputs; ema_decay in (0, 1), ema_epsilon > 0).
+            update=d["update"],
+            ema_decay=d["ema_decay"],
+            ema_epsilon=d["ema_epsilon"],
+            # vq and simvq: "straight_through" (the paper) or "rotation" (the rotation trick).
+            gradient=d["gradient"],
+            # fsq: levels per code dimension (prod(levels) codes, len(levels) dimensions).
+            levels=tuple(d["levels"]),
+            # lfq: 2**bits codes; the entropy loss (weight, its batch-entropy share
+            # diversity_gamma) factorized over entropy_groups groups of bits; commitment
+            # weight; the entropy weight starts at entropy_anneal_factor times its value and
+            # reaches it linearly at entropy_anneal_steps (0: no annealing).
+            bits=d["bits"],
+            entropy_weight=d["entropy_weight"],
+            entropy_groups=d["entropy_groups"],
+            diversity_gamma=d["diversity_gamma"],
+            commitment_weight=d["commitment_weight"],
+            entropy_anneal_steps=d["entropy_anneal_steps"],
+            entropy_anneal_factor=d["entropy_anneal_factor"],
+        )
+    )
+    q.update(overrides)
+    return q
 
 
 def dataset(name: str = "tfds", **overrides) -> ml_collections.ConfigDict:
@@ -111,6 +148,9 @@ def stage1(encoder: str = "S", decoder: str = "S", **overrides) -> ml_collection
             search_chunk_size=1024,  # codes compared at once in the nearest-code search
             usage_decay=0.99,  # EMA of per-code usage, read by the dead-code restart
             l2_normalize_codes=True,  # False: the paper's ablation without l2-normalization
+            # Which quantizer (vitvq/models/quantizers.py): the paper's by default. The keys
+            # above configure the "vq" and "simvq" codebooks; "fsq" and "lfq" have none.
+            quantizer=quantizer(),
             # "vit" (the paper) or "cnn": the original VQGAN's convolutional encoder and
             # decoder (`cnn` below; `encoder`/`decoder` are then unused). The CNN downsamples
             # by 2 per level, 2 ** (len(channel_mult) - 1) in all, which must be patch_size.

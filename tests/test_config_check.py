@@ -289,6 +289,148 @@ BAD = [
         ["config.dataset.crop_scale=(0.5, 1.0)", "None for dataset.name='tfds'"],
     ),
     ("missing_key", stage1, {}, ("total_steps", _DELETE), ["config.total_steps is missing"]),
+    (
+        "quantizer_kind",
+        stage1,
+        {"model.quantizer.kind": "rq"},
+        None,
+        ["config.model.quantizer.kind='rq'", "one of 'vq', 'simvq', 'fsq', 'lfq'"],
+    ),
+    (
+        "quantizer_unknown_key",
+        stage1,
+        {},
+        ("model.quantizer.codes", 8),
+        ["config.model.quantizer has unknown keys ['codes']", "kind, update"],
+    ),
+    (
+        "vq_update",
+        stage1,
+        {"model.quantizer.update": "kmeans"},
+        None,
+        ["config.model.quantizer.update='kmeans'", "'gradient', 'ema'", "kind is 'vq'"],
+    ),
+    (
+        "ema_decay_one",
+        stage1,
+        {"model.quantizer.update": "ema", "model.quantizer.ema_decay": 1.0},
+        None,
+        ["config.model.quantizer.ema_decay=1.0", "a number in (0, 1)", "update='ema'"],
+    ),
+    (
+        "ema_decay_zero",
+        stage1,
+        {"model.quantizer.update": "ema", "model.quantizer.ema_decay": 0.0},
+        None,
+        ["config.model.quantizer.ema_decay=0.0", "(0, 1)"],
+    ),
+    (
+        "ema_epsilon",
+        stage1,
+        {"model.quantizer.update": "ema", "model.quantizer.ema_epsilon": 0.0},
+        None,
+        ["config.model.quantizer.ema_epsilon=0.0", "> 0"],
+    ),
+    (
+        "ema_decay_without_ema",
+        stage1,
+        {"model.quantizer.ema_decay": 0.9},
+        None,
+        [
+            "config.model.quantizer.ema_decay=0.9",
+            "kind='vq' with update='gradient' does not read it",
+            "its default 0.99 (unused)",
+            "update='ema'",
+        ],
+    ),
+    (
+        "quantizer_gradient",
+        stage1,
+        {"model.quantizer.gradient": "gumbel"},
+        None,
+        ["config.model.quantizer.gradient='gumbel'", "'straight_through', 'rotation'"],
+    ),
+    (
+        "fsq_level_below_2",
+        stage1,
+        {"model.quantizer.kind": "fsq", "model.quantizer.levels": (8, 1, 5)},
+        None,
+        ["config.model.quantizer.levels=(8, 1, 5)", "integers >= 2", "kind is 'fsq'"],
+    ),
+    (
+        "fsq_too_many_codes",
+        stage1,
+        {"model.quantizer.kind": "fsq", "model.quantizer.levels": (1024,) * 4},
+        None,
+        ["config.model.quantizer.levels=(1024, 1024, 1024, 1024)", "at most 2147483647"],
+    ),
+    (
+        "levels_with_vq",
+        stage1,
+        {"model.quantizer.levels": (4, 4)},
+        None,
+        [
+            "config.model.quantizer.levels=(4, 4)",
+            "kind='vq' with update='gradient' does not read it",
+            "config.model.quantizer.kind='fsq'",
+        ],
+    ),
+    (
+        "ema_with_fsq",
+        stage1,
+        {"model.quantizer.kind": "fsq", "model.quantizer.update": "ema"},
+        None,
+        [
+            "config.model.quantizer.update='ema'",
+            "config.model.quantizer.kind='fsq' does not read it",
+            "config.model.quantizer.kind='vq'",
+        ],
+    ),
+    (
+        "rotation_with_lfq",
+        stage1,
+        {"model.quantizer.kind": "lfq", "model.quantizer.gradient": "rotation"},
+        None,
+        ["config.model.quantizer.gradient='rotation'", "kind in ['vq', 'simvq']"],
+    ),
+    (
+        "lfq_bits",
+        stage1,
+        {"model.quantizer.kind": "lfq", "model.quantizer.bits": 19},
+        None,
+        ["config.model.quantizer.bits=19", "an integer in [1, 18]"],
+    ),
+    (
+        "lfq_groups_divide_bits",
+        stage1,
+        {"model.quantizer.kind": "lfq", "model.quantizer.entropy_groups": 3},
+        None,
+        [
+            "config.model.quantizer.entropy_groups=3",
+            "a divisor of config.model.quantizer.bits=14 (1, 2, 7, 14)",
+        ],
+    ),
+    (
+        "lfq_anneal_steps",
+        stage1,
+        {"model.quantizer.kind": "lfq", "model.quantizer.entropy_anneal_steps": -5},
+        None,
+        ["config.model.quantizer.entropy_anneal_steps=-5", ">= 0"],
+    ),
+    (
+        "l2norm_with_simvq",
+        stage1,
+        {"model.quantizer.kind": "simvq", "model.l2_normalize_codes": False},
+        None,
+        ["config.model.l2_normalize_codes=False", "True with config.model.quantizer.kind='simvq'"],
+    ),
+    (
+        "codebook_entropy_with_lfq",
+        stage1,
+        {"model.quantizer.kind": "lfq", "loss.entropy": 0.1},
+        None,
+        ["config.loss.entropy=0.1", "0 with config.model.quantizer.kind='lfq'", "entropy_weight"],
+    ),
     ("class_dropout", stage2, {"class_dropout": 1.0}, None, ["config.class_dropout=1.0", "[0, 1)"]),
     ("vim_end_lr", stage2, {"optimizer.end_lr": 0.0}, None, ["config.optimizer.end_lr=0.0", "> 0"]),
     ("vim_decay_start", stage2, {"optimizer.decay_start_step": -1}, None, ["decay_start_step"]),
@@ -381,6 +523,36 @@ def test_absent_optional_and_unknown_keys_pass():
         config.eval_lpips = False  # read with a default
         config.some_future_key = 1  # not read by this version: ignored here
     config_check.validate(config, num_devices=8)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"kind": "simvq"},
+        {"kind": "fsq"},
+        {"kind": "lfq"},
+        {"update": "ema"},
+        {"gradient": "rotation"},
+        {"kind": "simvq", "gradient": "rotation"},
+        {"kind": "fsq", "levels": (7, 5, 5, 5, 5)},
+        {"kind": "lfq", "bits": 18, "entropy_groups": 3, "entropy_anneal_steps": 1000},
+    ],
+    ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()),
+)
+def test_switching_the_quantizer_kind_alone_passes(changes):
+    """Each kind's keys are read only with it; the default keys of the other kinds, the
+    codebook init and the dead-code restart (on by default) do not stand in the way."""
+    for make in (stage1, pipeline):
+        config = make()
+        config.model.quantizer.update(changes)
+        config_check.validate(config, num_devices=8)
+
+
+def test_a_config_saved_before_the_quantizer_block_passes_as_vq():
+    config = stage1()
+    replaced(config, "model.quantizer", _DELETE)
+    config_check.validate(config, num_devices=8)
+    assert config_check.check(config).model.get("quantizer") is None
 
 
 def test_conditional_rules_apply_only_when_their_feature_is_on():

@@ -180,6 +180,21 @@ def _copy(src, dst):
     return dst
 
 
+def test_bundle_from_before_the_quantizer_kinds_loads_as_vq(exported, tmp_path):
+    """bundle.json records the quantizer (kind and settings); a bundle written before it
+    existed (no model.quantizer block, no record) is the paper's quantizer."""
+    manifest = json.loads((exported / "bundle.json").read_text())
+    assert manifest["tokenizer"]["quantizer"]["kind"] == "vq"
+    assert manifest["tokenizer"]["model"]["quantizer"]["kind"] == "vq"
+    old = _copy(exported, tmp_path / "old")
+    del manifest["tokenizer"]["quantizer"], manifest["tokenizer"]["model"]["quantizer"]
+    (old / "bundle.json").write_text(json.dumps(manifest))
+    tok, new = vitvq.load_tokenizer(old), vitvq.load_tokenizer(exported)
+    assert tok.quantizer_kind == "vq" and tok.codebook_size == new.codebook_size
+    images = digits(8)
+    np.testing.assert_array_equal(tok.encode(images), new.encode(images))
+
+
 def test_export_needs_only_the_workdir_to_name_the_classes(trained, tmp_path, monkeypatch, caplog):
     """Training records its data (data.json) at start; export reads that, not the dataset. A
     workdir from before the record still exports, naming the classes from the dataset, and

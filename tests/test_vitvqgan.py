@@ -131,6 +131,56 @@ def test_bad_codes_are_rejected(tiny):
         model.apply(variables, jnp.zeros((1, 2, 2), jnp.float32), method=model.decode)
 
 
+QUANTIZERS = {  # model.quantizer block -> (num_codes, code dimension, its collections)
+    "vq": ({}, 8, 4, {"params", "vq_stats"}),
+    "vq_ema": ({"update": "ema"}, 8, 4, {"params", "vq_stats", "vq_ema"}),
+    "vq_rotation": ({"gradient": "rotation"}, 8, 4, {"params", "vq_stats"}),
+    "simvq": ({"kind": "simvq"}, 8, 4, {"params", "vq_stats", "simvq_basis"}),
+    "fsq": ({"kind": "fsq", "levels": [3, 4]}, 12, 2, {"params"}),
+    "lfq": ({"kind": "lfq", "bits": 5, "entropy_groups": 1}, 32, 5, {"params"}),
+}
+
+
+@pytest.mark.parametrize("name", list(QUANTIZERS))
+def test_each_quantizer_kind_builds_from_the_config_and_round_trips_codes(name):
+    block, num_codes, code_dim, collections = QUANTIZERS[name]
+    layer = {"width": 32, "depth": 1, "num_heads": 2, "mlp_dim": 64}
+    model_cfg = dict(
+        encoder=layer, decoder=layer, patch_size=8, codebook_size=8, code_dim=4, quantizer=block
+    )
+    model = build_vitvqgan(model_cfg, image_size=16)
+    assert (model.num_codes, model.codes_dim) == (num_codes, code_dim)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+    assert set(variables) == collections
+    params = nn.meta.unbox(variables["params"])
+    assert params["project_up"]["kernel"].shape == (code_dim, 32)  # the quantizer's codes
+    x = jax.random.uniform(jax.random.key(1), (2, 16, 16, 3))
+    codes, aux = model.apply(variables, x, method=model.encode)
+    assert codes.shape == (2, 2, 2) and codes.dtype == jnp.int32
+    assert 0 <= int(codes.min()) and int(codes.max()) < num_codes
+    images = model.apply(variables, codes, method=model.decode)
+    assert images.shape == (2, 16, 16, 3)
+    recon, aux = model.apply(variables, x)  # decoding the quantized codes == decoding indices
+    np.testing.assert_allclose(np.clip(recon, 0, 1), images, atol=1e-5)
+    table = model.apply(variables, method=model.code_table)  # the vocabulary, in index order
+    assert table.shape == (num_codes, code_dim)
+    assert len(np.unique(np.asarray(table), axis=0)) == num_codes
+    top = np.full((1, 2, 2), num_codes - 1, np.int32)
+    model.apply(variables, top, method=model.decode)  # the last code is valid
+    with pytest.raises(InputError, match=rf"\[0, {num_codes - 1}\], got values in"):
+        model.apply(variables, top + 1, method=model.decode)
+
+
+def test_old_model_configs_are_the_papers_quantizer_and_unknown_kinds_are_named():
+    layer = {"width": 32, "depth": 1, "num_heads": 2, "mlp_dim": 64}
+    old = build_vitvqgan(dict(encoder=layer, decoder=layer, codebook_size=8), image_size=16)
+    assert old.quantization.kind == "vq" and old.num_codes == 8
+    with pytest.raises(ConfigError, match="kind='rvq' is not a supported quantizer; supported: vq"):
+        build_vitvqgan(dict(encoder=layer, decoder=layer, quantizer={"kind": "rvq"}), 16)
+    with pytest.raises(ConfigError, match=r"unknown keys \['bitz'\]"):
+        build_vitvqgan(dict(encoder=layer, decoder=layer, quantizer={"bitz": 3}), 16)
+
+
 def test_bad_configuration_is_named():
     spec = TransformerSpec(32, 1, 2, 64)
     with pytest.raises(ConfigError, match="image_size 20 must be divisible by patch_size 8"):

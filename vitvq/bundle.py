@@ -3,12 +3,18 @@
 A bundle is a directory:
 
     bundle.json              format, version, model configs, sizes, classes, steps, sha256s
-    tokenizer.safetensors    the ViT-VQGAN's parameters ("params/...") and code usage
-                             statistics ("vq_stats/...")
+    tokenizer.safetensors    the ViT-VQGAN's parameters ("params/..."), code usage
+                             statistics ("vq_stats/..."; none for FSQ and LFQ) and the
+                             quantizer's other collections: an EMA codebook ("vq_ema/...")
+                             or SimVQ's fixed basis ("simvq_basis/...")
     vim.safetensors          the VIM's parameters ("params/...", stage 2; absent in a
                              tokenizer bundle)
 
 Tensor names are the parameter paths joined by "/", e.g. "params/enc/block_0/attn/query_kernel".
+bundle.json's tokenizer section records the quantizer (`quantizer`: its kind and settings, from
+the model config's `model.quantizer` block) and `codebook_size`, the number of codes (FSQ's
+prod(levels), LFQ's 2**bits). A bundle written before the quantizer kinds has neither the
+block nor the record: its tokenizer is the paper's quantizer (kind "vq").
 Nothing is pickled: the tensors are safetensors and everything else is JSON. Loading checks
 the format version, each file's sha256, every tensor's presence and shape against the model
 the config describes, and names what is wrong (BundleError). A bundle may be a local directory
@@ -27,6 +33,7 @@ This module uses the models only (no TensorFlow, no training code). `vitvq.token
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -45,6 +52,7 @@ import safetensors.numpy
 from vitvq import paths
 from vitvq.errors import BundleError, ConfigError, InputError
 from vitvq.models import tree as treeutil
+from vitvq.models.quantizers import EXTRA_COLLECTIONS, quantizer_spec, spec_num_codes
 from vitvq.models.vim import build_vim
 from vitvq.models.vitvqgan import build_vitvqgan
 from vitvq.version import __version__
@@ -104,6 +112,7 @@ def write_bundle(
     tokenizer: Mapping[str, Any],
     tokenizer_params: Mapping[str, Any],
     tokenizer_stats: Mapping[str, Any] | None = None,
+    tokenizer_state: Mapping[str, Any] | None = None,
     vim: Mapping[str, Any] | None = None,
     vim_params: Mapping[str, Any] | None = None,
     classes: Mapping[str, Any] | None = None,
@@ -119,6 +128,8 @@ def write_bundle(
             `training_config`.
         tokenizer_params: the ViT-VQGAN's parameter tree (EMA parameters when kept).
         tokenizer_stats: its `vq_stats` collection (code usage), kept for fine-tuning.
+        tokenizer_state: the quantizer's other collections by name ({"vq_ema": ...} or
+            {"simvq_basis": ...}; the codes of those kinds), kept in float32.
         vim, vim_params: the same for a VIM (stage 2); `vim["model"]` is its config.
         classes: {"num_classes": int, "names": list[str] | None}; None: unlabelled.
         dtype: "float32" or "bfloat16" for the floating-point tensors.
@@ -141,7 +152,10 @@ def write_bundle(
     flat_tok = _cast(flatten_tree({"params": tokenizer_params}), dtype)
     if tokenizer_stats:
         flat_tok.update(flatten_tree({"vq_stats": tokenizer_stats}))  # kept in float32
+    if tokenizer_state:
+        flat_tok.update(flatten_tree(dict(tokenizer_state)))  # kept in float32
     model_cfg = dict(tokenizer["model"])
+    spec = quantizer_spec(model_cfg.get("quantizer"))
     image_size = int(tokenizer["image_size"])
     patch = int(model_cfg.get("patch_size", 8))
     manifest: dict[str, Any] = {
@@ -157,7 +171,8 @@ def write_bundle(
             "image_size": image_size,
             "patch_size": patch,
             "grid_size": image_size // patch,
-            "codebook_size": int(model_cfg.get("codebook_size", 8192)),
+            "codebook_size": spec_num_codes(spec, int(model_cfg.get("codebook_size", 8192))),
+            "quantizer": dataclasses.asdict(spec),
             "step": int(tokenizer.get("step", 0)),
             "source": str(tokenizer.get("source", "")),
         },
@@ -330,7 +345,8 @@ def tokenizer_model(manifest: Mapping[str, Any], dtype: Any = jnp.float32):
 
 
 def load_tokenizer_variables(path: str | os.PathLike, *, verify: bool = True):
-    """(manifest, model, {"params": ..., "vq_stats": ...} as float32 numpy trees)."""
+    """(manifest, model, {"params": ..., "vq_stats": ..., and the quantizer's other
+    collections} as float32 numpy trees)."""
     manifest = read_manifest(path)
     model = tokenizer_model(manifest)
     tensors = read_tensors(path, manifest["tokenizer"], verify=verify)
@@ -339,7 +355,7 @@ def load_tokenizer_variables(path: str | os.PathLike, *, verify: bool = True):
         lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3), jnp.float32))
     )
     expected = flatten_tree_abstract({"params": abstract["params"]})
-    stats_expected = flatten_tree_abstract({"vq_stats": abstract["vq_stats"]})
+    stats_expected = flatten_tree_abstract({"vq_stats": abstract.get("vq_stats", {})})
     params_flat = {k: v for k, v in tensors.items() if k.startswith("params/")}
     check_tree(params_flat, expected, f"{_path(path) / manifest['tokenizer']['file']}")
     stats_flat = {k: v for k, v in tensors.items() if k.startswith("vq_stats/")}
@@ -347,7 +363,14 @@ def load_tokenizer_variables(path: str | os.PathLike, *, verify: bool = True):
         check_tree(stats_flat, stats_expected, f"{manifest['tokenizer']['file']} (vq_stats)")
     else:
         stats_flat = {k: np.zeros(v.shape, np.float32) for k, v in stats_expected.items()}
-    variables = unflatten_tree(_cast({**params_flat, **stats_flat}, "float32"))
+    # An EMA codebook or SimVQ's basis: the codes themselves, so they must be there.
+    extra = {c: abstract[c] for c in EXTRA_COLLECTIONS if c in abstract}
+    extra_expected = flatten_tree_abstract(extra)
+    extra_flat = {k: v for k, v in tensors.items() if k.split("/")[0] in EXTRA_COLLECTIONS}
+    if extra_expected or extra_flat:
+        what = f"{manifest['tokenizer']['file']} ({', '.join(sorted(extra) or EXTRA_COLLECTIONS)})"
+        check_tree(extra_flat, extra_expected, what)
+    variables = unflatten_tree(_cast({**params_flat, **stats_flat, **extra_flat}, "float32"))
     return manifest, model, variables
 
 

@@ -4,8 +4,12 @@ Before orbax reads a step into a train state, the step's saved tree is compared 
 state's: a path missing on either side or a shape that differs is a `DataError` naming every
 difference (the model or optimizer settings differ from the run that wrote it); a dtype that
 differs is cast on load, with a warning. A step read as it was saved (export, `init_from`)
-comes back with its own structure, every array whole on one device. Each step holds one item,
-`ITEM`, whose tree orbax stores as JSON and whose arrays it stores with TensorStore.
+comes back with its own structure, every array whole on one device. A field of the state
+(a dataclass) that a step does not have is read as the state's own value when that is empty
+(no arrays): a part added to the state after the step was written, such as
+`Stage1State.quantizer_state` of the paper's quantizer ({}), so older steps still restore.
+Each step holds one item, `ITEM`, whose tree orbax stores as JSON and whose arrays it stores
+with TensorStore.
 
 `vitvq.checkpoint.Checkpointer` reads through one `StepReader` on its orbax manager, after
 choosing the step.
@@ -13,8 +17,9 @@ choosing the step.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import jax
@@ -40,8 +45,18 @@ class StepReader:
     def restore(self, step: int, abstract_state: Any) -> Any:
         """Checkpoint `step` in `abstract_state`'s layout (see `Checkpointer.restore`)."""
         target = _restore_target(abstract_state)
-        self._check_matches(step, target)
-        return self._read(step, target)
+        saved = self._check_matches(step, target)
+        absent = _absent_empty_fields(target, saved)
+        if not absent:
+            return self._read(step, target)
+        # Fields added to the state after this step was written, empty here: read the rest
+        # (orbax wants the saved structure) and keep the state's empty values for them.
+        rest = {
+            f.name: getattr(target, f.name)
+            for f in dataclasses.fields(target)
+            if f.name not in absent
+        }
+        return dataclasses.replace(target, **self._read(step, rest))
 
     def restore_as_saved(self, step: int, device: Any = None) -> Any:
         """Checkpoint `step` with the structure it was saved with, every array whole on
@@ -77,8 +92,9 @@ class StepReader:
             ) from err
         return restored[ITEM]
 
-    def _check_matches(self, step: int, target: Any) -> None:
-        """Raises DataError naming every path whose presence or shape differs on disk."""
+    def _check_matches(self, step: int, target: Any) -> Any:
+        """Raises DataError naming every path whose presence or shape differs on disk;
+        returns the saved tree's metadata."""
         try:
             items = self._manager.item_metadata(step)
             metadata = items[ITEM] if items is not None and ITEM in items else None
@@ -92,7 +108,8 @@ class StepReader:
                 f"Checkpoint step {step} in {self.directory} has no '{ITEM}' item; it was not "
                 "written by vitvq.checkpoint."
             )
-        saved = _saved_shapes_and_dtypes(getattr(metadata, "tree", metadata))
+        saved_tree = getattr(metadata, "tree", metadata)
+        saved = _saved_shapes_and_dtypes(saved_tree)
         wanted = {path: (_stored_shape(leaf), leaf.dtype) for path, leaf in _flat(target)}
         problems, casts = [], []
         for path in sorted(saved.keys() | wanted.keys()):
@@ -120,9 +137,21 @@ class StepReader:
                 f"({len(problems)} differences):\n  {shown}\nThe model or optimizer settings "
                 "differ from the run that wrote it: use its config or a fresh workdir."
             )
+        return saved_tree
 
 
 # --- pytree helpers ----------------------------------------------------------------------
+
+
+def _absent_empty_fields(target: Any, saved_tree: Any) -> list[str]:
+    """The fields of a dataclass `target` that the saved tree lacks and that hold no arrays."""
+    if not dataclasses.is_dataclass(target) or not isinstance(saved_tree, Mapping):
+        return []
+    return [
+        f.name
+        for f in dataclasses.fields(target)
+        if f.name not in saved_tree and not jax.tree_util.tree_leaves(getattr(target, f.name))
+    ]
 
 
 def _key_name(entry: Any) -> str:

@@ -29,6 +29,7 @@ import math
 from typing import Any
 
 from vitvq import parallel
+from vitvq.config_quantizer import QUANTIZER_RULES, check_quantizer_relations
 from vitvq.config_rules import (
     MISSING,
     Bool,
@@ -182,6 +183,7 @@ STAGE1_RULES = (
     Rule("model.l2_normalize_codes", Bool()),
     Rule("model.backbone", OneOf(BACKBONES)),
     Rule("model.remat", Bool()),
+    *QUANTIZER_RULES,  # model.quantizer (vitvq/config_quantizer.py)
     *_transformer_rules("model.encoder", required=True),
     *_transformer_rules("model.decoder", required=True),
     Rule("model.cnn.channels", POSITIVE, required=True, **_WHEN_CNN),
@@ -305,6 +307,7 @@ def _check_stage1_relations(config, prefix: str) -> None:
             )
     if _cnn_on(config):
         _check_cnn_relations(config, prefix, patch)
+    check_quantizer_relations(config, prefix)
 
 
 def _check_cnn_relations(config, prefix: str, patch: int) -> None:

@@ -1,10 +1,10 @@
 """The rule engine of the config check: what a rule is, how it is applied, how a bad value reads.
 
 A `Rule` says that a dotted key (relative to the config) must satisfy a value spec: `Int`,
-`Real`, `OneOf`, `Fractions`, `Bool`, `Text` or `PositiveInts`, each of which says whether a
-value is `ok` and, in words, what is `allowed`. `apply` walks a table of rules over a config
-(a ConfigDict or a plain dict; `get` reads a dotted key, `MISSING` when absent) and `fail`
-raises the one-line `ConfigError` that names the full key, the value and what is allowed,
+`Real`, `OneOf`, `Fractions`, `Bool`, `Text`, `PositiveInts` or `IntTuple`, each of which
+says whether a value is `ok` and, in words, what is `allowed`. `apply` walks a table of rules
+over a config (a ConfigDict or a plain dict; `get` reads a dotted key, `MISSING` when absent)
+and `fail` raises the one-line `ConfigError` that names the full key, the value and what is allowed,
 e.g.
 
     config.seed=-1 is invalid; allowed: an integer in [0, 4294967295]
@@ -170,7 +170,26 @@ class PositiveInts:
         return "a non-empty tuple of integers >= 1, e.g. (1, 1, 2, 4)"
 
 
-Spec = Int | Real | OneOf | Fractions | Bool | Text | PositiveInts
+@dataclasses.dataclass(frozen=True)
+class IntTuple:
+    """A non-empty tuple (or list) of integers >= `lo`, e.g. FSQ's levels."""
+
+    lo: int = 1
+    example: str = ""
+
+    def ok(self, value) -> bool:
+        return (
+            isinstance(value, tuple | list)
+            and len(value) > 0
+            and all(is_int(v) and v >= self.lo for v in value)
+        )
+
+    def allowed(self) -> str:
+        example = f", e.g. {self.example}" if self.example else ""
+        return f"a non-empty tuple of integers >= {self.lo}{example}"
+
+
+Spec = Int | Real | OneOf | Fractions | Bool | Text | PositiveInts | IntTuple
 
 
 # --- rules, how they apply, how a bad value reads ------------------------------------------

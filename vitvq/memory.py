@@ -291,7 +291,7 @@ def abstract_tokenizer(stage1_config):
     boxed = jax.eval_shape(
         lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3), jnp.float32))
     )
-    variables = parallel.unbox({"params": boxed["params"], "vq_stats": boxed["vq_stats"]})
+    variables = parallel.unbox(dict(boxed))  # params, vq_stats, the quantizer's collections
     return {}, model, variables
 
 

@@ -68,7 +68,12 @@ class Tokenizer:
 
     @property
     def codebook_size(self) -> int:
-        return int(self.model.codebook_size)
+        """How many codes there are (FSQ's prod(levels), LFQ's 2**bits)."""
+        return int(self.model.num_codes)
+
+    @property
+    def quantizer_kind(self) -> str:
+        return self.model.quantization.kind
 
     @property
     def step(self) -> int:
@@ -87,9 +92,11 @@ class Tokenizer:
         return self._variables["params"]
 
     @property
-    def code_usage(self) -> np.ndarray:
-        """The training run's EMA of per-code usage (tokens per step) at export time."""
-        return np.asarray(self._variables["vq_stats"]["quantizer"]["usage"])
+    def code_usage(self) -> np.ndarray | None:
+        """The training run's EMA of per-code usage (tokens per step) at export time (None
+        for FSQ and LFQ, which keep none)."""
+        stats = self._variables.get("vq_stats")
+        return np.asarray(stats["quantizer"]["usage"]) if stats else None
 
     # --- inference ---
     def _bucket(self, n: int) -> int:

@@ -12,7 +12,8 @@ nearest code is the one at the smallest Euclidean distance, argmax_k (z . e_k - 
 
 The VQ loss is  mean_t ||sg[z_t] - e_t||^2 + beta * mean_t ||z_t - sg[e_t]||^2  with squared
 distances summed over `code_dim` and averaged over tokens; gradients reach the encoder
-straight through (z + sg[e - z]).
+straight through (z + sg[e - z]), or with `gradient="rotation"` through the rotation trick
+(vitvq/models/rotation.py).
 
 Usage statistics: an exponential moving average of how many tokens pick each code per step
 lives in the `vq_stats` collection (updated when that collection is mutable, i.e. in
@@ -27,6 +28,7 @@ import jax.numpy as jnp
 
 from vitvq.models import axes
 from vitvq.models.layers import dense, partitioned
+from vitvq.models.rotation import quantizer_output
 
 Dtype = Any
 
@@ -152,8 +154,13 @@ class VectorQuantizer(nn.Module):
     search_chunk_size: int = 1024  # codes compared at once in the nearest-code search
     usage_decay: float = 0.99  # EMA decay of per-code usage counts (for dead-code restart)
     l2_normalize_codes: bool = True  # False: raw codes, Euclidean search (paper's ablation)
+    gradient: str = "straight_through"  # or "rotation" (vitvq/models/rotation.py)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+
+    @property
+    def num_codes(self) -> int:
+        return self.codebook_size
 
     def setup(self):
         self.project_down = code_projection(self.code_dim, self.dtype, self.param_dtype)
@@ -179,7 +186,8 @@ class VectorQuantizer(nn.Module):
         return jnp.take(self.normalized_codebook(), indices, axis=0)
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """x: [B, T, width] -> (straight-through codes [B, T, code_dim] float32, aux)."""
+        """x: [B, T, width] -> (codes [B, T, code_dim] float32 with the gradient of
+        `gradient`, aux)."""
         z = self.project_down(x).astype(jnp.float32)  # [B, T, code_dim]
         if self.l2_normalize_codes:
             z = l2_normalize(z)
@@ -187,7 +195,7 @@ class VectorQuantizer(nn.Module):
         indices, e, codebook_loss, commit_loss = nearest_and_losses(
             z, codebook, self.search_chunk_size, euclidean=not self.l2_normalize_codes
         )
-        quantized = z + jax.lax.stop_gradient(e - z)
+        quantized = quantizer_output(z, e, self.gradient)
 
         counts = code_counts(indices, self.codebook_size)
         update_usage(self, counts)

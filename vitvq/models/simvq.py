@@ -16,7 +16,8 @@ tokens):
     commitment_loss = mean_t ||z_t - sg[e_t]||^2      (moves the encoder)
     vq_loss         = codebook_loss + beta * commitment_loss
 
-and the output is straight-through, z + sg[e - z].
+and the output is straight-through, z + sg[e - z] (or the rotation trick with
+`gradient="rotation"`).
 
 Variables:
   params/project_down   the usual Dense projection;
@@ -46,6 +47,7 @@ from vitvq.models.quantizer import (
     update_usage,
     usage_statistics,
 )
+from vitvq.models.rotation import quantizer_output
 
 Dtype = Any
 
@@ -66,6 +68,7 @@ class SimVQuantizer(nn.Module):
     beta: float = 0.25  # commitment weight
     search_chunk_size: int = 1024  # codes compared at once in the nearest-code search
     usage_decay: float = 0.99  # EMA decay of per-code usage counts
+    gradient: str = "straight_through"  # or "rotation" (vitvq/models/rotation.py)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -109,7 +112,7 @@ class SimVQuantizer(nn.Module):
         indices, e, codebook_loss, commit_loss = nearest_and_losses(
             z, codebook, self.search_chunk_size, euclidean=True
         )
-        quantized = z + jax.lax.stop_gradient(e - z)
+        quantized = quantizer_output(z, e, self.gradient)
 
         counts = code_counts(indices, self.codebook_size)
         update_usage(self, counts)

@@ -1,5 +1,10 @@
 """The ViT-VQGAN tokenizer: ViT encoder -> factorized l2-normalized codes -> ViT decoder.
 
+The quantizer is the paper's unless `quantization` (the config's `model.quantizer` block,
+vitvq/models/quantizers.py) picks another kind: an EMA-trained codebook, SimVQ, FSQ or LFQ.
+`num_codes` and `codes_dim` are the chosen quantizer's (FSQ: prod(levels) codes of
+len(levels) dimensions; LFQ: 2**bits codes of `bits` dimensions).
+
 `backbone="cnn"` swaps both transformer stacks for the original VQGAN's convolutional
 encoder and decoder (`vitvq/models/cnn.py`, the paper's CNN baseline); the quantizer, the
 output parametrization and everything downstream stay the same. The CNN downsamples by
@@ -27,7 +32,13 @@ from vitvq.errors import ConfigError, InputError
 from vitvq.models import axes
 from vitvq.models.cnn import CNNDecoder, CNNEncoder, CNNSpec, validate_cnn_spec
 from vitvq.models.layers import dense
-from vitvq.models.quantizer import VectorQuantizer
+from vitvq.models.quantizers import (
+    QuantizerSpec,
+    build_quantizer,
+    quantizer_spec,
+    spec_code_dim,
+    spec_num_codes,
+)
 from vitvq.models.vit import POSEMB_KINDS, TransformerSpec, ViTDecoder, ViTEncoder
 
 Dtype = Any
@@ -64,6 +75,7 @@ class ViTVQGAN(nn.Module):
     l2_normalize_codes: bool = True  # False: the paper's ablation without l2-normalized codes
     backbone: str = "vit"  # "vit" (the paper) or "cnn" (the original VQGAN's, the baseline)
     cnn: CNNSpec = CNNSpec()  # the convolutional encoder/decoder, when backbone == "cnn"
+    quantization: QuantizerSpec = QuantizerSpec()  # the quantizer kind (config model.quantizer)
     remat: bool = False  # ViT backbone: recompute each transformer block in the backward pass
     dtype: Dtype = jnp.float32  # compute dtype
     param_dtype: Dtype = jnp.float32
@@ -71,6 +83,16 @@ class ViTVQGAN(nn.Module):
     @property
     def grid_size(self) -> int:
         return self.image_size // self.patch_size
+
+    @property
+    def num_codes(self) -> int:
+        """How many codes the quantizer has (indices are in [0, num_codes))."""
+        return spec_num_codes(self.quantization, self.codebook_size)
+
+    @property
+    def codes_dim(self) -> int:
+        """The dimension of the codes the decoder's `project_up` receives."""
+        return spec_code_dim(self.quantization, self.code_dim)
 
     def setup(self):
         validate_model(self)
@@ -84,20 +106,26 @@ class ViTVQGAN(nn.Module):
             self.enc = ViTEncoder(self.encoder, self.image_size, self.patch_size, **vit)
             self.dec = ViTDecoder(self.decoder, self.image_size, self.patch_size, 3, **vit)
             decoder_width = self.decoder.width
-        self.quantizer = VectorQuantizer(
-            self.codebook_size,
-            self.code_dim,
-            self.beta,
-            self.search_chunk_size,
-            self.usage_decay,
-            self.l2_normalize_codes,
+        self.quantizer = build_quantizer(
+            self.quantization,
+            codebook_size=self.codebook_size,
+            code_dim=self.code_dim,
+            beta=self.beta,
+            search_chunk_size=self.search_chunk_size,
+            usage_decay=self.usage_decay,
+            l2_normalize_codes=self.l2_normalize_codes,
             **kw,
         )
         self.project_up = dense(decoder_width, axes.CODE_DIM, axes.EMBED, name="project_up", **kw)
 
-    def _quantize(self, images: jax.Array, train: bool) -> tuple[jax.Array, dict]:
+    def _quantize(
+        self, images: jax.Array, train: bool, entropy_scale: Any = 1.0
+    ) -> tuple[jax.Array, dict]:
         features = self.enc(images, deterministic=not train)
-        quantized, aux = self.quantizer(features)
+        if self.quantization.kind == "lfq":
+            quantized, aux = self.quantizer(features, entropy_scale)
+        else:
+            quantized, aux = self.quantizer(features)
         b = images.shape[0]
         aux["indices"] = aux["indices"].reshape(b, self.grid_size, self.grid_size)
         return quantized, aux
@@ -114,20 +142,29 @@ class ViTVQGAN(nn.Module):
 
     def decode(self, indices: jax.Array) -> jax.Array:
         """int32 codes [B, h, w] -> images [B, H, W, 3] float32 clipped to [0, 1]."""
-        check_indices(indices, self.grid_size, self.codebook_size)
+        check_indices(indices, self.grid_size, self.num_codes)
         b = indices.shape[0]
         codes = self.quantizer.lookup(indices.reshape(b, -1))
         images, _ = self._decode_codes(codes, train=False)
         return jnp.clip(images, 0.0, 1.0)
 
-    def __call__(self, images: jax.Array, train: bool = False) -> tuple[jax.Array, dict]:
+    def code_table(self) -> jax.Array:
+        """Every code the decoder receives, in index order: [num_codes, codes_dim] float32
+        (the normalized codebook, an EMA or SimVQ codebook, FSQ's grid, LFQ's signs). What
+        identifies a tokenizer's vocabulary: a VIM predicts indices into it."""
+        return self.quantizer.lookup(jnp.arange(self.num_codes, dtype=jnp.int32))
+
+    def __call__(
+        self, images: jax.Array, train: bool = False, entropy_scale: Any = 1.0
+    ) -> tuple[jax.Array, dict]:
         """Reconstructs images. Returns (reconstruction [B, H, W, 3] float32, aux).
 
         The reconstruction is unclipped (see the module docstring). aux holds the VQ losses,
         `indices`, `latents`, code usage statistics and `decoder_logits` (the logit-Laplace
-        location when output == "sigmoid").
+        location when output == "sigmoid"). `entropy_scale` multiplies LFQ's entropy weight
+        (its annealing; other kinds ignore it).
         """
-        quantized, aux = self._quantize(images, train)
+        quantized, aux = self._quantize(images, train, entropy_scale)
         recon, logits = self._decode_codes(quantized, train)
         aux["decoder_logits"] = logits
         return recon, aux
@@ -245,8 +282,10 @@ def build_vitvqgan(model_cfg: Mapping[str, Any], image_size: int, dtype: Dtype =
     """A ViTVQGAN from a `model` config block (or the same dict read from a bundle).
 
     A bundle written before the CNN backbone existed has no `backbone` or `cnn` key: it is a
-    ViT model, the default."""
+    ViT model, the default; one written before the quantizer kinds has no `quantizer` key:
+    the paper's quantizer (kind "vq")."""
     fields = dict(model_cfg)
+    fields["quantization"] = quantizer_spec(fields.pop("quantizer", None))
     fields["encoder"] = transformer_spec(fields.get("encoder", {}), "model.encoder")
     fields["decoder"] = transformer_spec(fields.get("decoder", {}), "model.decoder")
     if "cnn" in fields:

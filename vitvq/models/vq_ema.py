@@ -8,7 +8,7 @@ UViM trains its codebook the same way.
 The search is `VectorQuantizer`'s: encoder features projected down to `code_dim`, with
 `l2_normalize_codes` l2-normalized and matched to the l2-normalized codebook by cosine
 similarity, without it matched to the raw codebook by Euclidean distance. The output is
-straight-through, z + sg[e - z].
+straight-through, z + sg[e - z] (or the rotation trick with `gradient="rotation"`).
 
 Codebook update (when the `vq_ema` collection is mutable and the module is not
 initializing; the codes used in this call are the ones before the update). With z_n the
@@ -62,6 +62,7 @@ from vitvq.models.quantizer import (
     update_usage,
     usage_statistics,
 )
+from vitvq.models.rotation import quantizer_output
 
 Dtype = Any
 
@@ -115,6 +116,7 @@ class EMAVectorQuantizer(nn.Module):
     search_chunk_size: int = 1024  # codes compared at once in the nearest-code search
     l2_normalize_codes: bool = True  # False: raw codes, Euclidean search
     usage_decay: float = 0.99  # EMA decay of per-code usage counts (for dead-code restart)
+    gradient: str = "straight_through"  # or "rotation" (vitvq/models/rotation.py)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -166,7 +168,7 @@ class EMAVectorQuantizer(nn.Module):
         indices = indices.reshape(z.shape[:-1])  # [B, T]
         codebook_loss = jnp.mean(jnp.sum((jax.lax.stop_gradient(z) - e) ** 2, axis=-1))
         commit_loss = jnp.mean(jnp.sum((z - e) ** 2, axis=-1))
-        quantized = z + jax.lax.stop_gradient(e - z)
+        quantized = quantizer_output(z, e, self.gradient)
 
         counts = code_counts(indices, self.codebook_size)
         if self.is_mutable_collection(EMA_COLLECTION) and not self.is_initializing():

@@ -1,10 +1,11 @@
 """Writing a bundle from training runs: a stage-1 workdir's checkpoint (and optionally a stage-2
 run's), checked against each other. `python -m vitvq.export` is the command around it.
 
-The generator's parameters (its EMA parameters when the run kept them) and code-usage
-statistics, the model config, image size, codebook size, class names where the dataset has
-them (as the run recorded them at start in `data.json`: the dataset need not be at hand), and
-the training step. Arrays are read whole from any sharding of the saved run; in a
+The generator's parameters (its EMA parameters when the run kept them), code-usage
+statistics and the quantizer's other collections (an EMA codebook, SimVQ's basis), the model
+config, image size, codebook size, class names where the dataset has them (as the run
+recorded them at start in `data.json`: the dataset need not be at hand), and the training
+step. Arrays are read whole from any sharding of the saved run; in a
 multi-process run every process reads and process 0 writes while the others wait. The run's
 workdir is opened read-only, so a run that is still training there is not disturbed. The
 workdirs may be URLs (gs://bucket/run); the bundle may be too (written in place, bundle.json
@@ -23,6 +24,7 @@ from jax.experimental import multihost_utils
 from vitvq import bundle, paths
 from vitvq import data as data_lib
 from vitvq.errors import ConfigError
+from vitvq.models.vitvqgan import build_vitvqgan
 from vitvq.train import restore
 
 logger = logging.getLogger(__name__)
@@ -93,6 +95,7 @@ def export(
             tokenizer=tokenizer,
             tokenizer_params=generator["params"],
             tokenizer_stats=generator["vq_stats"],
+            tokenizer_state=generator["quantizer_state"],
             vim=vim,
             vim_params=vim_params,
             classes=classes,
@@ -133,7 +136,11 @@ def _vim_export(vim_workdir: str, generator: dict, stage1_workdir: str, stage1_c
             "stage-2 (VIM, trainer 'vim') run"
         )
     state, vim_step = restore.read_checkpoint(vim_workdir)
-    codebook = np.asarray(generator["params"]["quantizer"]["codebook"])
+    tokenizer = build_vitvqgan(stage1_config.model.to_dict(), int(stage1_config.image_size))
+    variables = {"params": generator["params"], **generator["quantizer_state"]}
+    if generator["vq_stats"]:
+        variables["vq_stats"] = generator["vq_stats"]
+    codebook = restore.code_table(tokenizer, variables)
     trained_on = config.get("tokenizer_bundle")
     if trained_on and _is_dir(trained_on):
         if not np.array_equal(restore.tokenizer_codebook(trained_on), codebook):

@@ -28,6 +28,7 @@ from etils import epath
 from vitvq import bundle, paths
 from vitvq.checkpoint import Checkpointer
 from vitvq.errors import ConfigError, DataError
+from vitvq.models.quantizers import EXTRA_COLLECTIONS
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +92,8 @@ def read_checkpoint(path: str | os.PathLike, step: int | None = None) -> tuple[d
 def read_generator(path: str | os.PathLike, step: int | None = None) -> dict[str, Any]:
     """The stage-1 generator's weights from a bundle or a checkpoint.
 
-    Returns {"params", "vq_stats", "step", "ema": bool, "kind": "bundle" | "checkpoint"}; the
+    Returns {"params", "vq_stats", "quantizer_state" (the quantizer's other collections by
+    name, {} for the paper's), "step", "ema": bool, "kind": "bundle" | "checkpoint"}; the
     trees are numpy. EMA parameters are taken when the run kept them.
     """
     path = paths.as_path(path)
@@ -101,7 +103,8 @@ def read_generator(path: str | os.PathLike, step: int | None = None) -> dict[str
         manifest, _, variables = bundle.load_tokenizer_variables(path)
         return {
             "params": variables["params"],
-            "vq_stats": variables["vq_stats"],
+            "vq_stats": variables.get("vq_stats", {}),
+            "quantizer_state": {c: variables[c] for c in EXTRA_COLLECTIONS if c in variables},
             "step": int(manifest["tokenizer"].get("step", 0)),
             "ema": False,
             "kind": "bundle",
@@ -112,6 +115,7 @@ def read_generator(path: str | os.PathLike, step: int | None = None) -> dict[str
     return {
         "params": host(ema if ema else state["params"]),
         "vq_stats": host(state.get("vq_stats") or {}),
+        "quantizer_state": host(state.get("quantizer_state") or {}),
         "step": int(step),
         "ema": bool(ema),
         "kind": "checkpoint",
@@ -134,8 +138,14 @@ def apply_init_from(state, shardings, path: str) -> Any:
     if jax.tree_util.tree_leaves(state.ema_params):
         updates["ema_params"] = merge(state.ema_params, loaded, shardings.ema_params)
     stats = bundle.flatten_tree(source["vq_stats"]) if source["vq_stats"] else {}
-    if stats:
+    if stats and jax.tree_util.tree_leaves(state.vq_stats):
         updates["vq_stats"] = merge(state.vq_stats, stats, shardings.vq_stats)
+    qstate = bundle.flatten_tree(source["quantizer_state"]) if source["quantizer_state"] else {}
+    if qstate and jax.tree_util.tree_leaves(state.quantizer_state):
+        merge_state = _param_merger(state.quantizer_state, qstate, path)
+        updates["quantizer_state"] = merge_state(
+            state.quantizer_state, qstate, shardings.quantizer_state
+        )
     logger.info(
         "Initialized from %s %s (step %d%s).",
         source["kind"],
@@ -183,10 +193,18 @@ def _param_merger(params, loaded: dict[str, np.ndarray], path: str):
     return merge
 
 
+def code_table(model, variables) -> np.ndarray:
+    """`model.code_table` ([num_codes, codes_dim]) for `variables`, computed from host copies
+    (every caller gets the same bits for the same tokenizer, wherever its arrays live)."""
+    variables = jax.tree_util.tree_map(np.asarray, jax.device_get(variables))
+    return np.asarray(model.apply(variables, method=model.code_table))
+
+
 def tokenizer_codebook(path: str | os.PathLike) -> np.ndarray:
-    """The codebook [codes, code_dim] of the tokenizer in the bundle at `path`."""
-    _, _, variables = bundle.load_tokenizer_variables(path)
-    return np.asarray(variables["params"]["quantizer"]["codebook"])
+    """The code table [codes, code_dim] of the tokenizer in the bundle at `path` (its
+    vocabulary, whatever the quantizer kind: `ViTVQGAN.code_table`)."""
+    _, model, variables = bundle.load_tokenizer_variables(path)
+    return code_table(model, variables)
 
 
 def read_vim(path: str | os.PathLike, step: int | None = None) -> dict[str, Any]:

@@ -66,7 +66,7 @@ def make_evaluator(trainer: Stage1, config):
         inception = fid_lib.load_inception(config.inception_weights)
 
     def evaluate(state) -> dict[str, float]:
-        acc = ReconstructionAccumulator(trainer.model.codebook_size)
+        acc = ReconstructionAccumulator(trainer.model.num_codes)
         features = FeatureAccumulator(inception) if inception is not None else None
         for host_batch in _eval_batches(config):
             batch = to_global(host_batch, trainer.mesh)

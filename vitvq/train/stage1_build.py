@@ -19,6 +19,7 @@ from vitvq import parallel
 from vitvq import settings as settings_lib
 from vitvq.models.discriminator import discriminator_from_config
 from vitvq.models.perceptual import lpips_fn
+from vitvq.models.quantizers import is_ema
 from vitvq.models.vitvqgan import build_vitvqgan
 from vitvq.train import schedule, stage1_step
 from vitvq.train.optim import make_optimizer
@@ -26,6 +27,7 @@ from vitvq.train.stage1_step import (
     Stage1Settings,
     Stage1State,
     eval_step,
+    model_collections,
     phase_settings,
     train_step,
 )
@@ -109,6 +111,7 @@ class Stage1:
             # The codebook comes from `init_from` (or is frozen): fitting it would replace it.
             logger.info("codebook_init: off (the codebook comes from init_from or is frozen)")
             self.settings = dataclasses.replace(self.settings, codebook_init="normal")
+        self._quantizer_settings()
         self.use_gan = config.loss.adversarial > 0
         self.disc = (
             discriminator_from_config(config.discriminator.to_dict(), config.image_size, dtype)
@@ -129,6 +132,28 @@ class Stage1:
         if needs_lpips and not parallel.is_compile_only(mesh):
             self.perceptual = jax.device_put(self.perceptual, parallel.replicated(mesh))
         self.train_perceptual = self.perceptual if config.loss.perceptual > 0 else None
+
+    def _quantizer_settings(self) -> None:
+        """The k-means init and the dead-code restart rewrite a codebook of kind "vq" (its
+        parameter, or with update="ema" its EMA codes); the other kinds ignore them (on by
+        default, so that switching only the kind trains): FSQ and LFQ have no codebook, and
+        SimVQ's codes are a fixed random basis times a learned map, which its paper keeps
+        from collapsing without either. An EMA codebook is frozen with trainable="decoder"."""
+        spec = self.model.quantization
+        if spec.kind != "vq":
+            s = self.settings
+            if s.codebook_init != "normal" or s.restart_every > 0:
+                logger.info(
+                    "model.quantizer.kind=%r: codebook_init.kind=%r and the dead-code restart "
+                    "(every %d steps) do not apply; ignored",
+                    spec.kind,
+                    s.codebook_init,
+                    s.restart_every,
+                )
+            self.settings = dataclasses.replace(s, codebook_init="normal", restart_every=0)
+        if is_ema(spec) and self.trainable == "decoder":
+            logger.info("trainable='decoder': the EMA codebook is frozen")
+            self.settings = dataclasses.replace(self.settings, codebook_ema_on=False)
 
     # --- state ---------------------------------------------------------------------------
 
@@ -210,7 +235,8 @@ class Stage1:
 
         def run(state, batch):
             params = state.ema_params if self.settings.ema_decay > 0 else state.params
+            collections = model_collections(state.vq_stats, state.quantizer_state)
             with parallel.use_mesh(self.mesh, self.rules):
-                return jitted(params, state.vq_stats, batch, self.perceptual)
+                return jitted(params, collections, batch, self.perceptual)
 
         return run

@@ -6,6 +6,15 @@ One step updates the generator (encoder, quantizer, decoder) and the discriminat
                  (+ entropy * codebook entropy, optional, off by default)
   discriminator: L_D (+ LeCam) (+ lazy R1 every `r1_every` steps, scaled by r1_every * gamma/2)
 
+The quantizer is the one `model.quantization` picks (vitvq/models/quantizers.py). Its variables
+besides the parameters travel in the state: `vq_stats` (code usage; {} for FSQ and LFQ) and
+`quantizer_state`, the quantizer's own collections by name ({"vq_ema": ...} for an EMA
+codebook, updated by the step like `vq_stats`; {"simvq_basis": ...} for SimVQ, fixed; {} for
+the paper's quantizer, FSQ and LFQ, so a default run's state has the arrays it always had).
+The k-means init and the dead-code restart rewrite the paper's codebook (`params`) or the EMA
+codebook (`vq_ema`: its codes and sums, cluster sizes 1). LFQ's entropy weight is scaled by
+`entropy_scale(step)` (its annealing), a traced value.
+
 The LPIPS and GAN terms are switched on at configured steps. A step whose losses, gradients or
 updated parameters are not finite changes nothing but the step counter and the count of
 consecutive non-finite steps (the loop stops the run when that count reaches its limit).
@@ -26,7 +35,9 @@ from vitvq.evaluation import metrics as eval_metrics
 from vitvq.evaluation.reconstruction import masked_code_counts
 from vitvq.models.kmeans import kmeans_codebook
 from vitvq.models.quantizer import l2_normalize, restart_dead_codes, usage_statistics
+from vitvq.models.quantizers import EXTRA_COLLECTIONS, entropy_scale, is_ema
 from vitvq.models.vitvqgan import image_from_logits
+from vitvq.models.vq_ema import EMA_COLLECTION
 from vitvq.train.finite import all_finite, global_norm
 
 
@@ -45,6 +56,16 @@ class Stage1State:
     nonfinite: jax.Array  # int32 [], consecutive skipped (non-finite) steps
     skipped: jax.Array  # int32 [], all skipped steps of the run (resumes included)
     rng: jax.Array  # uint32 [2] raw key data; the step folds the step number into it
+    # The quantizer's other collections by name: {"vq_ema": ...} (EMA codebook) or
+    # {"simvq_basis": ...} (SimVQ); {} for the paper's quantizer, FSQ and LFQ.
+    quantizer_state: Any = struct.field(default_factory=dict)
+
+
+def model_collections(vq_stats: Any, quantizer_state: Any) -> dict[str, Any]:
+    """The model's variables besides `params`: {"vq_stats": ..., **quantizer_state}, without
+    empty collections (FSQ and LFQ keep no usage statistics)."""
+    out = {"vq_stats": vq_stats} if vq_stats else {}
+    return {**out, **(quantizer_state or {})}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +98,9 @@ class Stage1Settings:
     # batch's encoder outputs before updating; "normal": the codebook keeps its random init.
     codebook_init: str = "normal"
     kmeans_iterations: int = 10
+    # An EMA codebook (model.quantizer.update="ema") follows its batches; False keeps it
+    # fixed (trainable="decoder").
+    codebook_ema_on: bool = True
     # The phase of training this step is compiled for (see `phase_settings`).
     perceptual_on: bool = True  # step >= perceptual_start_step
     gan_on: bool = True  # step >= disc_start_step
@@ -100,13 +124,14 @@ def init_state(
     k_model, k_disc, k_step = jax.random.split(rng, 3)
     variables = model.init({"params": k_model}, dummy)
     params = variables["params"]
+    quantizer_state = {c: variables[c] for c in EXTRA_COLLECTIONS if c in variables}
     disc_params = disc.init(k_disc, dummy)["params"] if disc is not None else {}
     zero = jnp.zeros((), jnp.float32)
     return Stage1State(
         step=jnp.zeros((), jnp.int32),
         params=params,
         opt_state=tx.init(params),
-        vq_stats=variables["vq_stats"],
+        vq_stats=variables.get("vq_stats", {}),
         disc_params=disc_params,
         disc_opt_state=disc_tx.init(disc_params) if disc is not None else {},
         ema_params=params if ema else {},
@@ -114,6 +139,7 @@ def init_state(
         nonfinite=jnp.zeros((), jnp.int32),
         skipped=jnp.zeros((), jnp.int32),
         rng=jax.random.key_data(k_step),
+        quantizer_state=quantizer_state,
     )
 
 
@@ -140,11 +166,23 @@ def _select(pred, new, old):
     return jax.tree_util.tree_map(lambda a, b: jnp.where(pred, a, b), new, old)
 
 
-def _init_codebook(params, vq_stats, images, rng, *, model, iterations):
-    """`params` with the codebook replaced by k-means of the encoder's outputs for `images`
-    (the quantizer's normalized latents, i.e. what the nearest-code search compares)."""
-    _, aux = model.apply({"params": params, "vq_stats": vq_stats}, images, method=model.encode)
-    codebook = params["quantizer"]["codebook"]
+def _ema_codes(quantizer_state) -> dict[str, jax.Array]:
+    return quantizer_state[EMA_COLLECTION]["quantizer"]
+
+
+def _with_ema_codes(quantizer_state, codes: dict[str, jax.Array]):
+    return {**quantizer_state, EMA_COLLECTION: {"quantizer": codes}}
+
+
+def _init_codebook(params, quantizer_state, vq_stats, images, rng, *, model, iterations):
+    """(params, quantizer_state) with the codebook replaced by k-means of the encoder's
+    outputs for `images` (the quantizer's normalized latents, i.e. what the nearest-code
+    search compares): the paper's codebook parameter, or the EMA codebook with its sums set
+    to the centers and its cluster sizes to 1 (as the EMA quantizer's own init)."""
+    variables = {"params": params, **model_collections(vq_stats, quantizer_state)}
+    _, aux = model.apply(variables, images, method=model.encode)
+    ema = is_ema(model.quantization)
+    codebook = _ema_codes(quantizer_state)["codebook"] if ema else params["quantizer"]["codebook"]
     fitted = kmeans_codebook(
         jax.lax.stop_gradient(aux["latents"]),
         codebook.shape[0],
@@ -152,9 +190,42 @@ def _init_codebook(params, vq_stats, images, rng, *, model, iterations):
         iterations=iterations,
         spherical=model.l2_normalize_codes,
         chunk_size=model.search_chunk_size,
-    )
-    quantizer = {**params["quantizer"], "codebook": fitted.astype(codebook.dtype)}
-    return {**params, "quantizer": quantizer}
+    ).astype(codebook.dtype)
+    if ema:
+        codes = _ema_codes(quantizer_state)
+        codes = {
+            **codes,
+            "codebook": fitted,
+            "embed_sum": fitted,
+            "cluster_size": jnp.ones_like(codes["cluster_size"]),
+        }
+        return params, _with_ema_codes(quantizer_state, codes)
+    quantizer = {**params["quantizer"], "codebook": fitted}
+    return {**params, "quantizer": quantizer}, quantizer_state
+
+
+def _restart(params, vq_stats, quantizer_state, latents, rng, *, threshold, ema):
+    """Dead-code restart of the paper's codebook or of the EMA codebook (restarted codes get
+    their new vector as their sum and a cluster size of 1) -> (params, vq_stats,
+    quantizer_state, number restarted)."""
+    usage = vq_stats["quantizer"]["usage"]
+    codebook = _ema_codes(quantizer_state)["codebook"] if ema else params["quantizer"]["codebook"]
+    codebook, new_usage, n = restart_dead_codes(codebook, usage, latents, rng, threshold)
+    vq_stats = {**vq_stats, "quantizer": {**vq_stats["quantizer"], "usage": new_usage}}
+    if ema:
+        codes = _ema_codes(quantizer_state)
+        dead = usage < threshold
+        codes = {
+            **codes,
+            "codebook": codebook,
+            "embed_sum": jnp.where(dead[:, None], codebook, codes["embed_sum"]),
+            "cluster_size": jnp.where(dead, 1.0, codes["cluster_size"]).astype(
+                codes["cluster_size"].dtype
+            ),
+        }
+        return params, vq_stats, _with_ema_codes(quantizer_state, codes), n
+    params = {**params, "quantizer": {**params["quantizer"], "codebook": codebook}}
+    return params, vq_stats, quantizer_state, n
 
 
 def _adaptive_gan_scale(logits, images, perceptual, *, model, disc, disc_params, settings):
@@ -249,7 +320,8 @@ def train_step(
     dropout_rng, restart_rng = jax.random.split(rng)
     use_gan = disc is not None
 
-    base_params = state.params
+    base_params, base_qstate = state.params, state.quantizer_state
+    ema_codebook = is_ema(model.quantization)
     # No update has been applied yet: every earlier step (if any) was skipped as non-finite.
     first_update = step == state.skipped
     if s.codebook_init == "kmeans":
@@ -257,20 +329,23 @@ def train_step(
         # repeats it (its state is past that update). One program for every step: the other
         # branch is a no-op.
         init = functools.partial(_init_codebook, model=model, iterations=s.kmeans_iterations)
-        base_params = jax.lax.cond(
+        base_params, base_qstate = jax.lax.cond(
             first_update,
-            lambda p: init(p, state.vq_stats, images, jax.random.fold_in(rng, 1 << 20)),
-            lambda p: p,
-            base_params,
+            lambda pq: init(*pq, state.vq_stats, images, jax.random.fold_in(rng, 1 << 20)),
+            lambda pq: pq,
+            (base_params, base_qstate),
         )
+    scale = entropy_scale(step, model.quantization)
+    mutable = ["vq_stats"] + ([EMA_COLLECTION] if ema_codebook and s.codebook_ema_on else [])
 
     def generator_loss(params):
         (recon, aux), mutated = model.apply(
-            {"params": params, "vq_stats": state.vq_stats},
+            {"params": params, **model_collections(state.vq_stats, base_qstate)},
             images,
             train=True,
+            entropy_scale=scale,
             rngs={"dropout": dropout_rng},
-            mutable=["vq_stats"],
+            mutable=mutable,
         )
         terms = {"l2": losses.l2_loss(recon, images), "vq": aux["vq_loss"]}
         weights = {"l2": s.l2, "vq": s.vq}
@@ -295,7 +370,7 @@ def train_step(
             terms["adversarial"] = losses.generator_adversarial_loss(fake_logits, s.gan_loss)
             weights["adversarial"] = s.adversarial
             if s.adaptive_gan_weight:
-                scale = _adaptive_gan_scale(
+                gan_scale = _adaptive_gan_scale(
                     aux["decoder_logits"],
                     images,
                     perceptual,
@@ -304,14 +379,16 @@ def train_step(
                     disc_params=state.disc_params,
                     settings=s,
                 )
-                weights["adversarial"] = s.adversarial * scale
-                aux = {**aux, "adaptive_gan_scale": scale}
+                weights["adversarial"] = s.adversarial * gan_scale
+                aux = {**aux, "adaptive_gan_scale": gan_scale}
         total = sum(weights[k] * terms[k] for k in terms)
-        return total, (terms, aux, mutated["vq_stats"], recon)
+        return total, (terms, aux, mutated, recon)
 
-    (g_total, (terms, aux, vq_stats, recon)), grads = jax.value_and_grad(
+    (g_total, (terms, aux, mutated, recon)), grads = jax.value_and_grad(
         generator_loss, has_aux=True
     )(base_params)
+    vq_stats = mutated.get("vq_stats", state.vq_stats)
+    quantizer_state = {**base_qstate, **{c: mutated[c] for c in EXTRA_COLLECTIONS if c in mutated}}
     updates, opt_state = tx.update(grads, state.opt_state, base_params)
     params = optax.apply_updates(base_params, updates)
     # An overflowing update (e.g. a huge learning rate) is as bad as a non-finite gradient.
@@ -330,6 +407,10 @@ def train_step(
             metrics[f"vq/{k}"] = aux[f"entropy_{k}"]
     if "adaptive_gan_scale" in aux:
         metrics["loss/adaptive_gan_scale"] = aux["adaptive_gan_scale"]
+    if model.quantization.kind == "lfq":  # LFQ's own entropy loss and its annealed weight
+        for k in ("entropy_loss", "per_token_entropy", "batch_entropy"):
+            metrics[f"vq/lfq_{k}"] = aux[k]
+        metrics["vq/entropy_scale"] = scale
 
     disc_params, disc_opt_state = state.disc_params, state.disc_opt_state
     lecam_ema = state.lecam_ema
@@ -350,21 +431,20 @@ def train_step(
         stop_ok = True if s.restart_stop < 0 else step < s.restart_stop
         do_restart = (step % s.restart_every == 0) & (step >= s.restart_start) & stop_ok
 
-        def restart(p, stats):
-            codebook, usage, n = restart_dead_codes(
-                p["quantizer"]["codebook"],
-                stats["quantizer"]["usage"],
-                jax.lax.stop_gradient(aux["latents"]),
-                restart_rng,
-                s.restart_threshold,
-            )
-            p = {**p, "quantizer": {**p["quantizer"], "codebook": codebook}}
-            return p, {**stats, "quantizer": {**stats["quantizer"], "usage": usage}}, n
+        restart = functools.partial(
+            _restart,
+            latents=jax.lax.stop_gradient(aux["latents"]),
+            rng=restart_rng,
+            threshold=s.restart_threshold,
+            ema=ema_codebook,
+        )
 
-        def keep(p, stats):
-            return p, stats, jnp.zeros((), jnp.int32)
+        def keep(p, stats, q):
+            return p, stats, q, jnp.zeros((), jnp.int32)
 
-        params, vq_stats, restarted = jax.lax.cond(do_restart, restart, keep, params, vq_stats)
+        params, vq_stats, quantizer_state, restarted = jax.lax.cond(
+            do_restart, restart, keep, params, vq_stats, quantizer_state
+        )
         metrics["vq/restarted_codes"] = restarted
 
     ema_params = state.ema_params
@@ -381,6 +461,7 @@ def train_step(
         params=_select(finite, params, state.params),
         opt_state=_select(finite, opt_state, state.opt_state),
         vq_stats=_select(finite, vq_stats, state.vq_stats),
+        quantizer_state=_select(finite, quantizer_state, state.quantizer_state),
         disc_params=_select(finite, disc_params, state.disc_params),
         disc_opt_state=_select(finite, disc_opt_state, state.disc_opt_state),
         ema_params=_select(finite, ema_params, state.ema_params),
@@ -395,16 +476,17 @@ def train_step(
 
 def eval_step(
     params: Any,
-    vq_stats: Any,
+    collections: Any,
     batch: dict[str, jax.Array],
     perceptual: Any,
     *,
     model: nn.Module,
 ) -> dict[str, jax.Array]:
-    """Per-example reconstruction metrics and masked code counts for one eval batch."""
+    """Per-example reconstruction metrics and masked code counts for one eval batch.
+    `collections`: the model's other variables (`model_collections`)."""
     images = batch["image"].astype(jnp.float32)
     mask = batch["mask"].astype(jnp.float32)
-    recon, aux = model.apply({"params": params, "vq_stats": vq_stats}, images)
+    recon, aux = model.apply({"params": params, **collections}, images)
     recon = jnp.clip(recon, 0.0, 1.0)
     out = {
         "psnr": eval_metrics.psnr(recon, images),
@@ -414,7 +496,7 @@ def eval_step(
     }
     if perceptual is not None:
         out["lpips"] = perceptual(recon, images)
-    counts = masked_code_counts(aux["indices"], mask, model.codebook_size)
+    counts = masked_code_counts(aux["indices"], mask, model.num_codes)
     return {
         "per_example": out,
         "code_counts": counts,

@@ -68,7 +68,7 @@ def _start(trainer: Stage2, config, shardings):
     """A run with no checkpoint: a fresh init, with `config.init_from`'s VIM if given."""
     state = trainer.create_state(config.seed)[0]
     if config.get("init_from"):
-        codebook = np.asarray(jax.device_get(trainer.tok_vars["params"]["quantizer"]["codebook"]))
+        codebook = restore.code_table(trainer.tokenizer, trainer.tok_vars)
         return restore.apply_vim_init_from(state, shardings, config.init_from, codebook)
     console.say(f"Started from a fresh init (seed {config.seed}).")
     return state

@@ -54,7 +54,7 @@ class Stage2:
         )
         self.model = build_vim(
             config.model.to_dict(),
-            vocab_size=self.tokenizer.codebook_size,
+            vocab_size=self.tokenizer.num_codes,
             grid_size=self.tokenizer.grid_size,
             num_classes=self.num_classes,
             dtype=getattr(jnp, config.dtype),  # one of vitvq.settings.DTYPES (checked)
