@@ -170,30 +170,23 @@ def build_quantizer(
 ) -> nn.Module:
     """The quantizer module `spec` chooses (the model block's codebook keys for vq/simvq)."""
     kw = dict(dtype=dtype, param_dtype=param_dtype, name=name)
+    # The keys the codebook kinds (vq and simvq) share.
+    searched = dict(
+        codebook_size=codebook_size,
+        code_dim=code_dim,
+        beta=beta,
+        search_chunk_size=search_chunk_size,
+        usage_decay=usage_decay,
+        gradient=spec.gradient,
+        **kw,
+    )
     if spec.kind == "vq":
-        common = dict(
-            codebook_size=codebook_size,
-            code_dim=code_dim,
-            beta=beta,
-            search_chunk_size=search_chunk_size,
-            usage_decay=usage_decay,
-            l2_normalize_codes=l2_normalize_codes,
-            gradient=spec.gradient,
-            **kw,
-        )
+        common = dict(searched, l2_normalize_codes=l2_normalize_codes)
         if spec.update == "ema":
             return EMAVectorQuantizer(decay=spec.ema_decay, epsilon=spec.ema_epsilon, **common)
         return VectorQuantizer(**common)
     if spec.kind == "simvq":
-        return SimVQuantizer(
-            codebook_size=codebook_size,
-            code_dim=code_dim,
-            beta=beta,
-            search_chunk_size=search_chunk_size,
-            usage_decay=usage_decay,
-            gradient=spec.gradient,
-            **kw,
-        )
+        return SimVQuantizer(**searched)
     if spec.kind == "fsq":
         return FSQuantizer(levels=spec.levels, **kw)
     if spec.kind == "lfq":
