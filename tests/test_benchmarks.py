@@ -295,26 +295,18 @@ def test_hand_count_of_each_quantizer_matches_xla(quantizer):
     """The quantizer's hand count (with its projection down to the codes) against XLA's count
     of its forward for 64 images of 16 tokens (lowered, not compiled). XLA also counts the
     distances' norms, the softmax and the usage counts: at most ~1.5x the matmuls."""
-    from vitvq.models.quantizers import build_quantizer
     from vitvq.models.vitvqgan import build_vitvqgan
 
     ts = _load("train_step")
     model_cfg = json.loads(json.dumps(ts.PRESETS["tiny"]["model"]))
     model_cfg["quantizer"].update(quantizer)
     model = build_vitvqgan(model_cfg, 32)
-    module = build_quantizer(
-        model.quantization,
-        codebook_size=model.codebook_size,
-        code_dim=model.code_dim,
-        beta=model.beta,
-        search_chunk_size=model.search_chunk_size,
-        usage_decay=model.usage_decay,
-        l2_normalize_codes=model.l2_normalize_codes,
-    )
     b, t = 64, model.grid_size**2
+    images = jnp.zeros((1, 32, 32, 3))
+    variables = jax.eval_shape(model.init, jax.random.key(0), images)
     x = jnp.zeros((b, t, model.encoder.width))
-    variables = jax.eval_shape(module.init, jax.random.key(0), x)
-    lowered = jax.jit(lambda v, x: module.apply(v, x, mutable=True)).lower(variables, x)
+    quantize = lambda v, x: model.apply(v, x, method=lambda m, x: m.quantizer(x), mutable=True)
+    lowered = jax.jit(quantize).lower(variables, x)  # the model's quantizer alone
     parts = ts.quantizer_parts(model, b)
     hand = sum(parts.values()) + 2 * b * t * model.encoder.width * model.codes_dim
     assert 1.0 <= lowered.cost_analysis()["flops"] / hand < 1.6, parts
