@@ -2,6 +2,7 @@
 
     python benchmarks/train_step.py --preset=cpu_tiny [--batch=32] [--steps=10] [--warmup=2]
     python benchmarks/train_step.py --preset=vitvq_ss_gpu      # SS at 256x256, bf16 (GPU)
+    python benchmarks/train_step.py --preset=cpu_tiny --config.model.quantizer.kind=fsq
     python benchmarks/train_step.py --config=configs/photos.py --config.batch_size=8
     python benchmarks/train_step.py --config=configs/vim_base.py:runlocal \
         --tokenizer_config=configs/vitvq_small.py:runlocal
@@ -9,10 +10,12 @@
 Builds the step the trainers compile (`vitvq.train.stage1_step.train_step` or
 `stage2_step.train_step`, jitted with the state's shardings and the state donated) from a
 named preset (plain dicts: needs neither ml_collections, TensorFlow nor clu, so it runs on a
-bare accelerator machine) or from a config file with `--config.KEY=VALUE` overrides (needs
-ml_collections). The batch is random and stays on the device, so the figures are the step's
-alone, without the input pipeline. Stage 2 encodes its images with a tokenizer of random
-weights (`--tokenizer_config`, or the config's `tokenizer_bundle` when it names one).
+bare accelerator machine) or from a config file (needs ml_collections), either with
+`--config.KEY=VALUE` overrides (e.g. `--config.model.quantizer.kind=lfq`: every quantizer
+kind, vitvq/models/quantizers.py). The batch is random and stays on the device, so the
+figures are the step's alone, without the input pipeline. Stage 2 encodes its images with a
+tokenizer of random weights (`--tokenizer_config`, or the config's `tokenizer_bundle` when it
+names one).
 
 Stage 1 is compiled for the steady phase of training (every loss switched on by then, not a
 lazy-R1 step) unless `--phase_step` names another step. Reports the median step time,
@@ -28,6 +31,7 @@ last line.
 
 import argparse
 import ast
+import dataclasses
 import importlib.util
 import json
 import os
@@ -39,6 +43,7 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from vitvq.models.quantizers import QuantizerSpec  # noqa: E402
 from vitvq.models.vim import VIM_PRESETS  # noqa: E402
 from vitvq.models.vitvqgan import TRANSFORMER_PRESETS  # noqa: E402
 
@@ -98,6 +103,8 @@ def stage1_preset(
             posemb="sincos",
             search_chunk_size=1024,
             usage_decay=0.99,
+            # The paper's quantizer; `--config.model.quantizer.kind=fsq` etc. pick another.
+            quantizer=dataclasses.asdict(QuantizerSpec()),
         ),
         discriminator=dict(base_channels=64, max_channels=512),
         loss=dict(
@@ -225,6 +232,13 @@ def load_config_file(spec: str, overrides: list[str]):
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     config = module.get_config(arg or None)
+    apply_overrides(config, overrides)
+    return config.to_dict()
+
+
+def apply_overrides(config, overrides: list[str]) -> None:
+    """`--config.KEY=VALUE` overrides applied in place to a ConfigDict or a preset's dict,
+    each value typed like the one it replaces."""
     for item in overrides:
         key, sep, text = item[len("--config.") :].partition("=")
         if not sep:
@@ -232,11 +246,12 @@ def load_config_file(spec: str, overrides: list[str]):
         *parents, leaf = key.split(".")
         node = config
         for name in parents:
+            if name not in node:
+                raise SystemExit(f"error: unknown config key {key!r}")
             node = node[name]
         if leaf not in node:
             raise SystemExit(f"error: unknown config key {key!r}")
-        setattr(node, leaf, _parse_value(text, node[leaf]))
-    return config.to_dict()
+        node[leaf] = _parse_value(text, node[leaf])
 
 
 def _parse_value(text: str, current):
@@ -313,20 +328,40 @@ def discriminator_flops(batch: int, channels: tuple[int, ...]) -> int:
     return batch * flops
 
 
+def quantizer_parts(model, batch: int) -> dict[str, int]:
+    """Forward matmul FLOPs of the quantizer's own work for `batch` images (T tokens each; its
+    projection down to the codes is counted with the encoder), by `model.quantizer.kind`:
+    "search": the nearest-code search of "vq" and "simvq", 2*T*K*c (K codes of c dimensions);
+    "codebook": SimVQ's codebook, its frozen basis [K, c] times its map [c, c], 2*K*c*c once a
+    step; "entropy": LFQ's soft assignment of every token to each group's sub-codes,
+    2*T*bits*2**(bits/G) for G groups of bits/G dimensions. FSQ rounds on a grid: nothing."""
+    spec, t = model.quantization, model.grid_size**2
+    k, c = model.num_codes, model.codes_dim
+    out = {"search": 0, "codebook": 0, "entropy": 0}
+    if spec.kind in ("vq", "simvq"):
+        out["search"] = 2 * batch * t * k * c
+    if spec.kind == "simvq":
+        out["codebook"] = 2 * k * c * c
+    if spec.kind == "lfq":
+        out["entropy"] = 2 * batch * t * spec.bits * 2 ** (spec.bits // spec.entropy_groups)
+    return out
+
+
 def tokenizer_parts(model, batch: int) -> dict[str, int]:
     """Forward FLOPs of a ViTVQGAN's parts for `batch` images (T = (H/p)^2 tokens each):
     patch embedding 2*T*(3p^2)*d_enc, encoder blocks, tanh head 2*T*2*d_enc*m_enc, projection
-    to the codes 2*T*d_enc*c, nearest-code search 2*T*K*c, projection up 2*T*c*d_dec, decoder
-    blocks, decoder head 2*T*(d_dec*m_dec + m_dec*3p^2)."""
+    to the codes 2*T*d_enc*c, the quantizer (`quantizer_parts`), projection up 2*T*c*d_dec,
+    decoder blocks, decoder head 2*T*(d_dec*m_dec + m_dec*3p^2). c is the code dimension of
+    the model's quantizer kind (FSQ: len(levels), LFQ: bits)."""
     t, p = model.grid_size**2, model.patch_size
-    enc, dec, c = model.encoder, model.decoder, model.code_dim
+    enc, dec, c = model.encoder, model.decoder, model.codes_dim
     pixels = 3 * p * p
     return {
         "patch_embedding": 2 * batch * t * pixels * enc.width,
         "encoder": transformer_flops(batch, t, enc.width, enc.depth, enc.mlp_dim)
         + 2 * batch * t * 2 * enc.width * enc.mlp_dim
         + 2 * batch * t * enc.width * c,
-        "code_search": 2 * batch * t * model.codebook_size * c,
+        "quantizer": quantizer_parts(model, batch),
         "decoder": 2 * batch * t * c * dec.width
         + transformer_flops(batch, t, dec.width, dec.depth, dec.mlp_dim)
         + 2 * batch * t * (dec.width * dec.mlp_dim + dec.mlp_dim * pixels),
@@ -337,19 +372,22 @@ def stage1_train_flops(model, settings, disc_channels, batch: int) -> dict[str, 
     """Hand count of one stage-1 train step's matmul FLOPs, by part, and their "total".
 
     A differentiated matmul costs 3x its forward (forward, gradient w.r.t. its input, w.r.t.
-    its weights), except the patch embedding (no gradient w.r.t. the images: 2x) and the
-    nearest-code search (no gradient: 1x). With the GAN on, the generator's adversarial term
-    runs the discriminator forward and back to its input (2x) and the discriminator update
-    runs it forward and back on real and fake images (2 x 3x); its forward on the
-    reconstructions is the same computation in both and counted once (XLA merges them): 7x
-    its forward. LPIPS runs VGG16 on both images and back to the reconstruction: 3x. The
-    optimizer's elementwise updates are not counted. Convolutions count every kernel tap,
-    padding included (XLA's cost analysis skips taps on padding: ~30% of a 3x3 conv on 4x4).
+    its weights), except the patch embedding (no gradient w.r.t. the images: 2x), the
+    nearest-code search (no gradient: 1x), SimVQ's codebook (a gradient w.r.t. its map only:
+    2x) and LFQ's entropy (a gradient w.r.t. its input only: 2x). With the GAN on, the
+    generator's adversarial term runs the discriminator forward and back to its input (2x)
+    and the discriminator update runs it forward and back on real and fake images (2 x 3x);
+    its forward on the reconstructions is the same computation in both and counted once (XLA
+    merges them): 7x its forward. LPIPS runs VGG16 on both images and back to the
+    reconstruction: 3x. The optimizer's elementwise updates are not counted. Convolutions
+    count every kernel tap, padding included (XLA's cost analysis skips taps on padding: ~30%
+    of a 3x3 conv on 4x4).
     """
     parts = tokenizer_parts(model, batch)
+    quant = parts["quantizer"]
     out = {
         "generator": 3 * (parts["encoder"] + parts["decoder"]) + 2 * parts["patch_embedding"],
-        "code_search": parts["code_search"],
+        "quantizer": quant["search"] + 2 * (quant["codebook"] + quant["entropy"]),
     }
     if settings.gan_on and disc_channels:
         out["discriminator"] = 7 * discriminator_flops(batch, disc_channels)
@@ -362,13 +400,17 @@ def stage1_train_flops(model, settings, disc_channels, batch: int) -> dict[str, 
 def stage2_train_flops(vim, tokenizer, batch: int) -> dict[str, int]:
     """Hand count of one stage-2 train step's matmul FLOPs, by part, and their "total": the
     frozen tokenizer's encoder forward (patch embedding, blocks, head, projection, code
-    search: 1x) and the VIM's blocks and logits (2*T*d*V) at 3x."""
+    search and SimVQ's codebook: 1x; LFQ's entropy is not computed for the codes) and the
+    VIM's blocks and logits (2*T*d*V) at 3x."""
     parts = tokenizer_parts(tokenizer, batch)
     s, t = vim.transformer, vim.seq_len
     forward = transformer_flops(batch, t, s.width, s.depth, s.mlp_dim)
     forward += 2 * batch * t * s.width * vim.vocab_size
     out = {
-        "tokenizer_encoder": parts["patch_embedding"] + parts["encoder"] + parts["code_search"],
+        "tokenizer_encoder": parts["patch_embedding"]
+        + parts["encoder"]
+        + parts["quantizer"]["search"]
+        + parts["quantizer"]["codebook"],
         "vim": 3 * forward,
     }
     out["total"] = sum(out.values())
@@ -664,7 +706,8 @@ def run(cfg, args, label: str) -> dict:
     return result
 
 
-def main():
+def parse_args(argv: list[str]):
+    """(config dict, arguments, label) of the command line `argv` (without the program)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None)
     parser.add_argument("--config", default=None, help="a config file, path[:arg]")
@@ -681,7 +724,7 @@ def main():
     parser.add_argument(
         "--peak_size", type=int, default=None, help="peak matmul size (CPU 2048, else 8192)"
     )
-    args, rest = parser.parse_known_args()
+    args, rest = parser.parse_known_args(argv)
     overrides = [a for a in rest if a.startswith("--config.")]
     unknown = [a for a in rest if not a.startswith("--config.")]
     if unknown:
@@ -691,16 +734,19 @@ def main():
     if args.steps < 1 or args.warmup < 0:
         parser.error("--steps must be >= 1 and --warmup >= 0")
     if args.preset is not None:
-        if overrides:
-            parser.error("--config.KEY overrides need --config")
         cfg = json.loads(json.dumps(PRESETS[args.preset]))  # a deep copy
-        label = f"preset {args.preset}"
+        apply_overrides(cfg, overrides)
+        label = " ".join([f"preset {args.preset}", *overrides])
     else:
         cfg = load_config_file(args.config, overrides)
         if cfg.get("trainer") == "pipeline":  # the demo: benchmark its tokenizer stage
             cfg.pop("vim", None)
         label = " ".join([f"config {args.config}", *overrides])
-    result = run(cfg, args, label)
+    return cfg, args, label
+
+
+def main():
+    result = run(*parse_args(sys.argv[1:]))
     print(json.dumps(result))
 
 

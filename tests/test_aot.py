@@ -78,9 +78,26 @@ def assert_sharded_like_the_cpu_run(report, config, tokenizer_config=None):
     return {axis for spec in specs(cpu_shardings.params) for axis in spec}
 
 
-def test_stage1_step_compiles_for_a_tpu_topology_sharded_like_the_cpu_run():
+# model.quantizer blocks of each kind (the runlocal codebook: 64 codes of 8 dimensions).
+QUANTIZERS = {
+    "vq": {},
+    "vq_ema": {"update": "ema"},
+    "vq_rotation": {"gradient": "rotation"},
+    "simvq": {"kind": "simvq"},
+    "fsq": {"kind": "fsq", "levels": (4, 4, 3)},
+    "lfq": {"kind": "lfq", "bits": 6},
+}
+# The collections besides params each kind keeps in the train state.
+EXPECTED_STATE = {"vq_ema": {"vq_ema"}, "simvq": {"simvq_basis"}}
+
+
+@pytest.mark.parametrize("kind", ["vq", "lfq"])
+def test_stage1_step_compiles_for_a_tpu_topology_sharded_like_the_cpu_run(kind):
+    """The paper's quantizer and LFQ (no codebook: no vq_stats); the other kinds are lowered
+    for the topology below (compiling each would take as long again)."""
     config = load_config(STAGE1)
     config.mesh.update(data=2, fsdp=2, tensor=1)
+    config.model.quantizer.update(QUANTIZERS[kind])
     # Step 1 is an ordinary step (LPIPS and GAN on); the CLI's default, a lazy-R1 step, takes
     # ~30% longer to compile. Compiling this one takes ~30 s on 2 cores.
     report = aot.check(config, TOPOLOGY, step=1, name=STAGE1)
@@ -93,6 +110,33 @@ def test_stage1_step_compiles_for_a_tpu_topology_sharded_like_the_cpu_run():
     # The LPIPS weights (frozen, replicated) are an argument of the step.
     assert dict(report.consumers)["LPIPS (frozen)"] > 50e6
     assert "fsdp" in assert_sharded_like_the_cpu_run(report, config)
+    consumers = dict(report.consumers)
+    assert ("state.vq_stats" in consumers) == (kind == "vq")  # LFQ has no usage statistics
+    assert "state.quantizer_state" not in consumers  # neither keeps a quantizer state
+
+
+@pytest.mark.parametrize("kind", ["vq_ema", "vq_rotation", "simvq", "fsq"])
+def test_every_quantizer_kind_lowers_for_a_tpu_topology(kind):
+    """The step of each other kind is built on the topology's compile-only devices and lowered
+    from the abstract state (no compile): its state carries the kind's collections, sharded
+    on the TPU mesh like on a CPU mesh of the same shape."""
+    config = load_config(STAGE1)
+    config.mesh.update(data=2, fsdp=2, tensor=1)
+    config.model.quantizer.update(QUANTIZERS[kind])
+    mesh = parallel.make_mesh(config.mesh, aot.topology_devices(TOPOLOGY))
+    trainer = memory.build_trainer(config, mesh, perceptual=False)
+    abstract, shardings = trainer.abstract_state()
+    assert set(abstract.quantizer_state) == EXPECTED_STATE.get(kind, set())
+    assert bool(abstract.vq_stats) == (kind != "fsq")
+    batch = memory.abstract_batch(trainer, config.batch_size, config.image_size)
+    with parallel.use_mesh(mesh, trainer.rules):
+        jitted = trainer.train_step_jit(shardings, 1)
+        lowered = jitted.lower(abstract, batch, trainer.train_perceptual)
+    assert "tpu" in {d.platform for d in mesh.devices.flat}
+    assert lowered.as_text()  # traced and lowered for the TPU mesh
+    cpu_mesh = parallel.make_mesh(config.mesh, jax.devices()[:4])
+    cpu = memory.build_trainer(config, cpu_mesh, perceptual=False)
+    assert specs(shardings) == specs(cpu.abstract_state()[1])
 
 
 def test_stage2_step_compiles_for_a_tpu_topology_sharded_like_the_cpu_run():

@@ -7,7 +7,8 @@
   shardings) and the same FLOPs as `Stage1`/`Stage2` for the same config, and the hand count
   is within a few tens of percent of XLA's count;
 - input.py reads generated JPEGs through the folder and TFDS paths;
-- `--config.KEY=VALUE` overrides are typed like the values they replace;
+- `--config.KEY=VALUE` overrides are typed like the values they replace, on config files and
+  on presets: the tiny preset runs with every quantizer kind, whose hand count matches XLA's;
 - `bash -n` and shellcheck pass on gpu_suite.sh.
 """
 
@@ -252,6 +253,63 @@ def test_hand_count_of_a_transformer_block_matches_xla():
     flops = jax.jit(block.apply).lower(params, x).cost_analysis()["flops"]
     hand = ts.transformer_flops(b, t, d, 1, m)
     assert 1.0 <= flops / hand < 1.05
+
+
+# model.quantizer overrides of the tiny preset: every kind the model has.
+QUANTIZER_KINDS = {
+    "vq_ema": ["--config.model.quantizer.update=ema"],
+    "vq_rotation": ["--config.model.quantizer.gradient=rotation"],
+    "simvq": ["--config.model.quantizer.kind=simvq"],
+    "fsq": ["--config.model.quantizer.kind=fsq", "--config.model.quantizer.levels=(4, 4, 3)"],
+    "lfq": ["--config.model.quantizer.kind=lfq", "--config.model.quantizer.bits=6"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(QUANTIZER_KINDS))
+def test_stage1_benchmark_runs_every_quantizer_kind(name):
+    """`--preset=tiny --config.model.quantizer.KEY=...` as the command line gives them, one
+    step on the 8 devices (the paper's kind runs in the smoke test): the trainer's step for
+    that quantizer, its hand count by kind."""
+    ts = _load("train_step")
+    argv = ["--preset=tiny", "--batch=8", "--steps=1", "--warmup=0", "--peak_size=128"]
+    cfg, args, label = ts.parse_args([*argv, *QUANTIZER_KINDS[name]])
+    assert label == " ".join(["preset tiny", *QUANTIZER_KINDS[name]])
+    assert ts.PRESETS["tiny"]["model"]["quantizer"]["kind"] == "vq"  # the preset is unchanged
+    r = ts.run(cfg, args, label)
+    assert r["what"] == label and r["devices"] == 8 and math.isfinite(r["loss"])
+    assert r["flops_source"] == "cost_analysis" and 0.9 < r["flops_ratio_cost_to_hand"] < 1.5
+    # 16 tokens of 8 images: the code search of 512 codes x 16 dimensions, LFQ's entropy over
+    # 2 groups of 2**3 sub-codes of 3 bits; FSQ searches nothing.
+    quantizer = {"fsq": 0, "lfq": 2 * 2 * 128 * 6 * 8}.get(name, 128 * 2 * 512 * 16)
+    if name == "simvq":
+        quantizer += 2 * 2 * 512 * 16 * 16  # its codebook, basis @ map, and the map's gradient
+    assert r["hand_gflops_by_part"]["quantizer"] == round(quantizer / 1e9, 3)
+
+
+@pytest.mark.parametrize(
+    "quantizer",
+    [{}, {"kind": "simvq"}, {"kind": "fsq"}, {"kind": "lfq", "bits": 12, "entropy_groups": 1}],
+    ids=["vq", "simvq", "fsq", "lfq"],
+)
+def test_hand_count_of_each_quantizer_matches_xla(quantizer):
+    """The quantizer's hand count (with its projection down to the codes) against XLA's count
+    of its forward for 64 images of 16 tokens (lowered, not compiled). XLA also counts the
+    distances' norms, the softmax and the usage counts: at most ~1.5x the matmuls."""
+    from vitvq.models.vitvqgan import build_vitvqgan
+
+    ts = _load("train_step")
+    model_cfg = json.loads(json.dumps(ts.PRESETS["tiny"]["model"]))
+    model_cfg["quantizer"].update(quantizer)
+    model = build_vitvqgan(model_cfg, 32)
+    b, t = 64, model.grid_size**2
+    images = jnp.zeros((1, 32, 32, 3))
+    variables = jax.eval_shape(model.init, jax.random.key(0), images)
+    x = jnp.zeros((b, t, model.encoder.width))
+    quantize = lambda v, x: model.apply(v, x, method=lambda m, x: m.quantizer(x), mutable=True)
+    lowered = jax.jit(quantize).lower(variables, x)  # the model's quantizer alone
+    parts = ts.quantizer_parts(model, b)
+    hand = sum(parts.values()) + 2 * b * t * model.encoder.width * model.codes_dim
+    assert 1.0 <= lowered.cost_analysis()["flops"] / hand < 1.6, parts
 
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")

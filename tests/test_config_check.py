@@ -463,6 +463,20 @@ BAD = [
         ["config.vim.model.dropout=1.0", "[0, 1)"],
     ),
     ("pipeline_no_vim", pipeline, {}, ("vim", _DELETE), ["config.vim is missing"]),
+    (
+        "pipeline_vocabulary",
+        pipeline,
+        {"model.codebook_size": 2**18 + 1},
+        None,
+        ["config.model.codebook_size=262145", "gives 262145 codes", "at most 262144 codes"],
+    ),
+    (
+        "pipeline_fsq_vocabulary",
+        pipeline,
+        {"model.quantizer.kind": "fsq", "model.quantizer.levels": (8,) * 7},
+        None,
+        ["config.model.quantizer.levels=(8, 8, 8, 8, 8, 8, 8)", "2097152 codes", "262144"],
+    ),
 ]
 
 
@@ -587,3 +601,51 @@ def test_vim_configs_are_the_papers_and_their_variants_differ_in_one_thing():
             load(name, "cfg,uncond")
     small = load("vim_base", "uncond,runlocal")
     assert small.dataset.name == "digits" and small.dataset.num_classes == 0
+
+
+def test_the_vims_largest_vocabulary_is_checked_where_a_tokenizer_meets_a_vim():
+    """2**18 codes at most (docs/codebook.md): a pipeline's stage-1 config at the limit passes
+    and a stage-1 config alone may exceed it; a VIM built on more (stage 2's builder, a
+    bundle's VIM) is refused in one line naming the count and the limit."""
+    import jax
+
+    from vitvq import bundle, parallel
+    from vitvq.errors import BundleError
+    from vitvq.models.vim import MAX_VOCAB
+    from vitvq.models.vitvqgan import build_vitvqgan
+    from vitvq.train.stage2_build import Stage2
+
+    assert MAX_VOCAB == 2**18
+    config = pipeline()
+    config.model.codebook_size = MAX_VOCAB
+    config_check.validate(config, num_devices=8)
+    config = stage1()
+    config.model.codebook_size = MAX_VOCAB + 1
+    config_check.validate(config, num_devices=8)  # a tokenizer alone: no VIM to feed
+
+    vim_config = stage2()
+    vim_config.tokenizer_bundle = "/bundles/tok"
+    settings = config_check.check(vim_config)
+    mesh = parallel.make_mesh({"data": 1}, devices=jax.devices()[:1])
+    tok_model = config.model.to_dict()
+    for codes in (MAX_VOCAB, MAX_VOCAB + 1):
+        tokenizer = build_vitvqgan({**tok_model, "codebook_size": codes}, config.image_size)
+        if codes == MAX_VOCAB:
+            assert Stage2(settings, mesh, tokenizer=({}, tokenizer, {})).model.vocab_size == codes
+            continue
+        with pytest.raises(ConfigError) as info:
+            Stage2(settings, mesh, tokenizer=({}, tokenizer, {}))
+        message = str(info.value)
+        assert "\n" not in message
+        assert message.startswith("the tokenizer bundle /bundles/tok has 262145 codes")
+        assert "largest VIM vocabulary, 262144" in message
+
+    manifest = {
+        "tokenizer": {"codebook_size": MAX_VOCAB + 1, "grid_size": 4},
+        "vim": {"model": vim_config.model.to_dict(), "vocab_size": MAX_VOCAB + 1},
+    }
+    with pytest.raises(BundleError) as info:
+        bundle.vim_model(manifest)
+    message = str(info.value)
+    assert "\n" not in message and "vocab_size=262145" in message
+    assert "has 262145 codes" in message and "largest VIM vocabulary, 262144" in message

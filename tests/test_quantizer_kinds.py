@@ -5,7 +5,8 @@ tokenizer encodes and decodes as the training state's model does.
 
 Kinds: the paper's VQ, VQ with an EMA codebook, VQ with the rotation trick, SimVQ, FSQ and
 LFQ (with its entropy weight annealed over the run). The runs train without LPIPS or the
-discriminator, on a data 2 x fsdp 2 x tensor 2 mesh of the 8 fake devices.
+discriminator, on a data 2 x fsdp 2 x tensor 2 mesh of the 8 fake devices. Each kind's step
+on 2 and 8 devices equals its step on 1 device to 1e-6 (a smaller config, 3 steps).
 """
 
 import dataclasses
@@ -21,6 +22,7 @@ import pytest
 import vitvq
 from vitvq import bundle, parallel
 from vitvq.checkpoint import Checkpointer
+from vitvq.data.globalize import to_global
 from vitvq.errors import BundleError
 from vitvq.export import export
 from vitvq.train import stage1
@@ -61,6 +63,25 @@ def make_config(changes):
     config.model.quantizer.update(changes)
     # The k-means init (step 0) and the dead-code restart (step 2, early) both run.
     config.codebook_restart.update(every_steps=2, start_step=2)
+    return config
+
+
+LR = 1e-4  # tiny_config's: Adam moves a parameter by at most ~LR a step
+
+
+def tiny_config(changes):
+    """make_config's at its smallest: 16x16 images (4 tokens), 16 wide, 16 codes of 4
+    dimensions; the codebook drawn at random and no dead-code restart (k-means and the
+    restart pick codes by distances that differ in the last bits between layouts)."""
+    config = make_config(changes)
+    config.image_size = 16
+    for block in (config.model.encoder, config.model.decoder):
+        block.update(width=16, mlp_dim=32)
+    config.model.update(codebook_size=16, code_dim=4)
+    config.codebook_init.kind = "normal"
+    config.codebook_restart.every_steps = 0
+    config.loss.adversarial = 0.0
+    config.optimizer.lr = LR
     return config
 
 
@@ -261,3 +282,62 @@ def test_a_vim_trains_on_a_codebook_free_tokenizer_and_samples(name, tmp_path):
     codes = sampler.sample_codes(2, class_labels=[0, 1], seed=0)
     assert codes.shape == (2, 4, 4) and 0 <= codes.min() and codes.max() < NUM_CODES[name]
     assert sampler.sample(2, class_labels=[0, 1], seed=0).shape == (2, 32, 32, 3)
+
+
+# Meshes of 2 and 8 devices against 1: the batch split over data (and fsdp), the widths over
+# fsdp and tensor.
+LAYOUTS = {2: {"data": 2}, 8: {"data": 2, "fsdp": 2, "tensor": 2}}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(KINDS))
+def test_kind_trains_the_same_on_1_2_and_8_devices(name):
+    """Three steps of the stage-1 trainer's step from one initial state on the same batches:
+    on 2 and 8 devices, params, vq_stats, the quantizer state (the EMA codebook's statistics
+    are sums over the global batch) and the gradients (Adam's first moments) equal 1 device's
+    to 1e-6, leaf by leaf. Two exceptions, both rounding that an exact computation would not
+    have: the attention key biases, whose gradient is zero but for rounding that Adam scales
+    up to +-LR a step (checked to move at most that), and LFQ's gradients, to 1e-4 relative:
+    its entropy's softmax multiplies the latents by 200 (temperature 0.01), and their
+    rounding with them (a batch entropy of one shard instead of the batch would be off by
+    far more)."""
+    config = tiny_config(KINDS[name])
+    rng = np.random.default_rng(0)
+    batches = [{"image": rng.random((8, 16, 16, 3), dtype=np.float32)} for _ in range(3)]
+    states = {}
+    for devices in (1, *LAYOUTS):
+        mesh = parallel.make_mesh(LAYOUTS.get(devices, {"data": 1}), jax.devices()[:devices])
+        trainer = stage1.Stage1(config, mesh)
+        _, shardings = trainer.abstract_state()
+        if devices == 1:
+            state0 = host(trainer.create_state(config.seed)[0])
+        state = jax.device_put(state0, shardings)
+        train_step = trainer.jit_train_step(shardings)
+        for step, batch in enumerate(batches):
+            state, metrics = train_step(state, to_global(batch, mesh), step)
+            assert int(host(metrics)["nonfinite_steps"]) == 0
+        states[devices] = host(state)
+    single = states[1]
+    moved = jax.tree_util.tree_map(lambda a, b: np.abs(a - b).max(), single.params, state0.params)
+    assert max(jax.tree_util.tree_leaves(moved)) > LR  # the steps did train
+    assert set(single.quantizer_state) == {"vq_ema": {"vq_ema"}, "simvq": {"simvq_basis"}}.get(
+        name, set()
+    )
+    assert bool(single.vq_stats) == (name not in ("fsq", "lfq"))
+    gradients = dict(rtol=1e-4 if name == "lfq" else 1e-6, atol=1e-6)
+    for devices in LAYOUTS:
+        for part in ("params", "vq_stats", "quantizer_state", "opt_state"):
+            a, b = getattr(states[devices], part), getattr(single, part)
+            leaves_a, tree_a = jax.tree_util.tree_flatten_with_path(a)
+            assert tree_a == jax.tree_util.tree_structure(b)
+            for (path, x), y in zip(leaves_a, jax.tree_util.tree_leaves(b), strict=True):
+                where = jax.tree_util.keystr(path)
+                what = f"{devices} devices: {part}{where}"
+                if part == "opt_state" and ".mu" not in where:
+                    continue
+                if "key_bias" in where:
+                    if part == "params":
+                        assert np.abs(x - y).max() <= 2 * len(batches) * LR, what
+                    continue
+                tolerance = gradients if part == "opt_state" else dict(rtol=1e-6, atol=1e-6)
+                np.testing.assert_allclose(x, y, err_msg=what, **tolerance)

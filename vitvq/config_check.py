@@ -29,7 +29,11 @@ import math
 from typing import Any
 
 from vitvq import parallel
-from vitvq.config_quantizer import QUANTIZER_RULES, check_quantizer_relations
+from vitvq.config_quantizer import (
+    QUANTIZER_RULES,
+    check_quantizer_relations,
+    check_vim_vocabulary,
+)
 from vitvq.config_rules import (
     MISSING,
     Bool,
@@ -468,6 +472,7 @@ def validate(
                 f"{prefix}.vim is missing; allowed: a stage-2 (VIM) config block, as in "
                 "configs/demo.py"
             )
+        check_vim_vocabulary(config, prefix)
         validate(vim, trainer="vim", num_devices=num_devices, prefix=f"{prefix}.vim")
 
 

@@ -5,7 +5,8 @@ stage-1 table in vitvq/config_check.py). A key the chosen kind does not read is 
 it was changed from its default (the default block holds every kind's keys, so that any of
 them can be set on the command line): e.g. `model.quantizer.levels` with kind "vq", or
 `model.quantizer.update="ema"` with kind "fsq" (`check_quantizer_relations`). A config without
-the block (saved before it existed) is kind "vq".
+the block (saved before it existed) is kind "vq". A stage-1 config that trains a VIM's
+tokenizer (a pipeline's) gives at most the VIM's largest vocabulary (`check_vim_vocabulary`).
 """
 
 from vitvq.config_rules import (
@@ -26,6 +27,7 @@ from vitvq.models.fsq import MAX_CODES
 from vitvq.models.lfq import MAX_BITS
 from vitvq.models.quantizers import DEFAULTS, KINDS, SPEC_KEYS, UPDATES, applies
 from vitvq.models.rotation import GRADIENTS
+from vitvq.models.vim import MAX_VOCAB
 
 BLOCK = "model.quantizer"
 
@@ -157,4 +159,29 @@ def _check_other_keys(config, prefix: str, kind: str) -> None:
             + (" and update='ema'" if ema else "")
             + " (the codebook entropy term reads the paper's gradient-trained codebook; "
             "LFQ has its own: model.quantizer.entropy_weight)",
+        )
+
+
+def check_vim_vocabulary(config, prefix: str) -> None:
+    """The code count of a stage-1 config whose tokenizer feeds a VIM (the VIM's vocabulary)
+    is at most MAX_VOCAB; after the rules and `check_quantizer_relations` ran."""
+    kind = kind_of(config)
+    if kind == "fsq":
+        key, value = f"{BLOCK}.levels", tuple(get(config, f"{BLOCK}.levels", DEFAULTS.levels))
+        codes = 1
+        for level in value:
+            codes *= level
+    elif kind == "lfq":
+        key, value = f"{BLOCK}.bits", get(config, f"{BLOCK}.bits", DEFAULTS.bits)
+        codes = 2**value
+    else:
+        key = "model.codebook_size"
+        value = codes = get(config, key)
+    if codes > MAX_VOCAB:
+        fail(
+            f"{prefix}.{key}",
+            value,
+            f"a quantizer of at most {MAX_VOCAB} codes (2**18, the largest VIM vocabulary; "
+            "docs/codebook.md)",
+            f"it gives {codes} codes, the vocabulary of {prefix}.vim",
         )

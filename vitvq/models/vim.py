@@ -51,6 +51,12 @@ Dtype = Any
 Cache = dict[str, Any]  # {"index": int32 [], "layers": ({"key", "value"}, ...)}
 
 # docs/paper.md table 2 (base, large); small and tiny are for experiments and tests.
+# The largest vocabulary (the tokenizer's code count) a VIM takes: 2**18, LFQ's largest
+# (MAGVIT-v2's vocabulary, the largest SimVQ reports). Past it the output logits and the
+# vocabulary's embedding and output parameters outgrow the transformer itself at the paper's
+# sizes: docs/codebook.md, "The VIM's largest vocabulary".
+MAX_VOCAB = 2**18
+
 VIM_PRESETS = {
     "base": TransformerSpec(width=1536, depth=24, num_heads=16, mlp_dim=6144, dropout=0.1),
     "large": TransformerSpec(width=2048, depth=36, num_heads=32, mlp_dim=8192, dropout=0.1),
@@ -387,6 +393,16 @@ class VIM(nn.Module):
         return (logits[:, 0] if single else logits), new_cache
 
 
+def check_vocab_size(num_codes: int, source: str) -> None:
+    """One-line ConfigError when `source` (what gives the codes) has more than MAX_VOCAB."""
+    if num_codes > MAX_VOCAB:
+        raise ConfigError(
+            f"{source} has {num_codes} codes, more than the largest VIM vocabulary, "
+            f"{MAX_VOCAB} (2**18; docs/codebook.md): a VIM needs a tokenizer of at most "
+            f"{MAX_VOCAB} codes"
+        )
+
+
 def validate_vim(model: VIM) -> None:
     """Raises ConfigError on inconsistent hyperparameters, naming the value."""
     s = model.transformer
@@ -400,6 +416,7 @@ def validate_vim(model: VIM) -> None:
     ):
         if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < 1:
             raise ConfigError(f"VIM {name} must be a positive integer, got {value!r}")
+    check_vocab_size(model.vocab_size, f"the VIM's vocab_size={model.vocab_size} (its tokenizer)")
     if s.width % s.num_heads:
         raise ConfigError(f"VIM width {s.width} is not divisible by its {s.num_heads} heads")
     if not 0.0 <= s.dropout < 1.0:

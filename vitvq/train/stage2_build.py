@@ -15,7 +15,7 @@ import numpy as np
 from vitvq import bundle, parallel, sampling
 from vitvq import settings as settings_lib
 from vitvq.errors import ConfigError
-from vitvq.models.vim import build_vim
+from vitvq.models.vim import build_vim, check_vocab_size
 from vitvq.train import stage2_step
 from vitvq.train.optim import make_adam
 from vitvq.train.stage2_step import Stage2Settings, Stage2State, eval_step, train_step
@@ -48,6 +48,10 @@ class Stage2:
                 f"{config.tokenizer_bundle} encodes {self.image_size}x{self.image_size} "
                 "images: leave image_size unset or make it equal"
             )
+        path = config.get("tokenizer_bundle")
+        check_vocab_size(
+            self.tokenizer.num_codes, f"the tokenizer bundle {path}" if path else "the tokenizer"
+        )
         self.num_classes = int(config.dataset.get("num_classes", 0) or 0)
         self.settings = Stage2Settings(
             num_classes=self.num_classes, class_dropout=float(config.class_dropout)
