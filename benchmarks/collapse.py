@@ -203,21 +203,28 @@ def study_config(args):
     return c
 
 
-def train_study(args) -> dict:
+def start_training(config):
+    """The stage-1 trainer of `config`: (trainer, its fresh state, the jitted step, the
+    training batches from step 0); the mesh is `trainer.mesh`."""
     from vitvq import parallel
-    from vitvq.data.globalize import to_global
     from vitvq.train import runner
-    from vitvq.train.stage1 import Stage1, make_evaluator
+    from vitvq.train.stage1 import Stage1
 
-    config = study_config(args)
-    mesh = parallel.make_mesh(config.mesh)
-    trainer = Stage1(config, mesh)
+    trainer = Stage1(config, parallel.make_mesh(config.mesh))
     state, shardings = trainer.create_state(config.seed)
-    step_fn = trainer.jit_train_step(shardings)
     batches = runner.train_batches(
         config.dataset, image_size=config.image_size, batch_size=config.batch_size, seed=config.seed
     )(0)
-    model = trainer.model
+    return trainer, state, trainer.jit_train_step(shardings), batches
+
+
+def train_study(args) -> dict:
+    from vitvq.data.globalize import to_global
+    from vitvq.train.stage1 import make_evaluator
+
+    config = study_config(args)
+    trainer, state, step_fn, batches = start_training(config)
+    mesh, model = trainer.mesh, trainer.model
 
     @jax.jit
     def encode(state, images):

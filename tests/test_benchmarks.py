@@ -12,6 +12,7 @@
 - `bash -n` and shellcheck pass on gpu_suite.sh.
 """
 
+import argparse
 import importlib.util
 import json
 import math
@@ -23,6 +24,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -492,3 +494,93 @@ def test_checkpoint_digest_benchmark_runs(tmp_path):
     assert result["params"] >= 20000 and result["checkpoint_bytes"] > 20000  # compressed
     _positive(result, "record_seconds", "check_seconds", "restore_seconds")
     assert not (tmp_path / "d").exists()  # it cleans up after itself
+
+
+def _quantizer_row(q, name, per_batch, *, codes=8192, psnr=23.0, restart=False):
+    """A made-up row of benchmarks/quantizers.py: 30 batches of 1,024 tokens, each using the
+    codes start..start+per_batch-1 (start moving by per_batch: disjoint until they wrap)."""
+    batches = [
+        (k * per_batch + np.arange(1024) % per_batch).reshape(16, 8, 8) % codes for k in range(30)
+    ]
+    return {
+        "row": name,
+        "label": q.ROWS[name][0],
+        "scale": dict(q.SCALE),
+        "num_codes": codes,
+        "latent_dim": 32,
+        "restart": restart,
+        "usage": q.usage(batches, codes),
+        "held_out": {"codes_used": 100.0, "psnr": psnr, "lpips": 0.2},
+        "eff_rank": 2.5,
+        "img_per_s": 12.0,
+    }
+
+
+def test_quantizer_study_counts_codes_and_flags_the_default_bar():
+    """benchmarks/quantizers.py's pure parts: distinct codes per batch and over the last 30
+    batches (ceiling min(codes, 30,720)), the default bar and the table (no training)."""
+    q = _load("quantizers")
+    full = _quantizer_row(q, "fsq-8k", 1024, codes=8000)["usage"]
+    assert full["tokens"] == 30 * 1024 and full["batch_ceiling"] == 1024
+    assert full["mean_distinct_per_batch"] == 1024 and full["distinct_per_batch"] == [1024] * 30
+    assert full["distinct"] == full["ceiling"] == 8000  # fewer codes than tokens: every code
+    big = _quantizer_row(q, "lfq-64k", 1024, codes=65536)["usage"]
+    assert big["distinct"] == big["ceiling"] == 30 * 1024  # more codes than tokens
+    few = _quantizer_row(q, "paper", 3)["usage"]
+    assert (few["mean_distinct_per_batch"], few["distinct"], few["ceiling"]) == (3, 90, 8192)
+    same = q.usage([np.zeros((16, 8, 8), np.int32) + (k % 2) for k in range(30)], 8192)
+    assert (same["mean_distinct_per_batch"], same["distinct"]) == (1, 2)
+
+    rows = [
+        _quantizer_row(q, "lfq-64k", 1024, codes=65536),
+        _quantizer_row(q, "vq-ema-8k", 512, psnr=22.69),  # exactly at both bars
+        _quantizer_row(q, "simvq-8k", 511),
+        _quantizer_row(q, "fsq-8k", 900, codes=8000, psnr=22.68),
+        _quantizer_row(q, "defaults", 771, restart=True),
+        _quantizer_row(q, "paper", 3, psnr=16.38),
+    ]
+    flags = {r["row"]: q.passes(r) for r in rows}
+    assert flags["lfq-64k"] == (True, "") and flags["vq-ema-8k"] == (True, "")
+    assert flags["simvq-8k"] == (False, "usage < 512")
+    assert flags["fsq-8k"] == (False, "PSNR < 22.69")
+    assert flags["defaults"] == (False, "restart")
+    assert flags["paper"] == (False, "usage < 512, PSNR < 22.69")
+
+    text = q.table(rows)
+    assert "30 x 1,024 = 30,720 tokens" in text
+    assert "(here 8,000, 8,192, 30,720: 65,536 codes give at most 30,720)" in text
+    body = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line]
+    names = [line.split(" | ")[0][2:] for line in body[1:]]
+    assert names == ["paper", "defaults", "vq-ema-8k", "simvq-8k", "fsq-8k", "lfq-64k"]
+    cells = {name: line.split(" | ") for name, line in zip(names, body[1:], strict=True)}
+    assert cells["lfq-64k"][2:5] == ["65,536", "30,720 / 30,720 (100%)", "1,024 / 1,024"]
+    assert cells["paper"][3] == "90 / 8,192 (1%)" and cells["paper"][-1] == (
+        "fail: usage < 512, PSNR < 22.69 |"
+    )
+    assert cells["defaults"][-1] == "fail: restart |" and cells["vq-ema-8k"][-1] == "pass |"
+    assert "Not run: vq-kmeans, vq-ema-64k," in text
+    assert "different scales" not in text
+    rows[0]["scale"] = {**rows[0]["scale"], "steps": 90}
+    assert "Rows at different scales" in q.table(rows)
+
+
+def test_quantizer_study_rows_are_valid_configs():
+    """Every row of benchmarks/quantizers.py passes the config check at the study's scale and
+    has the codes its name says (FSQ 8,000 / 64,000; the others 8,192 / 65,536)."""
+    q, collapse = _load("quantizers"), _load("collapse")
+    from vitvq.models.quantizers import quantizer_spec, spec_num_codes
+    from vitvq.train.stage1 import check_config
+
+    for name in q.ROWS:
+        study = argparse.Namespace(preset="SS", set=q.overrides(name), **dict(q.SCALE))
+        config = collapse.study_config(study)
+        check_config(config)
+        spec = quantizer_spec(config.model.quantizer.to_dict())
+        codes = spec_num_codes(spec, config.model.codebook_size)
+        expected = {"8k": 8192, "64k": 65536}.get(name.rsplit("-", 1)[-1], 8192)
+        assert codes == (expected // 1024 * 1000 if spec.kind == "fsq" else expected), name
+        restart = config.codebook_restart.every_steps > 0
+        assert restart == (name == "defaults"), name
+        init = config.codebook_init.kind
+        assert init == ("kmeans" if name in ("defaults", "vq-kmeans") else "normal"), name
+        assert config.loss.perceptual == config.loss.adversarial == 0.0 and config.eval_lpips
