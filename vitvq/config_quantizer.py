@@ -9,6 +9,8 @@ the block (saved before it existed) is kind "vq". A stage-1 config that trains a
 tokenizer (a pipeline's) gives at most the VIM's largest vocabulary (`check_vim_vocabulary`).
 """
 
+import dataclasses
+
 from vitvq.config_rules import (
     MISSING,
     Int,
@@ -25,7 +27,14 @@ from vitvq.config_rules import (
 from vitvq.errors import ConfigError
 from vitvq.models.fsq import MAX_CODES
 from vitvq.models.lfq import MAX_BITS
-from vitvq.models.quantizers import DEFAULTS, KINDS, SPEC_KEYS, UPDATES, applies
+from vitvq.models.quantizers import (
+    DEFAULTS,
+    KINDS,
+    SPEC_KEYS,
+    UPDATES,
+    applies,
+    spec_num_codes,
+)
 from vitvq.models.rotation import GRADIENTS
 from vitvq.models.vim import MAX_VOCAB
 
@@ -166,21 +175,19 @@ def check_vim_vocabulary(config, prefix: str) -> None:
     """The code count of a stage-1 config whose tokenizer feeds a VIM (the VIM's vocabulary)
     is at most MAX_VOCAB; after the rules and `check_quantizer_relations` ran."""
     kind = kind_of(config)
-    if kind == "fsq":
-        key, value = f"{BLOCK}.levels", tuple(get(config, f"{BLOCK}.levels", DEFAULTS.levels))
-        codes = 1
-        for level in value:
-            codes *= level
-    elif kind == "lfq":
-        key, value = f"{BLOCK}.bits", get(config, f"{BLOCK}.bits", DEFAULTS.bits)
-        codes = 2**value
-    else:
-        key = "model.codebook_size"
-        value = codes = get(config, key)
+    spec = dataclasses.replace(
+        DEFAULTS,
+        kind=kind,
+        levels=tuple(get(config, f"{BLOCK}.levels", DEFAULTS.levels)),
+        bits=get(config, f"{BLOCK}.bits", DEFAULTS.bits),
+    )
+    codes = spec_num_codes(spec, get(config, "model.codebook_size"))
     if codes > MAX_VOCAB:
+        # The key that sets the count: FSQ's levels, LFQ's bits, a codebook's size.
+        key = {"fsq": f"{BLOCK}.levels", "lfq": f"{BLOCK}.bits"}.get(kind, "model.codebook_size")
         fail(
             f"{prefix}.{key}",
-            value,
+            get(config, key, getattr(spec, key.rpartition(".")[2], None)),
             f"a quantizer of at most {MAX_VOCAB} codes (2**18, the largest VIM vocabulary; "
             "docs/codebook.md)",
             f"it gives {codes} codes, the vocabulary of {prefix}.vim",
