@@ -3,7 +3,7 @@
     python benchmarks/quality_photos.py [--minutes=30] [--select] [--out=DIR]
         [--config=configs/photos.py:full] [--config.KEY=VALUE ...]
 
-Trains `configs/photos.py` (encoder/decoder 256 wide x 4 blocks, patch 4, 64x64 images,
+Trains `configs/photos.py` (encoder/decoder 256 wide x 4 blocks, patch 8, 64x64 images,
 code_dim 32, 8192 codes) on random crops of the bundled training photos for a wall-time budget
 (imports excluded, compilation included), then measures on the held-out photos (chelsea,
 coffee; never seen in training):
@@ -256,7 +256,7 @@ def main(argv):
     grid_codes, _ = run_model(
         held_out_images(config.image_size, TRAIN_GRID_PHOTOS)[: len(held_out)]
     )
-    k = model.codebook_size
+    k = model.num_codes  # the quantizer's code count (FSQ: prod(levels))
     wide = (
         None if _SELECT.value else measure_wide(run_model, config.image_size, ours, thumb, codes, k)
     )

@@ -4,7 +4,7 @@ about 8k and 64k codes, trained as the collapse study trains (`collapse.study_co
     python benchmarks/quantizers.py run --row=NAME [--steps=300 --batch=16 --width=256
         --depth=4 --image_size=64] [--out=DIR]
     python benchmarks/quantizers.py all --out=DIR [--rows=paper,fsq-8k] [scale flags as run]
-    python benchmarks/quantizers.py table DIR [--png=curves.png]
+    python benchmarks/quantizers.py table DIR [--png=curves.png [--png_rows=paper,fsq-8k]]
 
 Scale (BENCHMARKS.md, "Over training"): the SS config at 256 wide x 4 blocks on 64x64 photo
 crops, batch 16 (1,024 tokens), 300 steps of the paper's optimizer shrunk to the run, LPIPS
@@ -13,7 +13,8 @@ the rows' scales differ).
 
 Rows (`ROWS`, the table's order): the paper's recipe first (vq, normal init, straight-through,
 gradient-trained codes); today's defaults (k-means init + dead-code restart every 25 steps:
-the only row with a restart); the k-means init alone; vq with an EMA codebook and with the
+the only row with a restart); the k-means init alone, and with an EMA codebook or the
+rotation trick (8k: k-means init is not a restart); vq with an EMA codebook and with the
 rotation trick, SimVQ, FSQ and LFQ at about 8k and 64k codes, all with the normal init (only
 vq reads it) and no restart. FSQ levels (8,8,5,5,5) = 8,000 and (8,8,8,5,5,5) = 64,000 (the
 FSQ paper's levels for 2**16, and one 8 fewer: both 97.7% of the power of two). LFQ 13 bits
@@ -62,14 +63,23 @@ NORMAL = ("codebook_init.kind=normal",)
 K64 = ("model.codebook_size=65536",)
 
 
-def _q(*keys: str) -> tuple[str, ...]:
-    return NORMAL + tuple(f"model.quantizer.{k}" for k in keys)
+KMEANS = ("codebook_init.kind=kmeans",)
+
+
+def _q(*keys: str, init: tuple[str, ...] = NORMAL) -> tuple[str, ...]:
+    return init + tuple(f"model.quantizer.{k}" for k in keys)
+
+
+def _k(*keys: str) -> tuple[str, ...]:
+    return _q(*keys, init=KMEANS)
 
 
 ROWS = {  # name -> (label, overrides of collapse.study_config)
     "paper": ("vq, paper (normal init, straight-through)", NORMAL),
     "defaults": ("vq, defaults (k-means + restart)", RESTART),
-    "vq-kmeans": ("vq, k-means init, no restart", ("codebook_init.kind=kmeans",)),
+    "vq-kmeans": ("vq, k-means init, no restart", KMEANS),
+    "vq-kmeans-ema-8k": ("vq, k-means init + EMA codebook", _k("update=ema")),
+    "vq-kmeans-rotation-8k": ("vq, k-means init + rotation trick", _k("gradient=rotation")),
     "vq-ema-8k": ("vq, EMA codebook", _q("update=ema")),
     "vq-ema-64k": ("vq, EMA codebook", _q("update=ema") + K64),
     "vq-rotation-8k": ("vq, rotation trick", _q("gradient=rotation")),
@@ -273,7 +283,7 @@ def run_all(args) -> dict:
     return {"out": str(out), "ran": done, "failed": failed}
 
 
-def print_table(directory: pathlib.Path, png: str) -> None:
+def print_table(directory: pathlib.Path, png: str, png_rows: str = "") -> None:
     rows = read_rows(directory)
     if not rows:
         raise SystemExit(f"no row JSON in {directory}")
@@ -282,7 +292,9 @@ def print_table(directory: pathlib.Path, png: str) -> None:
         sys.path.insert(0, str(ROOT / "benchmarks"))
         import collapse
 
-        collapse.plot([{**r, "label": f"{r['row']}: {r['label']}"} for r in rows], png)
+        names = png_rows.split(",") if png_rows else [r["row"] for r in rows]
+        drawn = [r for r in rows if r["row"] in names]
+        collapse.plot([{**r, "label": f"{r['row']}: {r['label']}"} for r in drawn], png)
 
 
 def main() -> None:
@@ -300,9 +312,10 @@ def main() -> None:
     p_table = sub.add_parser("table")
     p_table.add_argument("dir")
     p_table.add_argument("--png", default="")
+    p_table.add_argument("--png_rows", default="", help="rows to draw (comma-separated)")
     args = parser.parse_args()
     if args.part == "table":
-        return print_table(pathlib.Path(args.dir), args.png)
+        return print_table(pathlib.Path(args.dir), args.png, args.png_rows)
     if args.part == "all":
         result = run_all(args)
         print(json.dumps(result))

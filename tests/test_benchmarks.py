@@ -563,7 +563,7 @@ def test_quantizer_study_counts_codes_and_flags_the_default_bar():
         "fail: usage < 512, PSNR < 22.69 |"
     )
     assert cells["defaults"][-1] == "fail: restart |" and cells["vq-ema-8k"][-1] == "pass |"
-    assert "Not run: vq-kmeans, vq-ema-64k," in text
+    assert "Not run: vq-kmeans, vq-kmeans-ema-8k, vq-kmeans-rotation-8k, vq-ema-64k," in text
     assert "different scales" not in text
     rows[0]["scale"] = {**rows[0]["scale"], "steps": 90}
     assert "Rows at different scales" in q.table(rows)
@@ -587,5 +587,6 @@ def test_quantizer_study_rows_are_valid_configs():
         restart = config.codebook_restart.every_steps > 0
         assert restart == (name == "defaults"), name
         init = config.codebook_init.kind
-        assert init == ("kmeans" if name in ("defaults", "vq-kmeans") else "normal"), name
+        kmeans = name == "defaults" or name.startswith("vq-kmeans")
+        assert init == ("kmeans" if kmeans else "normal"), name
         assert config.loss.perceptual == config.loss.adversarial == 0.0 and config.eval_lpips
