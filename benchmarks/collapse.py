@@ -161,18 +161,13 @@ def init_study(args) -> dict:
 
 
 def apply_override(config, assignment: str) -> None:
-    import ast
+    """One `--set=KEY=VALUE` applied to `config`: train_step.py's `--config.KEY=VALUE` parser
+    (the value typed like the one it replaces; an unknown key exits with one line)."""
+    if str(ROOT / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+    from train_step import apply_overrides
 
-    key, _, text = assignment.partition("=")
-    try:
-        value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        value = text
-    node = config
-    parts = key.split(".")
-    for part in parts[:-1]:
-        node = node[part]
-    node[parts[-1]] = value
+    apply_overrides(config, [f"--config.{assignment}"])
 
 
 def study_config(args):

@@ -590,3 +590,5 @@ def test_quantizer_study_rows_are_valid_configs():
         kmeans = name == "defaults" or name.startswith("vq-kmeans")
         assert init == ("kmeans" if kmeans else "normal"), name
         assert config.loss.perceptual == config.loss.adversarial == 0.0 and config.eval_lpips
+    with pytest.raises(SystemExit, match="unknown config key 'model.quantizer.levelz'"):
+        collapse.apply_override(config, "model.quantizer.levelz=(8, 8)")  # a typo is refused
