@@ -437,14 +437,16 @@ def test_matmul_shapes_bound_is_consistent(tmp_path):
 
 
 def test_photos_config_variants():
-    """configs/photos.py: the L2-only default, the paper's full loss with LPIPS from 40% of the
-    run and the GAN in its last 10%, and steps=N, which moves their starts and the end of the
-    restart window with the schedule."""
+    """configs/photos.py: the L2-only default (FSQ, no restart), the paper's full loss and
+    quantizer with LPIPS from 40% of the run and the GAN in its last 10%, and steps=N, which
+    moves their starts and the end of the restart window with the schedule."""
     from vitvq.train import schedule
 
     l2, full = _config("photos.py"), _config("photos.py", "full,steps=1500")
     assert (l2.loss.perceptual, l2.loss.adversarial, l2.loss.logit_laplace) == (0.0, 0.0, 0.0)
-    assert l2.model.output == "raw" and l2.codebook_restart.stop_step == l2.total_steps * 9 // 10
+    assert l2.model.output == "raw" and l2.codebook_restart.every_steps == 0
+    assert l2.model.quantizer.kind == "fsq" and l2.model.quantizer.levels == (8, 8, 8, 5, 5, 5)
+    assert full.model.quantizer.kind == "vq" and full.codebook_restart.every_steps == 50
     assert (full.loss.l2, full.loss.logit_laplace, full.loss.perceptual) == (1.0, 0.1, 0.1)
     assert full.loss.adversarial == 0.1 and full.model.output == "sigmoid"
     assert full.total_steps == 1500 and schedule.loss_starts(full.loss, 1500) == (600, 1350)
