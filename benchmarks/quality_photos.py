@@ -3,8 +3,8 @@
     python benchmarks/quality_photos.py [--minutes=30] [--select] [--out=DIR]
         [--config=configs/photos.py:full] [--config.KEY=VALUE ...]
 
-Trains `configs/photos.py` (encoder/decoder 256 wide x 4 blocks, patch 8, 64x64 images,
-code_dim 32, 8192 codes) on random crops of the bundled training photos for a wall-time budget
+Trains `configs/photos.py` (encoder/decoder 256 wide x 4 blocks, patch 8, 64x64 images, FSQ
+with 64,000 codes) on random crops of the bundled training photos for a wall-time budget
 (imports excluded, compilation included), then measures on the held-out photos (chelsea,
 coffee; never seen in training):
 
