@@ -187,6 +187,9 @@ def stage1(encoder: str = "S", decoder: str = "S", **overrides) -> ml_collection
             perceptual_start_step=0,  # LPIPS term switched on at this step
             disc_start_step=0,  # discriminator trained and used from this step
             perceptual_start_fraction=0.0,
+            # LPIPS on one random square window of this side per image and step (the same
+            # window of the reconstruction and the target); 0 = the whole image (the paper).
+            perceptual_crop=0,
             # Not the paper's (it does not say): the discriminator joins half-way, once the
             # reconstruction terms have had their start (BENCHMARKS.md, "Stability at paper
             # scale": at its fixed weight the GAN's term outweighs a small L2).

@@ -126,6 +126,7 @@ SLOW_TESTS = {
     "test_quantizer.py::test_codes_and_latents_have_unit_norm",
     "test_metrics.py::test_metrics_are_per_example",
     "test_perceptual.py::test_gradients_flow_to_images_not_weights",
+    "test_schedule.py::test_lpips_sees_one_window_of_both_images_drawn_from_the_steps_key",
 }
 # Cheap tests of the slow modules that stay in the fast tier, so that it exercises the
 # modules those cover (the loop, the distributed settings, URL paths, the export command, the

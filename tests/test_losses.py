@@ -242,3 +242,61 @@ def test_codebook_entropy_loss_gradient_matches_finite_differences():
 def test_codebook_entropy_loss_rejects_bad_temperature():
     with pytest.raises(ConfigError, match="entropy_temperature"):
         losses.codebook_entropy_loss(jnp.ones((2, 4)), jnp.ones((3, 4)), 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Paired random crops (LPIPS on a window: `loss.perceptual_crop`).
+
+
+def _window_of(big: np.ndarray, small: np.ndarray) -> list[tuple[int, int]]:
+    """Every (top, left) where `small` equals a window of `big` (brute force)."""
+    size = small.shape[0]
+    return [
+        (t, l)
+        for t in range(big.shape[0] - size + 1)
+        for l in range(big.shape[1] - size + 1)  # noqa: E741
+        if np.array_equal(big[t : t + size, l : l + size], small)
+    ]
+
+
+def test_paired_random_crops_take_one_window_per_example_from_every_array():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, 9, 7, 3)).astype(np.float32)
+    y = (2.0 * x + rng.normal(size=x.shape)).astype(np.float32)
+    crop = jax.jit(losses.paired_random_crops, static_argnums=2)
+    seen = set()
+    for seed in range(40):
+        cx, cy = (np.asarray(a) for a in crop(jax.random.key(seed), (x, y), 4))
+        assert cx.shape == cy.shape == (6, 4, 4, 3)
+        for i in range(len(x)):
+            (where,) = _window_of(x[i], cx[i])
+            assert _window_of(y[i], cy[i]) == [where]  # the same window of both arrays
+            seen.add(where)
+    # Every position that fits is drawn (40 keys x 6 examples = 240 draws over 24 positions)
+    # and none that does not.
+    assert seen == {(t, l) for t in range(6) for l in range(4)}  # noqa: E741
+    again = crop(jax.random.key(3), (x, y), 4)
+    np.testing.assert_array_equal(again[0], crop(jax.random.key(3), (x, y), 4)[0])
+
+
+def test_paired_random_crops_pass_gradients_to_the_window_only():
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(3, 8, 8, 2)), jnp.float32)
+    w = jnp.arange(5 * 5 * 2, dtype=jnp.float32).reshape(5, 5, 2)
+    key = jax.random.key(7)
+
+    def weighted_window(a):
+        return jnp.sum(losses.paired_random_crops(key, (a,), 5)[0] * w)
+
+    grad = np.asarray(jax.grad(weighted_window)(x))
+    (cx,) = losses.paired_random_crops(key, (x,), 5)
+    for i in range(3):
+        ((top, left),) = _window_of(np.asarray(x[i]), np.asarray(cx[i]))
+        want = np.zeros((8, 8, 2), np.float32)
+        want[top : top + 5, left : left + 5] = w
+        np.testing.assert_array_equal(grad[i], want)
+
+
+@pytest.mark.parametrize("size", [0, 9])
+def test_paired_random_crops_refuse_windows_that_do_not_fit(size):
+    with pytest.raises(ConfigError, match=f"crop size {size} must be in"):
+        losses.paired_random_crops(jax.random.key(0), (jnp.zeros((1, 8, 8, 3)),), size)

@@ -128,7 +128,7 @@ def test_the_memory_check_compiles_the_step_with_every_term_on():
     assert step == math.ceil(250 / config.loss.r1_every) * config.loss.r1_every
 
 
-def _paper_config(name: str):
+def _paper_config(name: str, arg=None):
     import importlib.util
     import pathlib
 
@@ -136,7 +136,7 @@ def _paper_config(name: str):
     spec = importlib.util.spec_from_file_location(f"schedule_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config()
+    return module.get_config(arg)
 
 
 def test_the_paper_scale_tokenizers_share_one_schedule():
@@ -159,3 +159,44 @@ def test_the_paper_scale_tokenizers_share_one_schedule():
     assert adaptive is True
     assert at_paper_length == ((0, 250_000), 50_000, 50_000)  # the paper's 50k warmup
     assert short == ((0, 75), 15, 15)
+
+
+def test_lpips_sees_one_window_of_both_images_drawn_from_the_steps_key():
+    """`loss.perceptual_crop`: the step hands LPIPS a window of that side of the reconstruction
+    and of the image, drawn from the state's key and step (a resumed run draws the same), a
+    new one each step; 0 hands it the whole images."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from vitvq import parallel
+    from vitvq.train.stage1_build import Stage1
+
+    def fake_lpips(recon, images):
+        # Sizes in the thousands and hundreds, the window's mean brightness below 1.
+        size = 1000.0 * recon.shape[1] + 100.0 * images.shape[2]
+        return size + jnp.mean(images, axis=(1, 2, 3))
+
+    steps = {}
+
+    def lpips_term(crop, state, batch):
+        if crop not in steps:  # one trainer and one compiled step per window size
+            config = _paper_config("vitvq_small", "runlocal")
+            config.loss.update(adversarial=0.0, perceptual_crop=crop)
+            trainer = Stage1(config, parallel.make_mesh(config.mesh))
+            fn = jax.jit(lambda st, b, t=trainer: t.step_fn(0)(st, b, fake_lpips))
+            steps[crop] = (trainer, fn)
+        trainer, fn = steps[crop]
+        state = state or trainer.create_state(0)[0]
+        return state, float(fn(state, batch)[1]["loss/perceptual"])
+
+    images = np.random.default_rng(0).uniform(size=(8, 32, 32, 3)).astype(np.float32)
+    batch = {"image": jnp.asarray(images)}
+    state, whole = lpips_term(0, None, batch)
+    assert whole == pytest.approx(1000 * 32 + 100 * 32 + images.mean(), abs=1e-5)
+    _, windowed = lpips_term(16, state, batch)
+    assert 1000 * 16 + 100 * 16 < windowed < 1000 * 16 + 100 * 16 + 1  # both images cropped
+    assert windowed - (1000 * 16 + 100 * 16) != pytest.approx(images.mean(), abs=1e-6)
+    assert lpips_term(16, state, batch)[1] == windowed  # the same state: the same windows
+    later = state.replace(step=state.step + 1)
+    assert lpips_term(16, later, batch)[1] != windowed  # the next step: new windows

@@ -56,6 +56,7 @@ from vitvq.errors import ConfigError
 from vitvq.losses import GAN_LOSS_KINDS
 from vitvq.models.discriminator import DISCRIMINATOR_KINDS, patch_logits_size
 from vitvq.models.kmeans import CODEBOOK_INITS
+from vitvq.models.perceptual import MIN_IMAGE_SIZE
 from vitvq.models.vim import VIM_CONFIG_KEYS, VIM_PRESETS
 from vitvq.models.vit import POSEMB_KINDS
 from vitvq.models.vitvqgan import BACKBONES, OUTPUT_KINDS
@@ -215,6 +216,7 @@ STAGE1_RULES = (
     Rule("loss.perceptual_start_step", NON_NEGATIVE, required=True),
     Rule("loss.disc_start_step", NON_NEGATIVE, required=True),
     Rule("loss.perceptual_start_fraction", START_FRACTION),
+    Rule("loss.perceptual_crop", Int(lo=0, note="0: the whole image")),
     Rule("loss.disc_start_fraction", START_FRACTION),
     Rule("loss.gan_loss", OneOf(GAN_LOSS_KINDS), required=True),
     Rule(
@@ -296,6 +298,16 @@ def _check_stage1_relations(config, prefix: str) -> None:
             f"a power of two >= 8 (8, 16, 32, ...), {prefix}.discriminator.kind='patchgan', "
             f"or {prefix}.loss.adversarial=0 (no GAN)",
             "the StyleGAN discriminator halves the image down to 4x4",
+        )
+    crop = get(config, "loss.perceptual_crop", 0)
+    if crop and not MIN_IMAGE_SIZE <= crop <= image_size:
+        fail(
+            f"{prefix}.loss.perceptual_crop",
+            crop,
+            f"0 (the whole image) or a side in [{MIN_IMAGE_SIZE}, {prefix}.image_size="
+            f"{image_size}]",
+            f"LPIPS's VGG16 pools four times (at least {MIN_IMAGE_SIZE} pixels) and the window "
+            "lies inside the image",
         )
     if _patchgan_on(config):
         layers = get(config, "discriminator.num_layers", 3)

@@ -26,6 +26,25 @@ def l2_loss(x: jax.Array, y: jax.Array) -> jax.Array:
     return jnp.mean(jnp.square(_float(x) - _float(y)))
 
 
+def paired_random_crops(
+    rng: jax.Array, images: tuple[jax.Array, ...], size: int
+) -> tuple[jax.Array, ...]:
+    """The same random `size` x `size` window of each example in every array of `images`
+    (all [batch, height, width, channels] of one shape): one window per example, uniform over
+    the positions that fit. Differentiable with respect to the arrays."""
+    batch, height, width, channels = images[0].shape
+    if not 0 < size <= min(height, width):
+        raise ConfigError(f"crop size {size} must be in [1, {min(height, width)}]")
+    k_top, k_left = jax.random.split(rng)
+    tops = jax.random.randint(k_top, (batch,), 0, height - size + 1)
+    lefts = jax.random.randint(k_left, (batch,), 0, width - size + 1)
+
+    def crop(x, top, left):
+        return jax.lax.dynamic_slice(x, (top, left, 0), (size, size, channels))
+
+    return tuple(jax.vmap(crop)(x, tops, lefts) for x in images)
+
+
 # ---------------------------------------------------------------------------------------------
 # Logit-Laplace (DALL-E, Ramesh et al. 2021).
 

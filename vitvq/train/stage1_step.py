@@ -80,6 +80,10 @@ class Stage1Settings:
     entropy: float = 0.0  # codebook entropy regularizer weight (0 = off)
     entropy_temperature: float = 0.01
     perceptual_start_step: int = 0
+    # LPIPS on one random square window of this side per image (the same window of the
+    # reconstruction and the target), drawn each step; 0 = the whole image. A 32x32 window
+    # of a 64x64 image costs about a quarter of the whole image's VGG pass.
+    perceptual_crop: int = 0
     disc_start_step: int = 0
     gan_loss: str = "non_saturating"
     r1_gamma: float = 10.0
@@ -228,7 +232,7 @@ def _restart(params, vq_stats, quantizer_state, latents, rng, *, threshold, ema)
     return params, vq_stats, quantizer_state, n
 
 
-def _adaptive_gan_scale(logits, images, perceptual, *, model, disc, disc_params, settings):
+def _adaptive_gan_scale(logits, images, perceptual_term, *, model, disc, disc_params, settings):
     """||grad of the weighted reconstruction terms|| / ||grad of the adversarial term||, both
     w.r.t. the decoder's output logits (clipped to [0, 1e4], no gradient): the adversarial
     term's pull on the decoder is then `settings.adversarial` times the reconstruction's."""
@@ -245,8 +249,8 @@ def _adaptive_gan_scale(logits, images, perceptual, *, model, disc, disc_params,
             loss += s.logit_laplace * losses.logit_laplace_nll(
                 images, z, eps=model.logit_laplace_eps
             )
-        if s.perceptual > 0 and perceptual is not None and s.perceptual_on:
-            loss += s.perceptual * jnp.mean(perceptual(recon, images))
+        if perceptual_term is not None:
+            loss += s.perceptual * perceptual_term(recon)
         return loss
 
     def adversarial(z):
@@ -322,6 +326,17 @@ def train_step(
 
     base_params, base_qstate = state.params, state.quantizer_state
     ema_codebook = is_ema(model.quantization)
+    perceptual_term = None
+    if s.perceptual > 0 and perceptual is not None and s.perceptual_on:
+        crop_rng = jax.random.fold_in(rng, 1 << 21)
+
+        def perceptual_term(recon):
+            """The mean LPIPS of `recon` against the batch (on this step's windows)."""
+            pair = (recon, images)
+            if s.perceptual_crop:
+                pair = losses.paired_random_crops(crop_rng, pair, s.perceptual_crop)
+            return jnp.mean(perceptual(*pair))
+
     # No update has been applied yet: every earlier step (if any) was skipped as non-finite.
     first_update = step == state.skipped
     if s.codebook_init == "kmeans":
@@ -362,8 +377,8 @@ def train_step(
             )
             weights["logit_laplace"] = s.logit_laplace
         # Terms that switch on later are absent from the step compiled for earlier steps.
-        if s.perceptual > 0 and perceptual is not None and s.perceptual_on:
-            terms["perceptual"] = jnp.mean(perceptual(recon, images))
+        if perceptual_term is not None:
+            terms["perceptual"] = perceptual_term(recon)
             weights["perceptual"] = s.perceptual
         if use_gan and s.adversarial > 0 and s.gan_on:
             fake_logits = disc.apply({"params": state.disc_params}, recon)
@@ -373,7 +388,7 @@ def train_step(
                 gan_scale = _adaptive_gan_scale(
                     aux["decoder_logits"],
                     images,
-                    perceptual,
+                    perceptual_term,
                     model=model,
                     disc=disc,
                     disc_params=state.disc_params,
