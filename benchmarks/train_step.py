@@ -455,6 +455,8 @@ def steady_step(settings) -> int:
     from vitvq.train.stage1_step import phase_settings
 
     step = 0
+    if settings.logit_laplace > 0:
+        step = max(step, settings.logit_laplace_start_step)
     if settings.perceptual > 0:
         step = max(step, settings.perceptual_start_step)
     if settings.adversarial > 0:

@@ -187,6 +187,9 @@ def stage1(encoder: str = "S", decoder: str = "S", **overrides) -> ml_collection
             perceptual_start_step=0,  # LPIPS term switched on at this step
             disc_start_step=0,  # discriminator trained and used from this step
             perceptual_start_fraction=0.0,
+            # The same for the logit-Laplace term (default: from the first step).
+            logit_laplace_start_step=0,
+            logit_laplace_start_fraction=0.0,
             # LPIPS on one random square window of this side per image and step (the same
             # window of the reconstruction and the target); 0 = the whole image (the paper).
             perceptual_crop=0,

@@ -121,6 +121,27 @@ def test_the_trainers_phases_switch_at_the_fractions():
     ]
 
 
+def test_logit_laplace_starts_at_its_step_or_fraction():
+    config = _stage1_config(100, logit_laplace_start_fraction=0.75)
+    settings = step_settings(config)
+    assert settings.logit_laplace_start_step == 75
+    assert [phase_settings(settings, s).logit_laplace_on for s in (0, 74, 75, 99)] == [
+        False,
+        False,
+        True,
+        True,
+    ]
+    config.loss.logit_laplace_start_step = 10  # a step given wins over the fraction
+    assert step_settings(config).logit_laplace_start_step == 10
+    assert aot.heaviest_step(_stage1_config(1000, logit_laplace_start_fraction=0.9)) == 912
+    # Configs saved before the keys existed: from the first step; a zero weight is never on.
+    for key in ("logit_laplace_start_step", "logit_laplace_start_fraction"):
+        del config.loss[key]
+    assert phase_settings(step_settings(config), 0).logit_laplace_on
+    config.loss.logit_laplace = 0.0
+    assert not phase_settings(step_settings(config), 50).logit_laplace_on
+
+
 def test_the_memory_check_compiles_the_step_with_every_term_on():
     config = _stage1_config(1000, disc_start_fraction=0.25)
     step = aot.heaviest_step(config)

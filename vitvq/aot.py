@@ -158,9 +158,11 @@ def hbm_bytes(device_kind: str, hbm_gib: float | None = None) -> int:
 
 
 def heaviest_step(config) -> int:
-    """Stage 1's first step with every term on: LPIPS, the GAN and, when on, lazy R1."""
+    """Stage 1's first step with every term on: logit-Laplace, LPIPS, the GAN and, when on,
+    lazy R1."""
     loss = config.loss
-    step = max(1, *schedule.loss_starts(loss, config.total_steps))
+    starts = schedule.loss_starts(loss, config.total_steps)
+    step = max(1, *starts, schedule.logit_laplace_start(loss, config.total_steps))
     if loss.adversarial > 0 and loss.r1_gamma > 0:
         step = math.ceil(step / max(1, loss.r1_every)) * max(1, loss.r1_every)
     return step

@@ -216,6 +216,8 @@ STAGE1_RULES = (
     Rule("loss.perceptual_start_step", NON_NEGATIVE, required=True),
     Rule("loss.disc_start_step", NON_NEGATIVE, required=True),
     Rule("loss.perceptual_start_fraction", START_FRACTION),
+    Rule("loss.logit_laplace_start_step", NON_NEGATIVE),
+    Rule("loss.logit_laplace_start_fraction", START_FRACTION),
     Rule("loss.perceptual_crop", Int(lo=0, note="0: the whole image")),
     Rule("loss.disc_start_fraction", START_FRACTION),
     Rule("loss.gan_loss", OneOf(GAN_LOSS_KINDS), required=True),

@@ -39,6 +39,16 @@ def loss_starts(loss, total_steps: int) -> tuple[int, int]:
     )
 
 
+def logit_laplace_start(loss, total_steps: int) -> int:
+    """The first logit-Laplace step of a stage-1 `loss` block (configs saved before its start
+    keys existed: 0, from the first step)."""
+    return start_step(
+        loss.get("logit_laplace_start_step", 0),
+        loss.get("logit_laplace_start_fraction", 0.0),
+        total_steps,
+    )
+
+
 def warmup_steps(ocfg, total_steps: int) -> int:
     """The warmup of an `optimizer` block over a run of `total_steps`: `warmup_steps`, at most
     `max_warmup_fraction` of the run (never below one step where a warmup was asked for) and

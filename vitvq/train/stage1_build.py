@@ -68,6 +68,7 @@ def step_settings(config) -> Stage1Settings:
         entropy=loss.get("entropy", 0.0),
         entropy_temperature=loss.get("entropy_temperature", 0.01),
         perceptual_start_step=perceptual_start,
+        logit_laplace_start_step=schedule.logit_laplace_start(loss, config.total_steps),
         # Absent from configs saved before it existed: the whole image.
         perceptual_crop=int(loss.get("perceptual_crop", 0)),
         disc_start_step=disc_start,

@@ -15,9 +15,10 @@ The k-means init and the dead-code restart rewrite the paper's codebook (`params
 codebook (`vq_ema`: its codes and sums, cluster sizes 1). LFQ's entropy weight is scaled by
 `entropy_scale(step)` (its annealing), a traced value.
 
-The LPIPS and GAN terms are switched on at configured steps. A step whose losses, gradients or
-updated parameters are not finite changes nothing but the step counter and the count of
-consecutive non-finite steps (the loop stops the run when that count reaches its limit).
+The logit-Laplace, LPIPS and GAN terms are switched on at configured steps. A step whose
+losses, gradients or updated parameters are not finite changes nothing but the step counter and
+the count of consecutive non-finite steps (the loop stops the run when that count reaches its
+limit).
 """
 
 import dataclasses
@@ -80,6 +81,7 @@ class Stage1Settings:
     entropy: float = 0.0  # codebook entropy regularizer weight (0 = off)
     entropy_temperature: float = 0.01
     perceptual_start_step: int = 0
+    logit_laplace_start_step: int = 0
     # LPIPS on one random square window of this side per image (the same window of the
     # reconstruction and the target), drawn each step; 0 = the whole image. A 32x32 window
     # of a 64x64 image costs about a quarter of the whole image's VGG pass.
@@ -107,6 +109,7 @@ class Stage1Settings:
     codebook_ema_on: bool = True
     # The phase of training this step is compiled for (see `phase_settings`).
     perceptual_on: bool = True  # step >= perceptual_start_step
+    logit_laplace_on: bool = True  # step >= logit_laplace_start_step
     gan_on: bool = True  # step >= disc_start_step
     r1_now: bool = True  # a lazy-R1 step (step % r1_every == 0)
 
@@ -161,6 +164,7 @@ def phase_settings(settings: Stage1Settings, step: int) -> Stage1Settings:
     return dataclasses.replace(
         s,
         perceptual_on=s.perceptual > 0 and step >= s.perceptual_start_step,
+        logit_laplace_on=s.logit_laplace > 0 and step >= s.logit_laplace_start_step,
         gan_on=gan_on,
         r1_now=gan_on and s.r1_gamma > 0 and step % max(1, s.r1_every) == 0,
     )
@@ -245,7 +249,7 @@ def _adaptive_gan_scale(logits, images, perceptual_term, *, model, disc, disc_pa
     def reconstruction(z):
         recon = to_image(z)
         loss = s.l2 * losses.l2_loss(recon, images)
-        if s.logit_laplace > 0 and model.output == "sigmoid":
+        if s.logit_laplace > 0 and s.logit_laplace_on and model.output == "sigmoid":
             loss += s.logit_laplace * losses.logit_laplace_nll(
                 images, z, eps=model.logit_laplace_eps
             )
@@ -371,7 +375,7 @@ def train_step(
             )
             weights["entropy"] = s.entropy
             aux = {**aux, **{f"entropy_{k}": v for k, v in entropy_parts.items()}}
-        if s.logit_laplace > 0 and model.output == "sigmoid":
+        if s.logit_laplace > 0 and s.logit_laplace_on and model.output == "sigmoid":
             terms["logit_laplace"] = losses.logit_laplace_nll(
                 images, aux["decoder_logits"], eps=model.logit_laplace_eps
             )
