@@ -45,6 +45,16 @@ from PIL import Image
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from photo_sets import (  # noqa: E402
+    FLAT_PHOTOS,
+    TRAIN_GRID_PHOTOS,
+    WIDE_EXTRA,
+    held_out_images,
+    psnr_uint8,
+    thumbnail,
+    use_selection_split,
+)
 
 _CONFIG = config_flags.DEFINE_config_file("config", str(ROOT / "configs" / "photos.py"))
 _MINUTES = flags.DEFINE_float("minutes", 30.0, "training wall-time budget")
@@ -53,79 +63,6 @@ _LOG_EVERY = flags.DEFINE_integer("log_every", 100, "steps between progress line
 _SELECT = flags.DEFINE_bool(
     "select", False, "train without SELECT_PHOTOS and measure on them (choosing a recipe)"
 )
-
-EVAL_FRACTIONS = (0.25, 0.35, 0.5, 0.7, 1.0)  # crop side / shorter side; 1.0 = center crop
-
-
-# Two training photos of about the held-out photos' size: the same multi-scale grid of crops of
-# them tells apart what limits held-out usage, the photos (unseen) or the crops (overlapping
-# crops of two photos repeat their patches).
-TRAIN_GRID_PHOTOS = ("china", "flower")
-
-# The other photographs in scikit-image's wheel (no download), none of them in training: a
-# cameraman, coins, a clock, the moon, and close-ups of brick, grass and gravel. Greyscale.
-WIDE_EXTRA = ("camera", "coins", "clock", "moon", "brick", "grass", "gravel")
-
-# The selection split (`--select`): two natural colour photos of the training set, like the
-# held-out cat and coffee cup; training then sees the other six.
-SELECT_PHOTOS = ("astronaut", "motorcycle_left")
-
-# The two nearly flat photos of WIDE_EXTRA, where an 8x8 thumbnail is almost lossless; the
-# other seven are "the textured photos" of the per-photo comparison.
-FLAT_PHOTOS = ("clock", "moon")
-
-
-def use_selection_split() -> None:
-    """Train on the training photos less SELECT_PHOTOS and treat those two as held out.
-
-    The photos source reads these module-level lists when the pipeline first loads it, so this
-    runs before anything builds a pipeline."""
-    from vitvq.data import sources
-
-    sources.PHOTOS_TRAIN = tuple(n for n in sources.PHOTOS_TRAIN if n not in SELECT_PHOTOS)
-    sources.PHOTOS_EVAL = SELECT_PHOTOS
-
-
-def held_out_images(size: int, names=None) -> np.ndarray:
-    """uint8 [N, size, size, 3] multi-scale crops of the held-out photos (or of `names`)."""
-    from vitvq.data import sources
-
-    out = []
-    for name in names or sources.PHOTOS_EVAL:
-        photo = sources.load_photo(name)
-        h, w = photo.shape[:2]
-        short = min(h, w)
-        for fraction in EVAL_FRACTIONS:
-            side = int(round(fraction * short))
-            if side == short:
-                tops, lefts = [(h - side) // 2], [(w - side) // 2]
-            else:
-                tops = range(0, h - side + 1, side // 2)
-                lefts = range(0, w - side + 1, side // 2)
-            for top in tops:
-                for left in lefts:
-                    crop = Image.fromarray(photo[top : top + side, left : left + side])
-                    out.append(np.asarray(crop.resize((size, size), Image.Resampling.BICUBIC)))
-    return np.stack(out)
-
-
-def thumbnail(images: np.ndarray, grid: int = 8) -> np.ndarray:
-    """Area-downsample to grid x grid, bicubic back to the original size (uint8)."""
-    n, size = images.shape[0], images.shape[1]
-    k = size // grid
-    small = images.reshape(n, grid, k, grid, k, 3).astype(np.float64).mean(axis=(2, 4))
-    small = np.clip(np.round(small), 0, 255).astype(np.uint8)
-    return np.stack(
-        [
-            np.asarray(Image.fromarray(s).resize((size, size), Image.Resampling.BICUBIC))
-            for s in small
-        ]
-    )
-
-
-def psnr_uint8(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2, axis=(1, 2, 3))
-    return 10.0 * np.log10(255.0**2 / np.maximum(mse, 1e-10))
 
 
 def measure_wide(run_model, size, ours, thumb, codes, k) -> dict:

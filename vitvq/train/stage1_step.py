@@ -83,8 +83,9 @@ class Stage1Settings:
     perceptual_start_step: int = 0
     logit_laplace_start_step: int = 0
     # LPIPS on one random square window of this side per image (the same window of the
-    # reconstruction and the target), drawn each step; 0 = the whole image. A 32x32 window
-    # of a 64x64 image costs about a quarter of the whole image's VGG pass.
+    # reconstruction and the target), drawn each step; 0 = the whole image. On cpu2 a 64x64
+    # window of a 128x128 image cut LPIPS's gradient 4.2x, but windows of 32 or less ran
+    # slower than the whole 64x64 image (BENCHMARKS.md).
     perceptual_crop: int = 0
     disc_start_step: int = 0
     gan_loss: str = "non_saturating"
