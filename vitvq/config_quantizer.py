@@ -183,11 +183,15 @@ def check_vim_vocabulary(config, prefix: str) -> None:
     )
     codes = spec_num_codes(spec, get(config, "model.codebook_size"))
     if codes > MAX_VOCAB:
-        # The key that sets the count: FSQ's levels, LFQ's bits, a codebook's size.
-        key = {"fsq": f"{BLOCK}.levels", "lfq": f"{BLOCK}.bits"}.get(kind, "model.codebook_size")
+        # The key that sets the count, with the value it has: FSQ's levels, LFQ's bits, or a
+        # codebook's size.
+        key, value = {
+            "fsq": (f"{BLOCK}.levels", spec.levels),
+            "lfq": (f"{BLOCK}.bits", spec.bits),
+        }.get(kind, ("model.codebook_size", get(config, "model.codebook_size")))
         fail(
             f"{prefix}.{key}",
-            get(config, key, getattr(spec, key.rpartition(".")[2], None)),
+            value,
             f"a quantizer of at most {MAX_VOCAB} codes (2**18, the largest VIM vocabulary; "
             "docs/codebook.md)",
             f"it gives {codes} codes, the vocabulary of {prefix}.vim",
