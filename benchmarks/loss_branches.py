@@ -24,12 +24,12 @@ branch points; every other key (quantizer, output, discriminator, weights) is th
 """
 
 import copy
+import functools
 import json
 import pathlib
 import sys
 import time
 
-import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -61,6 +61,10 @@ def main(argv):
         raise app.UsageError("need 0 < --base, 0 < --branch and --base + 2 * --branch <= --steps")
     qp.use_selection_split()
 
+    config = _CONFIG.value
+    mesh = parallel.make_mesh(config.mesh)
+    never = 10**9
+
     def trainer(**loss):
         c = copy.deepcopy(_CONFIG.value)
         c.total_steps = _STEPS.value
@@ -71,9 +75,6 @@ def main(argv):
         c.loss.update(loss)
         return Stage1(c, mesh)
 
-    config = _CONFIG.value
-    mesh = parallel.make_mesh(config.mesh)
-    never = 10**9
     l2_only = trainer(perceptual_start_step=never, logit_laplace_start_step=never)
     plain = trainer()
     gan = {
@@ -89,8 +90,10 @@ def main(argv):
         seed=config.seed,
     )
     held = qp.held_out_images(config.image_size)
-    x = jnp.asarray(held, jnp.float32) / 255.0
     lpips, model = lpips_fn(), plain.model
+    # One compilation for every measurement: the weights are an argument.
+    reconstruct = jax.jit(lambda variables, images: (model.apply(variables, images)[0],))
+    score = jax.jit(lambda recon, images: (lpips(recon, images),))
     rows = []
 
     def measure(state, name, seconds_per_step):
@@ -98,13 +101,9 @@ def main(argv):
             "params": state.params,
             **model_collections(state.vq_stats, state.quantizer_state),
         }
-        fn = jax.jit(lambda images: model.apply(variables, images)[0])
-        recon = np.concatenate([np.asarray(fn(x[i : i + 64])) for i in range(0, len(x), 64)])
-        recon = np.clip(np.round(recon * 255.0), 0, 255).astype(np.uint8)
-        y = jnp.asarray(recon, jnp.float32) / 255.0
-        lp = np.concatenate(
-            [np.asarray(lpips(y[i : i + 64], x[i : i + 64])) for i in range(0, len(x), 64)]
-        )
+        (recon,) = qp.apply_in_chunks(functools.partial(reconstruct, variables), held)
+        recon = qp.to_uint8(recon)
+        (lp,) = qp.apply_in_chunks(score, recon, held)
         row = {
             "branch": name,
             "step": int(state.step),

@@ -76,3 +76,25 @@ def thumbnail(images: np.ndarray, grid: int = 8) -> np.ndarray:
 def psnr_uint8(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2, axis=(1, 2, 3))
     return 10.0 * np.log10(255.0**2 / np.maximum(mse, 1e-10))
+
+
+def apply_in_chunks(fn, *images_uint8: np.ndarray, chunk: int = 64) -> list[np.ndarray]:
+    """`fn` (one float32 batch in [0, 1] per uint8 array given, all of one length -> a tuple
+    of per-example arrays), `chunk` examples at a time, the last chunk padded with zeros so
+    that `fn` always sees one shape (one compilation); each output concatenated, the padding
+    dropped."""
+    parts, total = [], len(images_uint8[0])
+    for i in range(0, total, chunk):
+        n = min(chunk, total - i)
+        batches = [
+            np.concatenate([a[i : i + n], np.zeros((chunk - n, *a.shape[1:]), np.uint8)])
+            for a in images_uint8
+        ]
+        outputs = fn(*(b.astype(np.float32) / 255.0 for b in batches))
+        parts.append([np.asarray(out)[:n] for out in outputs])
+    return [np.concatenate(outs) for outs in zip(*parts, strict=True)]
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """Float images in [0, 1] as uint8 (rounded, clipped)."""
+    return np.clip(np.round(images * 255.0), 0, 255).astype(np.uint8)

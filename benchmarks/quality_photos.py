@@ -50,9 +50,11 @@ from photo_sets import (  # noqa: E402
     FLAT_PHOTOS,
     TRAIN_GRID_PHOTOS,
     WIDE_EXTRA,
+    apply_in_chunks,
     held_out_images,
     psnr_uint8,
     thumbnail,
+    to_uint8,
     use_selection_split,
 )
 
@@ -159,16 +161,8 @@ def main(argv):
         return codes, recon
 
     def run_model(images_uint8):
-        codes, recons = [], []
-        for i in range(0, len(images_uint8), 64):
-            chunk = images_uint8[i : i + 64]
-            pad = 64 - len(chunk)
-            x = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), np.uint8)])
-            c, r = reconstruct(jnp.asarray(x, jnp.float32) / 255.0)
-            codes.append(np.asarray(c)[: len(chunk)])
-            recons.append(np.asarray(r)[: len(chunk)])
-        recon = np.concatenate(recons)
-        return np.concatenate(codes), np.clip(np.round(recon * 255.0), 0, 255).astype(np.uint8)
+        codes, recon = apply_in_chunks(reconstruct, images_uint8)
+        return codes, to_uint8(recon)
 
     held_out = held_out_images(config.image_size)
     codes, recon = run_model(held_out)
