@@ -36,6 +36,19 @@ def use_selection_split() -> None:
     sources.PHOTOS_EVAL = SELECT_PHOTOS
 
 
+def _crop_boxes(h: int, w: int):
+    """(top, left, side) of the multi-scale grid of square crops of an h x w photo."""
+    short = min(h, w)
+    for fraction in EVAL_FRACTIONS:
+        side = int(round(fraction * short))
+        if side == short:
+            yield (h - side) // 2, (w - side) // 2, side
+            continue
+        for top in range(0, h - side + 1, side // 2):
+            for left in range(0, w - side + 1, side // 2):
+                yield top, left, side
+
+
 def held_out_images(size: int, names=None) -> np.ndarray:
     """uint8 [N, size, size, 3] multi-scale crops of the held-out photos (or of `names`)."""
     from vitvq.data import sources
@@ -43,20 +56,23 @@ def held_out_images(size: int, names=None) -> np.ndarray:
     out = []
     for name in names or sources.PHOTOS_EVAL:
         photo = sources.load_photo(name)
-        h, w = photo.shape[:2]
-        short = min(h, w)
-        for fraction in EVAL_FRACTIONS:
-            side = int(round(fraction * short))
-            if side == short:
-                tops, lefts = [(h - side) // 2], [(w - side) // 2]
-            else:
-                tops = range(0, h - side + 1, side // 2)
-                lefts = range(0, w - side + 1, side // 2)
-            for top in tops:
-                for left in lefts:
-                    crop = Image.fromarray(photo[top : top + side, left : left + side])
-                    out.append(np.asarray(crop.resize((size, size), Image.Resampling.BICUBIC)))
+        for top, left, side in _crop_boxes(*photo.shape[:2]):
+            crop = Image.fromarray(photo[top : top + side, left : left + side])
+            out.append(np.asarray(crop.resize((size, size), Image.Resampling.BICUBIC)))
     return np.stack(out)
+
+
+def held_out_names(names=None) -> np.ndarray:
+    """The photo name of each crop of `held_out_images(size, names)`, in the same order."""
+    from vitvq.data import sources
+
+    return np.asarray(
+        [
+            name
+            for name in names or sources.PHOTOS_EVAL
+            for _ in _crop_boxes(*sources.load_photo(name).shape[:2])
+        ]
+    )
 
 
 def thumbnail(images: np.ndarray, grid: int = 8) -> np.ndarray:

@@ -52,6 +52,7 @@ from photo_sets import (  # noqa: E402
     WIDE_EXTRA,
     apply_in_chunks,
     held_out_images,
+    held_out_names,
     psnr_uint8,
     thumbnail,
     to_uint8,
@@ -77,8 +78,7 @@ def measure_wide(run_model, size, ours, thumb, codes, k) -> dict:
     wide_psnr = np.concatenate([ours, psnr_uint8(extra, extra_recon)])
     wide_thumb = np.concatenate([thumb, psnr_uint8(extra, thumbnail(extra))])
     # Which photo each wide image comes from, for the per-photo figures.
-    names = [n for n in sources.PHOTOS_EVAL for _ in held_out_images(8, (n,))]
-    names = np.asarray(names + [n for n in WIDE_EXTRA for _ in held_out_images(8, (n,))])
+    names = np.concatenate([held_out_names(), held_out_names(WIDE_EXTRA)])
     per_photo = {
         name: [
             round(float(wide_psnr[names == name].mean()), 2),
