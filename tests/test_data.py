@@ -260,6 +260,36 @@ def test_folder_layout_and_split(image_folder, tmp_path):
     np.testing.assert_array_equal(batches[0]["label"], [0, 1])
 
 
+def test_a_folder_is_listed_once_inside_sources_kept(tmp_path, monkeypatch):
+    from vitvq.data import records
+
+    scans = []
+    real_scan = records._scan
+    monkeypatch.setattr(records, "_scan", lambda *a: scans.append(a[0]) or real_scan(*a))
+    for k in range(3):
+        (tmp_path / "a").mkdir(exist_ok=True)
+        Image.fromarray(np.full((20, 20, 3), 50 * k, np.uint8)).save(tmp_path / "a" / f"{k}.png")
+    config = _config("folder", path=str(tmp_path), eval_fraction=0.3)
+
+    def read_all():
+        info = data.dataset_info(config)
+        _take(data.train_batches(config, image_size=SIZE, global_batch_size=2, seed=0), 1)
+        evaluation = list(data.eval_batches(config, image_size=SIZE, global_batch_size=2))
+        return info["num_train"] + info["num_eval"], sum(int(b["mask"].sum()) for b in evaluation)
+
+    with data.sources_kept():
+        assert read_all()[0] == 3 and len(scans) == 1
+        Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "a" / "3.png")
+        with data.sources_kept():  # nested: still the outer block's listing
+            assert read_all()[0] == 3
+        assert read_all()[0] == 3 and len(scans) == 1
+    # Outside the block every call lists the folder again and sees the new file.
+    total, evaluated = read_all()
+    assert total == 4 and len(scans) == 4
+    with data.sources_kept():
+        assert read_all() == (total, evaluated) and len(scans) == 5
+
+
 def test_folder_errors(tmp_path):
     missing = tmp_path / "missing"
     with pytest.raises(DataError, match=str(missing)):

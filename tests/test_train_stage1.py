@@ -28,7 +28,7 @@ from PIL import Image
 from vitvq import data as data_lib
 from vitvq import parallel
 from vitvq.checkpoint import Checkpointer
-from vitvq.data import screen, sources
+from vitvq.data import records, screen, sources
 from vitvq.data.globalize import to_global
 from vitvq.train import loop, stage1
 
@@ -412,14 +412,18 @@ def image_folder(tmp_path):
     return root
 
 
-def test_folder_end_to_end(image_folder, tmp_path):
+def test_folder_end_to_end(image_folder, tmp_path, monkeypatch):
     # Two unreadable training files (vitvq.data.screen): skipped, counted, training goes on.
     (image_folder / "chelsea" / "broken.jpg").write_bytes(b"")
     (image_folder / "coffee" / "notes.png").write_text("not an image")
     screen.forget_unreadable()
     config = make_config()
     config.dataset.update(name="folder", path=str(image_folder), num_classes=2)
+    scans = []  # the folder is listed once for the whole run, evaluations included
+    real_scan = records._scan
+    monkeypatch.setattr(records, "_scan", lambda *a: scans.append(a[0]) or real_scan(*a))
     result = stage1.train_and_evaluate(config, str(tmp_path / "run"))
+    assert scans == [str(image_folder)]
     check_run_outputs(tmp_path / "run", result, total_steps=TOTAL)
     assert sorted(pathlib.Path(p).name for p in screen.unreadable_records()) == [
         "broken.jpg",

@@ -58,13 +58,14 @@ def run(bundle_path: str, dataset: dict, **options) -> dict[str, float]:
     else:
         print(fid_lib.FID_WEIGHTS_HELP, file=sys.stderr)
     num_examples = options.get("num_examples")
-    batches = data_lib.eval_batches(
-        dataset,
-        image_size=tok.image_size,
-        global_batch_size=batch_size,
-        num_examples=num_examples,
-    )
-    total = data_lib.dataset_info(dataset)["num_eval"]
+    with data_lib.sources_kept():  # a folder is listed once
+        batches = data_lib.eval_batches(
+            dataset,
+            image_size=tok.image_size,
+            global_batch_size=batch_size,
+            num_examples=num_examples,
+        )
+        total = data_lib.dataset_info(dataset)["num_eval"]
     total = min(total, num_examples) if num_examples else total
     return evaluate_tokenizer(tok, _counted(batches, total), lpips=lpips, inception=inception)
 

@@ -11,7 +11,15 @@ from vitvq.data.pipeline import (
     dataset_info,
     eval_batches,
     local_batch_size,
+    sources_kept,
     train_batches,
 )
 
-__all__ = ["KNOWN_SOURCES", "dataset_info", "eval_batches", "local_batch_size", "train_batches"]
+__all__ = [
+    "KNOWN_SOURCES",
+    "dataset_info",
+    "eval_batches",
+    "local_batch_size",
+    "sources_kept",
+    "train_batches",
+]

@@ -18,6 +18,7 @@ image, label 0), so every process runs the same number of batches.
 `dataset.shuffle_buffer` is accepted and unused: the readers shuffle whole epochs exactly.
 """
 
+import contextlib
 import itertools
 import math
 
@@ -48,6 +49,30 @@ def _source_name(config) -> str:
     return name
 
 
+# The record sources opened inside `sources_kept()`, by what opened them; None outside it.
+_kept: dict | None = None
+
+
+@contextlib.contextmanager
+def sources_kept():
+    """Within this block a folder or tfds dataset is opened once per configuration and reused.
+
+    Opening a folder dataset lists every file of both splits (an ImageNet folder: over a
+    million paths, minutes on a network file system), and a run asks for its dataset's size,
+    its training batches and, at every evaluation, its eval batches. The trainer keeps its
+    sources for the run; outside the block each call opens the dataset again, so files added
+    between two calls are seen. Blocks nest (the outermost one owns the sources)."""
+    global _kept
+    outermost = _kept is None
+    if outermost:
+        _kept = {}
+    try:
+        yield
+    finally:
+        if outermost:
+            _kept = None
+
+
 def _open_records(config, name: str):
     train_split = _get(config, "train_split", "train")
     eval_split = _get(config, "eval_split", "validation")
@@ -56,20 +81,28 @@ def _open_records(config, name: str):
         if not path:
             raise ConfigError("dataset.name='folder' needs dataset.path, a directory of images")
         fraction = float(_get(config, "eval_fraction", 0.05))
-        return records.FolderSource(
+        key = (name, str(path), train_split, eval_split, fraction)
+        opener = lambda: records.FolderSource(  # noqa: E731
             path, train_split=train_split, eval_split=eval_split, eval_fraction=fraction
         )
-    tfds_name = _get(config, "tfds_name")
-    if not tfds_name:
-        raise ConfigError("dataset.name='tfds' needs dataset.tfds_name, e.g. 'imagenet2012'")
-    return records.TfdsSource(
-        tfds_name,
-        data_dir=_get(config, "data_dir"),
-        train_split=train_split,
-        eval_split=eval_split,
-        image_key=_get(config, "image_key", "image"),
-        label_key=_get(config, "label_key", "label"),
-    )
+    else:
+        tfds_name = _get(config, "tfds_name")
+        if not tfds_name:
+            raise ConfigError("dataset.name='tfds' needs dataset.tfds_name, e.g. 'imagenet2012'")
+        options = dict(
+            data_dir=_get(config, "data_dir"),
+            train_split=train_split,
+            eval_split=eval_split,
+            image_key=_get(config, "image_key", "image"),
+            label_key=_get(config, "label_key", "label"),
+        )
+        key = (name, tfds_name, *sorted(options.items()))
+        opener = lambda: records.TfdsSource(tfds_name, **options)  # noqa: E731
+    if _kept is None:
+        return opener()
+    if key not in _kept:
+        _kept[key] = opener()
+    return _kept[key]
 
 
 def _check_num_classes(config, source_classes: int) -> None:

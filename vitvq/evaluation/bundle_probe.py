@@ -124,6 +124,7 @@ def split_features(features, dataset: dict, split: str, cache: FeatureCache, **o
     return np.concatenate(feats), np.concatenate(labels)
 
 
+@data_lib.sources_kept()  # a folder is listed once, not once per split and size
 def probe_bundle(bundle_path: str, dataset: dict, *, block=None, workdir=None, **options) -> dict:
     """The linear probe of `bundle_path`'s VIM on `dataset` (a dataset config block as a
     dict): top-1 on its evaluation split and how it was reached (`softmax_probe`'s result,

@@ -67,11 +67,16 @@ def run(stage: Stage, config, workdir: str, *, summary: bool = True) -> dict[str
     printed as the JSON line `{"final_eval": ...}` at the end when `summary`.
 
     `config`: a ConfigDict, or settings already checked (by the stage's check or the
-    pipeline's); past the check it is frozen."""
+    pipeline's); past the check it is frozen. A folder or tfds dataset is opened (a folder
+    listed) once for the whole run, not again for each evaluation."""
+    with data_lib.sources_kept():
+        return _run(stage, stage.check(config), workdir, summary=summary)
+
+
+def _run(stage: Stage, config, workdir: str, *, summary: bool) -> dict[str, float]:
     # deferred: TensorFlow and clu (the training loop and its writers)
     from vitvq.train import loop, writers
 
-    config = stage.check(config)
     mesh = parallel.make_mesh(config.mesh)
     trainer = stage.build(config, mesh)
     image_size = int(stage.image_size(trainer))
