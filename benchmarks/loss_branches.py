@@ -1,7 +1,7 @@
 """What each term of the paper's loss buys on held-back photos, and at what cost per step.
 
     python benchmarks/loss_branches.py [--steps=1700] [--base=1300] [--branch=100]
-        [--config=configs/photos.py:full] [--config.KEY=VALUE ...]
+        [--lpips_images=16] [--[no]gan] [--config=configs/photos.py:full] [--config.KEY=VALUE ...]
 
 One run of the stage-1 trainer's step on the selection split of
 `benchmarks/quality_photos.py` (`photo_sets.py`: the training photos less `SELECT_PHOTOS`,
@@ -13,9 +13,10 @@ from the same weights:
 2. from there, `2 * --branch` more steps of L2 alone (what the time would buy without the
    other terms);
 3. from the same state, logit-Laplace and LPIPS on for `--branch` steps, then `--branch`
-   more;
-4. from the end of the first LPIPS branch, `--branch` steps with the GAN as well, once with
-   the adaptive weight and once with the paper's fixed weight.
+   more; once for each entry of `--lpips_images`, LPIPS taken over that many images of each
+   batch (the first k: an unbiased estimate of the whole batch's mean at k/B of the cost);
+4. with `--gan`, from the end of the first LPIPS branch's first half, `--branch` steps with
+   the GAN as well, once with the adaptive weight and once with the paper's fixed weight.
 
 Each measurement prints one JSON line: PSNR (uint8, as quality_photos) and LPIPS on the
 held-back crops, and the branch's seconds per step (compilation included); the last line
@@ -29,8 +30,10 @@ import json
 import pathlib
 import sys
 import time
+from typing import Any
 
 from absl import app, flags
+from flax import struct
 from ml_collections import config_flags
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -41,6 +44,22 @@ _CONFIG = config_flags.DEFINE_config_file("config", str(ROOT / "configs" / "phot
 _STEPS = flags.DEFINE_integer("steps", 1700, "the run length the learning rate follows")
 _BASE = flags.DEFINE_integer("base", 1300, "L2-only steps before the branches")
 _BRANCH = flags.DEFINE_integer("branch", 100, "steps per branch")
+_LPIPS_IMAGES = flags.DEFINE_list(
+    "lpips_images", ["16"], "one LPIPS branch per entry: LPIPS over that many images of a batch"
+)
+_GAN = flags.DEFINE_bool("gan", True, "branch the GAN (both weights) off the first LPIPS branch")
+
+
+@struct.dataclass
+class FirstImages:
+    """LPIPS over the first `k` images of each batch (the batch is shuffled: an unbiased
+    estimate of the whole batch's mean)."""
+
+    lpips: Any
+    k: int = struct.field(pytree_node=False)
+
+    def __call__(self, images_0, images_1):
+        return self.lpips(images_0[: self.k], images_1[: self.k])
 
 
 def main(argv):
@@ -59,9 +78,17 @@ def main(argv):
     base, branch = _BASE.value, _BRANCH.value
     if not (0 < base and 0 < branch and base + 2 * branch <= _STEPS.value):
         raise app.UsageError("need 0 < --base, 0 < --branch and --base + 2 * --branch <= --steps")
-    qp.use_selection_split()
-
     config = _CONFIG.value
+    try:
+        subsets = [int(k) for k in _LPIPS_IMAGES.value]
+    except ValueError:
+        subsets = []
+    if not subsets or not all(0 < k <= config.batch_size for k in subsets):
+        raise app.UsageError(
+            f"--lpips_images takes image counts from 1 to the batch size {config.batch_size}, "
+            f"e.g. 4,16; got {','.join(_LPIPS_IMAGES.value)!r}"
+        )
+    qp.use_selection_split()
     mesh = parallel.make_mesh(config.mesh)
     never = 10**9
 
@@ -127,14 +154,26 @@ def main(argv):
     state, sec = train(state, l2_only, base)
     measure(state, "L2", sec)
     at_base = fork(state)
-    l2_more, sec = train(fork(at_base), l2_only, 2 * branch)
-    measure(l2_more, "L2", sec)
-    lpips_state, sec = train(at_base, plain, branch)
-    measure(lpips_state, "L2 + logit-Laplace + LPIPS", sec)
-    at_branch = fork(lpips_state)
-    lpips_state, sec = train(lpips_state, plain, branch)
-    measure(lpips_state, "L2 + logit-Laplace + LPIPS", sec)
-    for name, t in gan.items():
+    l2_more = fork(at_base)
+    for _ in range(2):
+        l2_more, sec = train(l2_more, l2_only, branch)
+        measure(l2_more, "L2", sec)
+    whole = plain.train_perceptual
+
+    def lpips_over(k):
+        return whole if k == config.batch_size else FirstImages(whole, k)
+
+    at_branch = None
+    for k in subsets:
+        plain.train_perceptual = lpips_over(k)  # a new argument type: a fresh compilation
+        name = "L2 + logit-Laplace + LPIPS" + ("" if k == config.batch_size else f" on {k} images")
+        lpips_state = fork(at_base)
+        for _ in range(2):
+            lpips_state, sec = train(lpips_state, plain, branch)
+            measure(lpips_state, name, sec)
+            at_branch = fork(lpips_state) if at_branch is None else at_branch
+    for name, t in gan.items() if _GAN.value else ():
+        t.train_perceptual = lpips_over(subsets[0])
         gan_state, sec = train(fork(at_branch), t, branch)
         measure(gan_state, f"L2 + logit-Laplace + LPIPS, then {name}", sec)
     print(
