@@ -171,7 +171,8 @@ def main(argv):
         for _ in range(2):
             lpips_state, sec = train(lpips_state, plain, branch)
             measure(lpips_state, name, sec)
-            at_branch = fork(lpips_state) if at_branch is None else at_branch
+            if at_branch is None:  # the GAN branches start halfway through the first
+                at_branch = fork(lpips_state)
     for name, t in gan.items() if _GAN.value else ():
         t.train_perceptual = lpips_over(subsets[0])
         gan_state, sec = train(fork(at_branch), t, branch)
